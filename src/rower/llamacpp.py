@@ -1,0 +1,52 @@
+"""What Rower knows of llama-server's HTTP API: its `/slots` answer and its error shape."""
+
+from __future__ import annotations
+
+import msgspec
+
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "invalid_request_error",
+    429: "unavailable_error",
+    500: "server_error",
+    501: "not_supported_error",
+    502: "server_error",
+    503: "unavailable_error",
+    504: "unavailable_error",
+}
+
+
+class LlamaSlot(msgspec.Struct, frozen=True):
+    """One element of llama-server's `GET /slots` answer; other keys are ignored."""
+
+    id: int
+    is_processing: bool
+    n_ctx: int = 0
+
+
+class LlamaProps(msgspec.Struct, frozen=True):
+    """The parts of llama-server's `GET /props` answer that Rower reads."""
+
+    total_slots: int | None = None
+    model_path: str | None = None
+    model_alias: str | None = None
+
+
+slots_decoder = msgspec.json.Decoder(list[LlamaSlot])
+props_decoder = msgspec.json.Decoder(LlamaProps)
+
+
+def error_body(code: int, message: str, error_type: str | None = None) -> bytes:
+    """llama.cpp's error JSON: `{"error": {"code", "message", "type"}}`."""
+    return msgspec.json.encode(
+        {
+            "error": {
+                "code": code,
+                "message": message,
+                "type": error_type or ERROR_TYPES.get(code, "server_error"),
+            }
+        }
+    )

@@ -1,0 +1,103 @@
+"""Wire formats shared by the agent, the balancer, the dashboards and the tests.
+
+`StatusUpdate` is one NDJSON line of the agent -> balancer stream; `AgentView` and `FleetView`
+are what the management API and its SSE stream answer. Field names are Paddler's, so scripts
+written against Paddler 1.x keep working; Rower's additions come after them.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+import msgspec
+
+NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+ShortText = Annotated[str, msgspec.Meta(max_length=4096)]
+
+
+class SlotStatus(msgspec.Struct, frozen=True):
+    """One llama-server slot as the agent saw it."""
+
+    id: NonNegative
+    is_processing: bool
+    n_ctx: NonNegative = 0
+
+
+class StatusUpdate(msgspec.Struct, frozen=True):
+    """What an agent knows about its llama-server at one poll."""
+
+    external_llamacpp_addr: Annotated[str, msgspec.Meta(min_length=3, max_length=300)]
+    agent_name: ShortText | None = None
+    error: ShortText | None = None
+    is_authorized: bool | None = None
+    is_connect_error: bool | None = None
+    is_decode_error: bool | None = None
+    is_deserialize_error: bool | None = None
+    is_request_error: bool | None = None
+    is_slots_endpoint_enabled: bool | None = None
+    is_unexpected_response_status: bool | None = None
+    slots_idle: NonNegative = 0
+    slots_processing: NonNegative = 0
+    # Rower's additions.
+    slots_total: NonNegative = 0
+    model: ShortText | None = None
+    monitoring_interval_ms: Annotated[int, msgspec.Meta(ge=1)] = 1000
+    sequence: NonNegative = 0
+    is_draining: bool = False
+    slots: list[SlotStatus] = msgspec.field(default_factory=list)
+
+    @property
+    def has_issue(self) -> bool:
+        """Whether the agent says its llama-server cannot take work now."""
+        return self.error is not None
+
+
+class SystemTime(msgspec.Struct, frozen=True):
+    """A wall-clock instant in Rust's `SystemTime` serde shape, as Paddler's API had it."""
+
+    secs_since_epoch: int
+    nanos_since_epoch: int
+
+    @classmethod
+    def from_timestamp(cls, seconds: float) -> SystemTime:
+        """From a `time.time()` value."""
+        whole = int(seconds)
+        return cls(whole, int((seconds - whole) * 1_000_000_000))
+
+    @classmethod
+    def now(cls) -> SystemTime:
+        """The current wall-clock time."""
+        return cls.from_timestamp(time.time())
+
+    def timestamp(self) -> float:
+        """Back to a `time.time()` value."""
+        return self.secs_since_epoch + self.nanos_since_epoch / 1_000_000_000
+
+
+class AgentView(msgspec.Struct, frozen=True):
+    """One agent in `/api/v1/agents`: Paddler's shape plus Rower's extra keys."""
+
+    agent_id: str
+    last_update: SystemTime
+    quarantined_until: SystemTime | None
+    slots_taken: int
+    slots_taken_since_last_status_update: int
+    status: StatusUpdate
+    # Rower's additions.
+    is_usable: bool
+    is_stale: bool
+    slots_free: int
+
+
+class FleetView(msgspec.Struct, frozen=True):
+    """The body of `/api/v1/agents` and of each `/api/v1/agents/stream` event."""
+
+    agents: list[AgentView]
+    requests_buffered: int = 0
+
+
+status_decoder = msgspec.json.Decoder(StatusUpdate)
+fleet_decoder = msgspec.json.Decoder(FleetView)
+json_encoder = msgspec.json.Encoder()
