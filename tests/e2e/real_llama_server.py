@@ -1,0 +1,110 @@
+"""A real llama-server for end-to-end tests: where its binary and model are, and how to run one.
+
+The paths come from `scripts/llamacpp_cache.py`, the module the build scripts write with, so
+the tests look exactly where `scripts/setup.sh` put things.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+from tests.processes import Process, free_port
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _load_llamacpp_cache() -> ModuleType:
+    # scripts/ is not a package; load the one module the scripts and the tests share.
+    spec = importlib.util.spec_from_file_location(
+        "llamacpp_cache", REPO / "scripts" / "llamacpp_cache.py"
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+llamacpp_cache = _load_llamacpp_cache()
+
+
+@dataclass(frozen=True)
+class LlamaCppArtifacts:
+    """The llama-server binary and the model it serves."""
+
+    server: Path
+    model: Path
+
+    def missing(self) -> list[str]:
+        """What is not there yet, as phrases for a message; empty when both are."""
+        problems = []
+        if not (self.server.is_file() and self.server.stat().st_mode & 0o111):
+            problems.append(f"llama-server {self.server}")
+        if not self.model.is_file():
+            problems.append(f"model {self.model}")
+        return problems
+
+
+def configured_artifacts() -> LlamaCppArtifacts:
+    """`ROWER_LLAMA_SERVER` / `ROWER_TINY_MODEL`, else the cached paths (may not exist)."""
+    return LlamaCppArtifacts(
+        server=llamacpp_cache.configured_llama_server(),
+        model=llamacpp_cache.configured_tiny_model(),
+    )
+
+
+@dataclass(frozen=True)
+class LlamaServer:
+    """A running llama-server on loopback."""
+
+    process: Process
+    port: int
+    slots: int
+    ctx: int
+    startup_seconds: float
+
+    @property
+    def addr(self) -> str:
+        """`host:port`, as Rower's flags take it."""
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        """Base URL without a trailing slash."""
+        return f"http://{self.addr}"
+
+
+LlamaServerFactory = Callable[..., LlamaServer]
+
+
+def start_llama_server(
+    artifacts: LlamaCppArtifacts, *, slots: int, ctx: int, extra_args: Sequence[str] = ()
+) -> LlamaServer:
+    """Start llama-server with `slots` slots of `ctx` tokens each; return once `/health` is 200.
+
+    On failure the process is stopped and the error carries its output.
+    """
+    port = free_port()
+    began = time.monotonic()
+    process = Process(
+        [
+            str(artifacts.server),
+            "-m", str(artifacts.model),
+            "--host", "127.0.0.1",
+            "--port", str(port),
+            "-np", str(slots),
+            "-c", str(ctx * slots),  # -c is the total context, split over the slots
+            *extra_args,
+        ]
+    )  # fmt: skip
+    try:
+        process.wait_http(f"http://127.0.0.1:{port}/health", timeout=30)
+    except BaseException:
+        process.close()
+        raise
+    return LlamaServer(process, port, slots, ctx, time.monotonic() - began)

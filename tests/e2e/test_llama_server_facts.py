@@ -1,0 +1,174 @@
+"""The facts about llama-server that Rower depends on, checked against the real thing.
+
+A llama.cpp upgrade that changes one of them fails here first, by name, instead of somewhere
+deep in a balancer test. Plain standard-library HTTP on purpose: nothing of Rower's runs here.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+
+from tests.e2e.real_llama_server import LlamaServer, LlamaServerFactory
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
+
+# About 1.5 s of generation for the tiny model on one core: long enough to watch a busy slot.
+LONG_GENERATION = {"n_predict": 1900, "ignore_eos": True}
+
+
+def request(
+    url: str, body: dict[str, Any] | None = None, *, timeout: float = 30
+) -> tuple[int, Any]:
+    """GET (or POST `body` as JSON); the status and the decoded JSON answer."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def slots(server: LlamaServer) -> list[dict[str, Any]]:
+    status, body = request(f"{server.url}/slots")
+    assert status == 200, body
+    assert isinstance(body, list)
+    return body
+
+
+def wait_until(condition: Callable[[], bool], *, timeout: float, interval: float = 0.02) -> float:
+    """Seconds until `condition()` held; fails after `timeout`."""
+    began = time.monotonic()
+    while not condition():
+        if time.monotonic() - began > timeout:
+            pytest.fail(f"condition not met within {timeout} s")
+        time.sleep(interval)
+    return time.monotonic() - began
+
+
+def open_stream(server: LlamaServer, body: dict[str, Any]) -> socket.socket:
+    """Send a streaming POST /completion by hand and wait for its first bytes."""
+    payload = json.dumps({**body, "stream": True}).encode()
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    sock.sendall(
+        b"POST /completion HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (server.addr.encode(), len(payload), payload)
+    )
+    first = sock.recv(4096)
+    assert first.startswith(b"HTTP/1.1 200"), first
+    return sock
+
+
+def test_health_answers_ok(llama_server: LlamaServerFactory) -> None:
+    server = llama_server()
+    assert request(f"{server.url}/health") == (200, {"status": "ok"})
+
+
+def test_props_report_total_slots_and_model(llama_server: LlamaServerFactory) -> None:
+    server = llama_server(slots=3)
+    status, props = request(f"{server.url}/props")
+    assert status == 200
+    assert props["total_slots"] == 3
+    assert props["model_path"].endswith(".gguf")
+
+
+def test_idle_slots_have_id_n_ctx_and_is_processing(llama_server: LlamaServerFactory) -> None:
+    server = llama_server(slots=2, ctx=2048)
+    idle = slots(server)
+    assert [slot["id"] for slot in idle] == [0, 1]
+    for slot in idle:
+        assert slot["n_ctx"] == 2048
+        assert slot["is_processing"] is False
+
+
+def test_completion_reports_slot_and_timings(llama_server: LlamaServerFactory) -> None:
+    server = llama_server()
+    status, body = request(
+        f"{server.url}/completion", {"prompt": "Hello", "n_predict": 8, "ignore_eos": True}
+    )
+    assert status == 200, body
+    assert isinstance(body["content"], str)
+    assert body["id_slot"] in (0, 1)
+    assert body["timings"]["predicted_n"] == 8
+    assert body["timings"]["prompt_n"] >= 1
+
+
+def test_slot_is_processing_during_generation_and_freed_when_client_drops(
+    llama_server: LlamaServerFactory,
+) -> None:
+    server = llama_server(slots=1)
+    stream = open_stream(server, {"prompt": "Once upon a time", **LONG_GENERATION})
+    try:
+        assert [slot["is_processing"] for slot in slots(server)] == [True]
+        status, body = request(f"{server.url}/slots?fail_on_no_slot=1")
+        assert status == 503, body
+    finally:
+        stream.close()
+    freed_after = wait_until(lambda: not slots(server)[0]["is_processing"], timeout=1.0)
+    print(f"slot freed {freed_after:.3f} s after the client dropped the stream")
+
+
+def test_no_slots_flag_makes_slots_endpoint_501(llama_server: LlamaServerFactory) -> None:
+    server = llama_server(extra_args=["--no-slots"])
+    status, body = request(f"{server.url}/slots")
+    assert status == 501
+    assert body["error"]["code"] == 501
+    assert body["error"]["type"] == "not_supported_error"
+
+
+def test_chat_completions_with_the_default_template(llama_server: LlamaServerFactory) -> None:
+    server = llama_server()
+    messages = [{"role": "user", "content": "Hi"}]
+    status, body = request(
+        f"{server.url}/v1/chat/completions", {"messages": messages, "max_tokens": 8}
+    )
+    assert status == 200, body
+    assert isinstance(body["choices"][0]["message"]["content"], str)
+
+
+def test_streamed_chat_completion_sends_data_chunks_then_done(
+    llama_server: LlamaServerFactory,
+) -> None:
+    server = llama_server()
+    body = {
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 16,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    req = urllib.request.Request(
+        f"{server.url}/v1/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=30) as answer:
+        assert answer.status == 200
+        assert answer.headers["Content-Type"].startswith("text/event-stream")
+        events = [line for line in answer.read().decode().splitlines() if line]
+    assert all(line.startswith("data: ") for line in events), events
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(line.removeprefix("data: ")) for line in events[:-1]]
+    assert len(chunks) >= 5
+    assert all(chunk["object"] == "chat.completion.chunk" for chunk in chunks)
+
+
+def test_requests_beyond_the_slots_wait_and_all_succeed(
+    llama_server: LlamaServerFactory,
+) -> None:
+    server = llama_server(slots=1)
+    body = {"prompt": "Count with me", **LONG_GENERATION}
+    with ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(lambda _: request(f"{server.url}/completion", body), range(3)))
+    for status, answer in answers:
+        assert status == 200, answer
+        assert answer["id_slot"] == 0
+        assert answer["timings"]["predicted_n"] == LONG_GENERATION["n_predict"]
