@@ -1,0 +1,108 @@
+"""One running agent: a monitor polling llama-server and one reporter per balancer.
+
+The monitor writes the newest status to a `LatestStatus` board; each reporter streams from it
+at its own pace. Stopping ends the monitor, sends one last status marked `is_draining`, and ends
+every stream cleanly so each balancer removes the agent at once instead of waiting for it to go
+stale.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import aiohttp
+import msgspec
+
+from rower.addresses import Address
+from rower.agent.latest_status import LatestStatus
+from rower.agent.llamacpp_probe import AgentIdentity
+from rower.agent.monitor import REQUEST_TIMEOUT, Monitor
+from rower.agent.reporter import FINISH_TIMEOUT, Reporter
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    """What `rower agent`'s flags say, with the external address already resolved."""
+
+    management_addrs: Sequence[Address]
+    local_llamacpp_addr: Address
+    external_llamacpp_addr: Address
+    llamacpp_api_key: str | None = None
+    name: str | None = None
+    monitoring_interval_ms: int = 1000
+    management_token: str | None = None
+    request_timeout: float = REQUEST_TIMEOUT
+
+
+class Agent:
+    """Runs the monitor and the reporters until `stop` is set."""
+
+    def __init__(self, config: AgentConfig, *, agent_id: str | None = None) -> None:
+        self.config = config
+        self.agent_id = agent_id or str(uuid.uuid4())
+        self.board = LatestStatus()
+        self.identity = AgentIdentity(
+            external_llamacpp_addr=str(config.external_llamacpp_addr),
+            agent_name=config.name,
+            monitoring_interval_ms=config.monitoring_interval_ms,
+        )
+        self.reporters = [
+            Reporter(
+                management_addr=addr,
+                agent_id=self.agent_id,
+                board=self.board,
+                management_token=config.management_token,
+            )
+            for addr in dict.fromkeys(config.management_addrs)
+        ]
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Poll and report until `stop` is set, then end every stream cleanly."""
+        logger.info(
+            "agent %s: polling llama-server at %s every %d ms, reporting %s to %s",
+            self.agent_id,
+            self.config.local_llamacpp_addr,
+            self.config.monitoring_interval_ms,
+            self.config.external_llamacpp_addr,
+            ", ".join(str(addr) for addr in self.config.management_addrs),
+        )
+        reporting = [asyncio.create_task(reporter.run()) for reporter in self.reporters]
+        try:
+            async with aiohttp.ClientSession() as session:
+                monitor = Monitor(
+                    session=session,
+                    local_addr=self.config.local_llamacpp_addr,
+                    identity=self.identity,
+                    board=self.board,
+                    api_key=self.config.llamacpp_api_key,
+                    request_timeout=self.config.request_timeout,
+                )
+                await monitor.run(stop)
+        finally:
+            await self._finish(reporting)
+
+    async def _finish(self, reporting: list[asyncio.Task[None]]) -> None:
+        last = self.board.latest
+        if last is not None:
+            self.board.publish(
+                msgspec.structs.replace(
+                    last, is_draining=True, slots_idle=0, sequence=last.sequence + 1
+                )
+            )
+        self.board.close()
+        _, pending = (
+            await asyncio.wait(reporting, timeout=FINISH_TIMEOUT) if reporting else ((), ())
+        )
+        for task in pending:
+            task.cancel()
+        for task in reporting:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        logger.info("agent %s stopped", self.agent_id)
