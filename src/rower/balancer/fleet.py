@@ -1,0 +1,347 @@
+"""The balancer's state: every upstream's slots, the requests in flight, and the buffer.
+
+Everything that decides where a request goes lives here, and nothing else does: no sockets, no
+asyncio, no clock. Callers feed events (a report arrived, a request wants a slot, a request
+finished, a client left, an upstream refused a connection, an agent left, time passed) and get
+back decisions (dispatch this request there, it waits, it is rejected). `now` is a monotonic
+time in seconds and `wall` a `time.time()` value, both given by the caller.
+
+How free slots are counted. An agent reports what its llama-server's `/slots` said at one poll.
+Between two polls this balancer keeps dispatching and finishing requests, so the report is
+corrected with what the balancer knows for certain:
+
+- `in_flight`: requests this balancer has open to the upstream right now.
+- `foreign`: slots busy with work that is not ours (another balancer, a direct client), estimated
+  at each report as `processing - in_flight`, never below 0.
+- free slots = `total - in_flight - foreign`, never below 0.
+
+A finished request frees its slot at once (no waiting for the next poll, which is what makes
+Paddler's buffer slow), and a request sent after the poll is never counted twice. When this
+balancer is the only client of a llama-server, `foreign` is 0 and `in_flight` never exceeds
+`total`: no request is ever sent to a server without a free slot.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import msgspec
+
+from rower.status import AgentView, StatusUpdate, SystemTime
+
+STALE_AFTER_INTERVALS = 3
+"""An agent that has not reported for this many of its intervals is not used."""
+
+
+@dataclass(frozen=True, slots=True)
+class Dispatch:
+    """Send `request_id` to the llama-server at `upstream` (host:port), reported by `agent_id`."""
+
+    request_id: int
+    agent_id: str
+    upstream: str
+
+
+@dataclass(frozen=True, slots=True)
+class Buffered:
+    """`request_id` waits in the buffer for a free slot."""
+
+    request_id: int
+
+
+class RejectReason(enum.Enum):
+    """Why a request could neither be dispatched nor buffered."""
+
+    BUFFER_FULL = "buffer_full"
+    BUFFER_DISABLED = "buffer_disabled"
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """`request_id` is refused at once: the buffer is full or disabled."""
+
+    request_id: int
+    reason: RejectReason
+
+
+Decision = Dispatch | Buffered | Rejected
+
+
+@dataclass(slots=True)
+class Upstream:
+    """One agent and the llama-server it reports on, as this balancer sees them."""
+
+    agent_id: str
+    status: StatusUpdate
+    last_seen: float
+    last_update_wall: float
+    in_flight: set[int] = field(default_factory=set)
+    foreign: int = 0
+    taken_since_report: int = 0
+    quarantined: bool = False
+    quarantined_until_wall: float | None = None
+    last_dispatch: int = 0
+    was_stale: bool = False
+
+    @property
+    def address(self) -> str:
+        """Where the balancer reaches the llama-server."""
+        return self.status.external_llamacpp_addr
+
+    @property
+    def interval(self) -> float:
+        """The agent's reporting period in seconds."""
+        return self.status.monitoring_interval_ms / 1000
+
+    @property
+    def slots_total(self) -> int:
+        """Slots of the llama-server (older agents send only idle and processing)."""
+        return self.status.slots_total or self.status.slots_idle + self.status.slots_processing
+
+    def is_stale(self, now: float) -> bool:
+        """Whether the agent missed too many reports to be trusted."""
+        return now - self.last_seen > STALE_AFTER_INTERVALS * self.interval
+
+    def is_usable(self, now: float) -> bool:
+        """Whether requests may be sent here at all."""
+        return not (
+            self.status.has_issue
+            or self.status.is_draining
+            or self.quarantined
+            or self.is_stale(now)
+        )
+
+    @property
+    def slots_processing(self) -> int:
+        """Busy slots: ours in flight plus the estimated foreign ones."""
+        return min(self.slots_total, len(self.in_flight) + self.foreign)
+
+    def slots_free(self, now: float) -> int:
+        """Slots a new request may take now; 0 when the upstream is not usable."""
+        if not self.is_usable(now):
+            return 0
+        return max(0, self.slots_total - len(self.in_flight) - self.foreign)
+
+
+class Fleet:
+    """All upstreams, the requests in flight and the FIFO buffer of waiting requests.
+
+    Args:
+        max_buffered: most requests that may wait at once; 0 means never wait.
+    """
+
+    def __init__(self, *, max_buffered: int) -> None:
+        self.max_buffered = max_buffered
+        self.upstreams: dict[str, Upstream] = {}
+        self._waiting: OrderedDict[int, None] = OrderedDict()
+        self._assigned: dict[int, Upstream] = {}
+        self._departed: dict[str, Upstream] = {}
+        """Upstreams whose agent left while requests still ran there, by address."""
+        self._dispatch_counter = itertools.count(1)
+        self.revision = 0
+        """Grows at every change an observer could see (for the SSE stream)."""
+
+    # Queries.
+
+    @property
+    def requests_buffered(self) -> int:
+        """Requests waiting for a slot now."""
+        return len(self._waiting)
+
+    @property
+    def requests_in_flight(self) -> int:
+        """Requests dispatched and not yet finished, on any upstream (even a departed one)."""
+        return len(self._assigned)
+
+    def is_waiting(self, request_id: int) -> bool:
+        """Whether `request_id` is in the buffer."""
+        return request_id in self._waiting
+
+    def upstream_of(self, request_id: int) -> str | None:
+        """The agent id a dispatched request is counted against."""
+        upstream = self._assigned.get(request_id)
+        return upstream.agent_id if upstream is not None else None
+
+    def pick(self, now: float) -> Upstream | None:
+        """The upstream for the next request: most free slots, fewest busy, least recently used."""
+        best: Upstream | None = None
+        best_key = (0, 0, 0)
+        for upstream in self.upstreams.values():
+            free = upstream.slots_free(now)
+            if free <= 0:
+                continue
+            key = (free, -upstream.slots_processing, -upstream.last_dispatch)
+            if best is None or key > best_key:
+                best, best_key = upstream, key
+        return best
+
+    def pick_any(self, now: float) -> Upstream | None:
+        """An upstream for a request that needs no slot (`/v1/models`, `/props`, ...).
+
+        Prefers one with free slots, else any usable one, so such requests never wait.
+        """
+        chosen = self.pick(now)
+        if chosen is not None:
+            return chosen
+        usable = [u for u in self.upstreams.values() if u.is_usable(now)]
+        return min(usable, key=lambda u: u.last_dispatch, default=None)
+
+    def views(self, now: float) -> list[AgentView]:
+        """Every agent in Paddler's `/api/v1/agents` shape: usable first, then most idle."""
+        views = [self._view(u, now) for u in self.upstreams.values()]
+        views.sort(key=lambda v: (not v.is_usable, -v.slots_free, -v.status.slots_idle))
+        return views
+
+    # Events.
+
+    def report(
+        self, agent_id: str, status: StatusUpdate, now: float, wall: float
+    ) -> list[Dispatch]:
+        """An agent reported; returns the buffered requests that can now be dispatched."""
+        upstream = self.upstreams.get(agent_id)
+        if upstream is None:
+            upstream = Upstream(agent_id, status, now, wall)
+            self.upstreams[agent_id] = upstream
+            self._adopt_departed(upstream)
+        upstream.status = status
+        upstream.last_seen = now
+        upstream.last_update_wall = wall
+        upstream.was_stale = False
+        upstream.taken_since_report = 0
+        upstream.foreign = max(0, status.slots_processing - len(upstream.in_flight))
+        if upstream.quarantined and not status.has_issue:
+            upstream.quarantined = False
+            upstream.quarantined_until_wall = None
+        self.revision += 1
+        return self._drain_buffer(now)
+
+    def remove_agent(self, agent_id: str) -> None:
+        """The agent's stream ended: forget the upstream; its requests in flight run on.
+
+        They stay counted against the llama-server's address, so an agent that comes back for
+        the same server (restarted, new id) starts with them instead of seeing free slots.
+        """
+        upstream = self.upstreams.pop(agent_id, None)
+        if upstream is None:
+            return
+        if upstream.in_flight:
+            self._departed[upstream.address] = upstream
+        self.revision += 1
+
+    def request_slot(self, request_id: int, now: float, *, retry: bool = False) -> Decision:
+        """A request wants a slot: dispatch it, buffer it, or reject it.
+
+        A retried request (its upstream refused the connection) goes to the head of the buffer:
+        it has waited longest.
+        """
+        if request_id in self._waiting or request_id in self._assigned:
+            raise ValueError(f"request {request_id} already holds or awaits a slot")
+        if not self._waiting:
+            upstream = self.pick(now)
+            if upstream is not None:
+                return self._assign(request_id, upstream)
+        if self.max_buffered == 0:
+            return Rejected(request_id, RejectReason.BUFFER_DISABLED)
+        if len(self._waiting) >= self.max_buffered and not retry:
+            return Rejected(request_id, RejectReason.BUFFER_FULL)
+        self._waiting[request_id] = None
+        if retry:
+            self._waiting.move_to_end(request_id, last=False)
+        self.revision += 1
+        return Buffered(request_id)
+
+    def release(self, request_id: int, now: float) -> list[Dispatch]:
+        """A request finished (or failed, or its client left): free its slot.
+
+        Safe to call for any request id, any number of times.
+        """
+        if request_id in self._waiting:
+            del self._waiting[request_id]
+            self.revision += 1
+            return []
+        upstream = self._assigned.pop(request_id, None)
+        if upstream is None:
+            return []
+        upstream.in_flight.discard(request_id)
+        if not upstream.in_flight and self._departed.get(upstream.address) is upstream:
+            del self._departed[upstream.address]
+        self.revision += 1
+        return self._drain_buffer(now)
+
+    def refused(self, request_id: int, now: float, wall: float) -> list[Dispatch]:
+        """The upstream of `request_id` refused the connection: quarantine it, free the slot.
+
+        The quarantine lasts until the agent's next report without an issue. The caller may
+        then ask for a slot again with `retry=True`.
+        """
+        upstream = self._assigned.get(request_id)
+        if upstream is not None and not upstream.quarantined:
+            upstream.quarantined = True
+            upstream.quarantined_until_wall = wall + upstream.interval
+            self.revision += 1
+        return self.release(request_id, now)
+
+    def time_passed(self, now: float) -> bool:
+        """Notice agents that went stale; returns whether anything visible changed."""
+        changed = False
+        for upstream in self.upstreams.values():
+            stale = upstream.is_stale(now)
+            if stale != upstream.was_stale:
+                upstream.was_stale = stale
+                changed = True
+        if changed:
+            self.revision += 1
+        return changed
+
+    # Internals.
+
+    def _assign(self, request_id: int, upstream: Upstream) -> Dispatch:
+        upstream.in_flight.add(request_id)
+        upstream.taken_since_report += 1
+        upstream.last_dispatch = next(self._dispatch_counter)
+        self._assigned[request_id] = upstream
+        self.revision += 1
+        return Dispatch(request_id, upstream.agent_id, upstream.address)
+
+    def _adopt_departed(self, upstream: Upstream) -> None:
+        departed = self._departed.pop(upstream.address, None)
+        if departed is None:
+            return
+        upstream.in_flight = departed.in_flight
+        for request_id in upstream.in_flight:
+            self._assigned[request_id] = upstream
+
+    def _drain_buffer(self, now: float) -> list[Dispatch]:
+        dispatched: list[Dispatch] = []
+        while self._waiting:
+            upstream = self.pick(now)
+            if upstream is None:
+                break
+            request_id, _ = self._waiting.popitem(last=False)
+            dispatched.append(self._assign(request_id, upstream))
+        return dispatched
+
+    def _view(self, upstream: Upstream, now: float) -> AgentView:
+        status = upstream.status
+        if not status.has_issue:
+            processing = upstream.slots_processing
+            status = _with_counts(status, upstream.slots_total - processing, processing)
+        until = upstream.quarantined_until_wall if upstream.quarantined else None
+        return AgentView(
+            agent_id=upstream.agent_id,
+            last_update=SystemTime.from_timestamp(upstream.last_update_wall),
+            quarantined_until=SystemTime.from_timestamp(until) if until is not None else None,
+            slots_taken=len(upstream.in_flight),
+            slots_taken_since_last_status_update=upstream.taken_since_report,
+            status=status,
+            is_usable=upstream.is_usable(now),
+            is_stale=upstream.is_stale(now),
+            slots_free=upstream.slots_free(now),
+        )
+
+
+def _with_counts(status: StatusUpdate, idle: int, processing: int) -> StatusUpdate:
+    return msgspec.structs.replace(status, slots_idle=idle, slots_processing=processing)

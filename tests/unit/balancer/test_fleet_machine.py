@@ -1,0 +1,182 @@
+"""The fleet core under random interleavings of every event it knows.
+
+The model beside it plays the llama-servers: which of our requests each one runs. After every
+step the invariants must hold: no request is lost or counted twice, no server runs more of our
+requests than it has slots (this balancer is their only client), and nobody waits while a
+usable slot is free.
+"""
+
+from __future__ import annotations
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from rower.balancer.fleet import Buffered, Dispatch, Fleet, Rejected
+from rower.status import StatusUpdate
+
+AGENTS = ["a0", "a1", "a2"]
+
+
+def status(agent: str, total: int, processing: int, *, error: str | None = None) -> StatusUpdate:
+    return StatusUpdate(
+        external_llamacpp_addr=f"127.0.0.1:{8000 + AGENTS.index(agent)}",
+        error=error,
+        slots_idle=0 if error else total - processing,
+        slots_processing=0 if error else processing,
+        slots_total=0 if error else total,
+        monitoring_interval_ms=1000,
+    )
+
+
+class FleetMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fleet = Fleet(max_buffered=3)
+        self.now = 0.0
+        self.next_id = 0
+        self.totals = {a: 1 + i for i, a in enumerate(AGENTS)}
+        self.running: dict[str, set[int]] = {a: set() for a in AGENTS}  # server truth
+        self.waiting: set[int] = set()
+        self.retried: set[int] = set()
+        self.rejected = 0
+
+    # The server side.
+
+    def _dispatched(self, dispatches: list[Dispatch]) -> None:
+        for d in dispatches:
+            assert d.request_id in self.waiting
+            self.waiting.discard(d.request_id)
+            self.retried.discard(d.request_id)
+            self.running[d.agent_id].add(d.request_id)
+
+    def _where(self, request_id: int) -> str:
+        return next(a for a, ids in self.running.items() if request_id in ids)
+
+    @rule(agent=st.sampled_from(AGENTS), unseen=st.integers(0, 3))
+    def healthy_report(self, agent: str, unseen: int) -> None:
+        # The poll may not have seen requests still in transit: report fewer than run.
+        processing = max(0, len(self.running[agent]) - unseen)
+        self.now += 0.01
+        out = self.fleet.report(agent, status(agent, self.totals[agent], processing), self.now, 0.0)
+        self._dispatched(out)
+
+    @rule(agent=st.sampled_from(AGENTS))
+    def broken_report(self, agent: str) -> None:
+        self.now += 0.01
+        out = self.fleet.report(agent, status(agent, 1, 0, error="Unauthorized"), self.now, 0.0)
+        assert out == [] or all(d.agent_id != agent for d in out)
+        self._dispatched(out)
+
+    @rule(agent=st.sampled_from(AGENTS))
+    def agent_leaves(self, agent: str) -> None:
+        self.fleet.remove_agent(agent)
+
+    @rule(seconds=st.sampled_from([0.5, 2.0, 5.0]))
+    def time_passes(self, seconds: float) -> None:
+        self.now += seconds
+        self.fleet.time_passed(self.now)
+
+    @rule()
+    def request_arrives(self) -> None:
+        self.next_id += 1
+        decision = self.fleet.request_slot(self.next_id, self.now)
+        if isinstance(decision, Dispatch):
+            assert not self.waiting, "a request overtook the buffer"
+            self.running[decision.agent_id].add(decision.request_id)
+        elif isinstance(decision, Buffered):
+            self.waiting.add(decision.request_id)
+        else:
+            assert isinstance(decision, Rejected)
+            assert len(self.waiting) >= self.fleet.max_buffered
+            self.rejected += 1
+
+    @precondition(lambda self: any(self.running.values()))
+    @rule(data=st.data())
+    def request_finishes(self, data: st.DataObject) -> None:
+        every = sorted(i for ids in self.running.values() for i in ids)
+        request_id = data.draw(st.sampled_from(every))
+        self.running[self._where(request_id)].discard(request_id)
+        self._dispatched(self.fleet.release(request_id, self.now))
+        # Releasing twice is harmless.
+        assert self.fleet.release(request_id, self.now) == []
+
+    @precondition(lambda self: bool(self.waiting))
+    @rule(data=st.data())
+    def waiting_client_leaves(self, data: st.DataObject) -> None:
+        request_id = data.draw(st.sampled_from(sorted(self.waiting)))
+        self.waiting.discard(request_id)
+        self.retried.discard(request_id)
+        assert self.fleet.release(request_id, self.now) == []
+
+    @precondition(lambda self: any(self.running.values()))
+    @rule(data=st.data())
+    def upstream_refuses(self, data: st.DataObject) -> None:
+        every = sorted(i for ids in self.running.values() for i in ids)
+        request_id = data.draw(st.sampled_from(every))
+        agent = self._where(request_id)
+        self.running[agent].discard(request_id)
+        self._dispatched(self.fleet.refused(request_id, self.now, 0.0))
+        decision = self.fleet.request_slot(request_id, self.now, retry=True)
+        if isinstance(decision, Dispatch):
+            assert decision.agent_id != agent or agent not in self.fleet.upstreams
+            self.running[decision.agent_id].add(request_id)
+        else:
+            assert isinstance(decision, Buffered)
+            self.waiting.add(request_id)
+            self.retried.add(request_id)
+
+    # Invariants.
+
+    @invariant()
+    def every_request_is_in_one_place(self) -> None:
+        running = [i for ids in self.running.values() for i in ids]
+        assert len(running) == len(set(running))
+        assert self.fleet.requests_in_flight == len(running)
+        assert self.fleet.requests_buffered == len(self.waiting)
+        for request_id in self.waiting:
+            assert self.fleet.is_waiting(request_id)
+            assert self.fleet.upstream_of(request_id) is None
+        for agent, ids in self.running.items():
+            for request_id in ids:
+                assert self.fleet.upstream_of(request_id) == agent
+                assert not self.fleet.is_waiting(request_id)
+
+    @invariant()
+    def no_server_runs_more_than_its_slots(self) -> None:
+        for agent, ids in self.running.items():
+            assert len(ids) <= self.totals[agent], (agent, ids)
+
+    @invariant()
+    def balancer_counts_match_the_servers(self) -> None:
+        for agent, upstream in self.fleet.upstreams.items():
+            assert upstream.in_flight <= self.running[agent]
+            assert upstream.slots_free(self.now) >= 0
+            assert upstream.slots_processing <= upstream.slots_total
+
+    @invariant()
+    def nobody_waits_while_a_slot_is_free(self) -> None:
+        if self.waiting:
+            assert self.fleet.pick(self.now) is None
+
+    @invariant()
+    def buffer_is_bounded(self) -> None:
+        assert len(self.waiting - self.retried) <= self.fleet.max_buffered
+
+    def teardown(self) -> None:
+        # Everything finishes: the balancer must be back to zero.
+        for request_id in list(self.waiting):
+            self.fleet.release(request_id, self.now)
+        self.waiting.clear()
+        for ids in self.running.values():
+            for request_id in list(ids):
+                out = self.fleet.release(request_id, self.now)
+                for d in out:
+                    self.fleet.release(d.request_id, self.now)
+        assert self.fleet.requests_in_flight == 0
+        assert self.fleet.requests_buffered == 0
+        assert all(not u.in_flight for u in self.fleet.upstreams.values())
+
+
+FleetMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=50, deadline=None)
+TestFleetMachine = FleetMachine.TestCase
