@@ -233,9 +233,12 @@ def test_long_texts_are_clipped_to_what_a_balancer_accepts() -> None:
         identity=AgentIdentity("h:1", agent_name=long),
         facts=ServerFacts(model=long),
     )
-    assert status.error is not None and len(status.error) == MAX_TEXT
-    assert status.agent_name is not None and len(status.agent_name) == MAX_TEXT
-    assert status.model is not None and len(status.model) == MAX_TEXT
+    assert status.error is not None
+    assert len(status.error) == MAX_TEXT
+    assert status.agent_name is not None
+    assert len(status.agent_name) == MAX_TEXT
+    assert status.model is not None
+    assert len(status.model) == MAX_TEXT
     assert status_decoder.decode(json_encoder.encode(status)) == status
 
 
@@ -316,5 +319,6 @@ def test_every_status_follows_the_rules(
     if status.error is not None:
         assert (status.slots_idle, status.slots_processing, status.slots) == (0, 0, [])
     else:
-        assert answered and outcome.status == 200
+        assert answered
+        assert outcome.status == 200
         assert status.slots_idle + status.slots_processing == status.slots_total

@@ -1,0 +1,239 @@
+"""The agent's status streams against real NDJSON receivers on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from rower.addresses import Address
+from rower.agent.agent import Agent, AgentConfig
+from rower.status import StatusUpdate
+from tests.integration.agent.peers import FakeLlama, Receiver, eventually
+from tests.processes import free_port
+
+
+@pytest.fixture
+async def llama() -> AsyncIterator[FakeLlama]:
+    server = FakeLlama()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    server = Receiver()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+class Running:
+    """An `Agent` running in this event loop until `stop()`."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self.stop_event = asyncio.Event()
+        self.task = asyncio.create_task(agent.run(self.stop_event))
+
+    async def stop(self) -> None:
+        self.stop_event.set()
+        await asyncio.wait_for(self.task, 5)
+
+
+def start_agent(
+    llama: FakeLlama, *receivers: str, interval_ms: int = 50, token: str | None = None
+) -> Running:
+    return Running(
+        Agent(
+            AgentConfig(
+                management_addrs=[Address.parse(addr) for addr in receivers],
+                local_llamacpp_addr=Address.parse(llama.addr),
+                external_llamacpp_addr=Address.parse("10.0.0.9:8080"),
+                name="gpu-1",
+                monitoring_interval_ms=interval_ms,
+                management_token=token,
+            )
+        )
+    )
+
+
+async def test_streams_ndjson_statuses(llama: FakeLlama, receiver: Receiver) -> None:
+    running = start_agent(llama, receiver.addr)
+    await eventually(lambda: len(receiver.lines) >= 3)
+    await running.stop()
+    first = receiver.lines[0]
+    assert first.agent_id == running.agent.agent_id
+    assert first.status.agent_name == "gpu-1"
+    assert first.status.external_llamacpp_addr == "10.0.0.9:8080"
+    assert (first.status.slots_idle, first.status.slots_total) == (2, 2)
+    assert first.status.monitoring_interval_ms == 50
+    sequences = [status.sequence for status in receiver.statuses]
+    assert sequences == sorted(set(sequences))
+    assert receiver.headers[0]["Content-Type"] == "application/x-ndjson"
+    assert "Authorization" not in receiver.headers[0]
+
+
+async def test_stop_sends_a_draining_line_and_ends_the_stream(
+    llama: FakeLlama, receiver: Receiver
+) -> None:
+    running = start_agent(llama, receiver.addr)
+    await eventually(lambda: len(receiver.lines) >= 2)
+    started = time.monotonic()
+    await running.stop()
+    assert time.monotonic() - started < 1
+    # The receiver saw the body end (not a dropped connection).
+    assert receiver.streams_ended == 1
+    last = receiver.latest
+    assert last is not None
+    assert last.is_draining
+    assert last.slots_idle == 0
+    assert not any(status.is_draining for status in receiver.statuses[:-1])
+
+
+async def test_a_change_reaches_the_balancer_at_the_next_poll(
+    llama: FakeLlama, receiver: Receiver
+) -> None:
+    running = start_agent(llama, receiver.addr, interval_ms=200)
+    await eventually(lambda: len(receiver.lines) >= 1)
+    changed_at = time.monotonic()
+    llama.state.slots[0]["is_processing"] = True
+    await eventually(lambda: receiver.latest is not None and receiver.latest.slots_processing == 1)
+    # At most one interval (200 ms) until the next poll, plus the delivery itself.
+    assert time.monotonic() - changed_at < 0.3
+    await running.stop()
+
+
+async def test_several_balancers_each_get_every_status(llama: FakeLlama) -> None:
+    one, two = Receiver(), Receiver()
+    await one.start()
+    await two.start()
+    running = start_agent(llama, one.addr, two.addr)
+    try:
+        await eventually(lambda: len(one.lines) >= 3 and len(two.lines) >= 3)
+        assert one.lines[0].agent_id == two.lines[0].agent_id
+    finally:
+        await running.stop()
+        await one.stop()
+        await two.stop()
+
+
+async def test_a_dead_balancer_does_not_delay_another(llama: FakeLlama, receiver: Receiver) -> None:
+    dead = f"127.0.0.1:{free_port()}"
+    running = start_agent(llama, dead, receiver.addr, interval_ms=100)
+    await eventually(lambda: len(receiver.lines) >= 6, timeout=2)
+    gaps = [b.at - a.at for a, b in zip(receiver.lines, receiver.lines[1:], strict=False)]
+    assert max(gaps) < 0.25
+    await running.stop()
+
+
+async def test_reconnects_soon_after_the_balancer_comes_back(
+    llama: FakeLlama, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="rower")
+    receiver = Receiver()
+    await receiver.start()
+    running = start_agent(llama, receiver.addr)
+    try:
+        await eventually(lambda: len(receiver.lines) >= 2)
+        await receiver.stop()
+        await asyncio.sleep(1.0)
+        seen = len(receiver.lines)
+        back = Receiver(port=receiver.port)
+        await back.start()
+        restarted = time.monotonic()
+        await eventually(lambda: len(back.lines) >= 1, timeout=3)
+        assert time.monotonic() - restarted < 1.5
+        # The first line after a reconnect is the newest status, not a stale one.
+        assert back.statuses[0].sequence > receiver.statuses[seen - 1].sequence
+        assert "reconnecting" in caplog.text
+        await running.stop()
+        await back.stop()
+    finally:
+        if not running.task.done():
+            await running.stop()
+
+
+async def test_rejected_token_is_logged_and_retried(
+    llama: FakeLlama, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="rower")
+    receiver = Receiver(token="right")
+    await receiver.start()
+    running = start_agent(llama, receiver.addr, token="wrong")
+    try:
+        await eventually(lambda: receiver.rejected >= 3, timeout=3)
+        assert receiver.headers[0]["Authorization"] == "Bearer wrong"
+        assert not receiver.lines
+        assert "the balancer rejected the management token (401 invalid management token)" in (
+            caplog.text
+        )
+        # Logged once, not at every retry.
+        assert caplog.text.count("rejected the management token") == 1
+        # Fixing the token on the balancer side lets the next retry in.
+        receiver.token = "wrong"
+        await eventually(lambda: len(receiver.lines) >= 2, timeout=3)
+    finally:
+        await running.stop()
+        await receiver.stop()
+
+
+async def test_missing_token_says_how_to_fix_it(
+    llama: FakeLlama, caplog: pytest.LogCaptureFixture
+) -> None:
+    receiver = Receiver(token="needed")
+    await receiver.start()
+    running = start_agent(llama, receiver.addr)
+    try:
+        await eventually(lambda: receiver.rejected >= 1)
+        await eventually(lambda: "set --management-token" in caplog.text)
+    finally:
+        await running.stop()
+        await receiver.stop()
+
+
+async def test_token_is_sent(llama: FakeLlama) -> None:
+    receiver = Receiver(token="s3cret")
+    await receiver.start()
+    running = start_agent(llama, receiver.addr, token="s3cret")
+    try:
+        await eventually(lambda: len(receiver.lines) >= 2)
+        assert receiver.headers[0]["Authorization"] == "Bearer s3cret"
+    finally:
+        await running.stop()
+        await receiver.stop()
+
+
+async def test_bad_request_answer_is_logged_and_retried_with_backoff(
+    llama: FakeLlama, receiver: Receiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    receiver.reject_all_with = 400
+    running = start_agent(llama, receiver.addr)
+    await asyncio.sleep(1.2)
+    await running.stop()
+    assert "the balancer rejected a status line (400 rejected by the test)" in caplog.text
+    # 0.25 s, 0.5 s, 1 s (±20 %) between attempts: 3 or 4 attempts in 1.2 s, not dozens.
+    assert 2 <= receiver.rejected <= 4
+
+
+async def test_llama_issue_is_reported_with_no_idle_slots(
+    llama: FakeLlama, receiver: Receiver
+) -> None:
+    running = start_agent(llama, receiver.addr)
+    await eventually(lambda: len(receiver.lines) >= 1)
+    await llama.stop()
+
+    def down() -> StatusUpdate | None:
+        latest = receiver.latest
+        return latest if latest is not None and latest.is_connect_error else None
+
+    await eventually(down)
+    latest = down()
+    assert latest is not None
+    assert latest.error == f"Request to http://{llama.addr}/slots failed: connection refused"
+    assert latest.slots_idle == 0
+    await running.stop()
