@@ -1,14 +1,114 @@
-"""`rower balancer` command line (placeholder until the balancer lands)."""
+"""`rower balancer` command line."""
 
 from __future__ import annotations
 
 import argparse
 
+from rower.cli import address, milliseconds, non_negative
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Add the flags of `rower balancer`."""
+    parser.add_argument(
+        "--management-addr",
+        type=address,
+        required=True,
+        metavar="HOST:PORT",
+        help="where agents report and operators read the fleet (API, SSE, metrics, dashboard)",
+    )
+    parser.add_argument(
+        "--reverseproxy-addr",
+        type=address,
+        required=True,
+        metavar="HOST:PORT",
+        help="the public side: the OpenAI / llama.cpp API, proxied to free slots",
+    )
+    parser.add_argument(
+        "--management-dashboard-enable",
+        action="store_true",
+        help="serve the web dashboard at /dashboard on the management address",
+    )
+    parser.add_argument(
+        "--metrics-endpoint-enable",
+        action="store_true",
+        help="serve Prometheus metrics at /api/v1/metrics and /metrics",
+    )
+    parser.add_argument(
+        "--management-cors-allowed-host",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="exact origin allowed by CORS on the management API (repeatable)",
+    )
+    parser.add_argument(
+        "--slots-endpoint-enable",
+        action="store_true",
+        help="let clients reach llama-server's /slots through the proxy (403 otherwise)",
+    )
+    parser.add_argument(
+        "--rewrite-host-header",
+        action="store_true",
+        help="send the upstream's own address as Host: instead of the client's",
+    )
+    parser.add_argument(
+        "--buffered-request-timeout",
+        "--buffered-requests-timeout",
+        type=milliseconds,
+        default=10000,
+        metavar="MS",
+        help="longest wait for a free slot before answering 504 (default: 10000)",
+    )
+    parser.add_argument(
+        "--max-buffered-requests",
+        type=non_negative,
+        default=30,
+        metavar="N",
+        help="most requests waiting for a slot; more get 429; 0 = never wait (default: 30)",
+    )
+    parser.add_argument(
+        "--statsd-addr", type=address, metavar="HOST:PORT", help="send StatsD gauges over UDP"
+    )
+    parser.add_argument(
+        "--statsd-prefix",
+        default="rower",
+        metavar="P",
+        help="StatsD metric prefix (default: rower)",
+    )
+    parser.add_argument(
+        "--statsd-reporting-interval",
+        type=milliseconds,
+        default=10000,
+        metavar="MS",
+        help="StatsD reporting period (default: 10000)",
+    )
+    parser.add_argument(
+        "--management-token",
+        metavar="TOKEN",
+        help="shared secret agents must send (Authorization: Bearer TOKEN)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """Run `rower balancer`."""
-    raise SystemExit("rower balancer is not built yet")
+    from rower.balancer.service import serve
+    from rower.balancer.settings import BalancerSettings
+    from rower.logs import configure_logging
+    from rower.runtime import run_async
+
+    configure_logging(args.log_level, args.log_format)
+    settings = BalancerSettings(
+        management_addr=args.management_addr,
+        reverseproxy_addr=args.reverseproxy_addr,
+        buffered_request_timeout=args.buffered_request_timeout / 1000,
+        max_buffered_requests=args.max_buffered_requests,
+        management_dashboard_enable=args.management_dashboard_enable,
+        metrics_endpoint_enable=args.metrics_endpoint_enable,
+        management_cors_allowed_hosts=tuple(args.management_cors_allowed_host),
+        slots_endpoint_enable=args.slots_endpoint_enable,
+        rewrite_host_header=args.rewrite_host_header,
+        statsd_addr=args.statsd_addr,
+        statsd_prefix=args.statsd_prefix,
+        statsd_reporting_interval=args.statsd_reporting_interval / 1000,
+        management_token=args.management_token,
+    )
+    return run_async(serve(settings))

@@ -278,11 +278,17 @@ class Fleet:
         then ask for a slot again with `retry=True`.
         """
         upstream = self._assigned.get(request_id)
+        if upstream is not None:
+            self.quarantine(upstream.agent_id, wall)
+        return self.release(request_id, now)
+
+    def quarantine(self, agent_id: str, wall: float) -> None:
+        """Stop using an upstream that refused a connection until its agent reports it healthy."""
+        upstream = self.upstreams.get(agent_id)
         if upstream is not None and not upstream.quarantined:
             upstream.quarantined = True
             upstream.quarantined_until_wall = wall + upstream.interval
             self.revision += 1
-        return self.release(request_id, now)
 
     def time_passed(self, now: float) -> bool:
         """Notice agents that went stale; returns whether anything visible changed."""

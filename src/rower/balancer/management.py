@@ -1,0 +1,215 @@
+"""The management side: agents stream their status in, operators read the fleet out.
+
+Handlers parse and validate, hand the result to the slot gate (and so the fleet core), and
+answer. Nothing here decides where requests go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import re
+from collections.abc import Awaitable, Callable
+
+import msgspec
+from aiohttp import web
+from aiohttp.http_exceptions import LineTooLong
+
+from rower.balancer.errors import error_response
+from rower.balancer.fleet_stream import FleetPublisher
+from rower.balancer.settings import BalancerSettings
+from rower.balancer.slot_gate import SlotGate
+from rower.status import status_decoder
+
+log = logging.getLogger(__name__)
+
+AGENT_ID = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+MAX_STATUS_LINE = 1024 * 1024
+SSE_KEEPALIVE_SECONDS = 15.0
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+gate_key = web.AppKey("gate", SlotGate)
+publisher_key = web.AppKey("publisher", FleetPublisher)
+settings_key = web.AppKey("settings", BalancerSettings)
+
+
+class AgentStreams:
+    """Which status stream currently speaks for each agent id.
+
+    An agent that reconnects opens a new stream before the balancer notices the old one ended;
+    only the newest stream's end may remove the agent.
+    """
+
+    def __init__(self) -> None:
+        self._owners: dict[str, object] = {}
+
+    def claim(self, agent_id: str) -> object:
+        """The new stream of `agent_id` takes over; returns its ownership token."""
+        token = object()
+        self._owners[agent_id] = token
+        return token
+
+    def release(self, agent_id: str, token: object) -> bool:
+        """The stream with `token` ended; returns whether it was still the agent's stream."""
+        if self._owners.get(agent_id) is token:
+            del self._owners[agent_id]
+            return True
+        return False
+
+
+def is_authorized(request: web.Request, token: str | None) -> bool:
+    """Whether the request carries `Authorization: Bearer <token>` (always, without a token)."""
+    if token is None:
+        return True
+    given = request.headers.get("Authorization", "")
+    scheme, _, value = given.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        value.strip().encode(), token.encode()
+    )
+
+
+class ManagementApi:
+    """Handlers of the management listener."""
+
+    def __init__(
+        self, gate: SlotGate, publisher: FleetPublisher, settings: BalancerSettings
+    ) -> None:
+        self.gate = gate
+        self.publisher = publisher
+        self.settings = settings
+        self.streams = AgentStreams()
+
+    async def agent_status_update(self, request: web.Request) -> web.StreamResponse:
+        """`POST /api/v1/agent_status_update/{agent_id}`: an endless NDJSON stream of status."""
+        agent_id = request.match_info["agent_id"]
+        if not AGENT_ID.match(agent_id):
+            return error_response(
+                400, "agent id must be 1-128 letters, digits, '-', '_' or '.' (agents use a UUID)"
+            )
+        if not is_authorized(request, self.settings.management_token):
+            log.warning("rejected a status stream for agent %s: wrong or missing token", agent_id)
+            return error_response(
+                401,
+                "Unauthorized: this balancer requires a management token; start the agent with "
+                "the same --management-token as the balancer",
+            )
+        token = self.streams.claim(agent_id)
+        registered = False
+        try:
+            while True:
+                try:
+                    line = await request.content.readline(max_line_length=MAX_STATUS_LINE)
+                except LineTooLong:
+                    return self._bad_line(
+                        agent_id, f"a status line is over {MAX_STATUS_LINE} bytes"
+                    )
+                if not line:
+                    return web.json_response({"status": "ok"})
+                if not line.strip():
+                    continue
+                try:
+                    status = status_decoder.decode(line)
+                except msgspec.ValidationError as error:
+                    return self._bad_line(agent_id, f"invalid status update: {error}")
+                except msgspec.DecodeError as error:
+                    return self._bad_line(agent_id, f"status update is not JSON: {error}")
+                if not registered:
+                    log.info(
+                        "agent %s (%s) registered for %s",
+                        agent_id,
+                        status.agent_name or "unnamed",
+                        status.external_llamacpp_addr,
+                    )
+                    registered = True
+                self.gate.report(agent_id, status)
+        finally:
+            if self.streams.release(agent_id, token) and registered:
+                log.info("agent %s left", agent_id)
+                self.gate.remove_agent(agent_id)
+
+    def _bad_line(self, agent_id: str, message: str) -> web.Response:
+        log.warning("closing the status stream of agent %s: %s", agent_id, message)
+        return error_response(400, message + "; one StatusUpdate JSON object per line is expected")
+
+    async def agents(self, request: web.Request) -> web.Response:
+        """`GET /api/v1/agents`."""
+        return web.Response(body=self.publisher.snapshot(), content_type="application/json")
+
+    async def agents_stream(self, request: web.Request) -> web.StreamResponse:
+        """`GET /api/v1/agents/stream`: a snapshot now, then one per change (SSE)."""
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",
+            }
+        )
+        await response.prepare(request)
+        async with self.publisher.subscribe() as queue:
+            while True:
+                try:
+                    snapshot = await asyncio.wait_for(queue.get(), SSE_KEEPALIVE_SECONDS)
+                except TimeoutError:
+                    await response.write(b": keep-alive\n\n")
+                    continue
+                await response.write(b"data: " + snapshot + b"\n\n")
+
+    async def health(self, request: web.Request) -> web.Response:
+        """`GET /health`."""
+        return web.json_response({"status": "ok"})
+
+
+def cors_middleware(
+    allowed_origins: tuple[str, ...],
+) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """Answer CORS preflights and tag answers for the exact origins allowed, and no others."""
+    allowed = frozenset(allowed_origins)
+
+    @web.middleware
+    async def cors(request: web.Request, handler: Handler) -> web.StreamResponse:
+        origin = request.headers.get("Origin")
+        if origin is None or origin not in allowed:
+            return await handler(request)
+        if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+            response: web.StreamResponse = web.Response(status=204)
+        else:
+            response = await handler(request)
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+        response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
+        response.headers["Vary"] = "Origin"
+        return response
+
+    return cors
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """aiohttp's own 404/405 answers in the same JSON error shape as everything else."""
+    try:
+        return await handler(request)
+    except web.HTTPException as error:
+        if error.status < 400:
+            raise
+        return error_response(error.status, f"{error.reason}: {request.method} {request.path}")
+
+
+def management_app(
+    gate: SlotGate, publisher: FleetPublisher, settings: BalancerSettings
+) -> web.Application:
+    """The management application: agents in, fleet out."""
+    api = ManagementApi(gate, publisher, settings)
+    app = web.Application(
+        middlewares=[cors_middleware(settings.management_cors_allowed_hosts), json_errors],
+        client_max_size=1024 * 1024,
+    )
+    app[gate_key] = gate
+    app[publisher_key] = publisher
+    app[settings_key] = settings
+    app.router.add_post("/api/v1/agent_status_update/{agent_id}", api.agent_status_update)
+    app.router.add_get("/api/v1/agents", api.agents)
+    app.router.add_get("/api/v1/agents/stream", api.agents_stream)
+    app.router.add_get("/health", api.health)
+    return app

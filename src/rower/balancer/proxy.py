@@ -1,0 +1,251 @@
+"""The public side: every request is relayed to a llama-server chosen by the fleet core.
+
+A handler reads like: classify the path -> ask the slot gate for an upstream -> relay bytes both
+ways as they arrive -> give the slot back. The listener runs with `handler_cancellation=True`, so
+a client that goes away cancels the handler: leaving the upstream `async with` then closes the
+upstream connection, and llama-server stops generating and frees the slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from rower.balancer.errors import error_response
+from rower.balancer.paths import is_slots_endpoint, takes_slot
+from rower.balancer.settings import BalancerSettings
+from rower.balancer.slot_gate import SlotGate, SlotUnavailable
+
+log = logging.getLogger(__name__)
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+
+MAX_ATTEMPTS = 3
+"""Upstreams tried for one request when they refuse connections."""
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyOutcome:
+    """What happened to one proxied request, for metrics."""
+
+    path: str
+    status: int
+    upstream: str | None
+    seconds_waiting: float
+    seconds_to_first_byte: float | None
+    seconds_total: float
+    error: str | None = None
+
+
+OutcomeListener = Callable[[ProxyOutcome], None]
+
+
+def upstream_session() -> aiohttp.ClientSession:
+    """The client for upstream llama-servers.
+
+    No total timeout (a generation may run for minutes), no pool limit (the slot count is the
+    limit), no decompression (bytes pass through as the server sent them), and idle keep-alive
+    connections dropped before llama-server's own 5 s keep-alive timeout closes them under us.
+    """
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=2.0)
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=5.0),
+        auto_decompress=False,
+        skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+    )
+
+
+class ReverseProxy:
+    """aiohttp handler for every method and path of the public listener."""
+
+    def __init__(
+        self,
+        gate: SlotGate,
+        session: aiohttp.ClientSession,
+        settings: BalancerSettings,
+        *,
+        on_outcome: OutcomeListener | None = None,
+    ) -> None:
+        self.gate = gate
+        self.session = session
+        self.settings = settings
+        self.on_outcome = on_outcome
+
+    async def __call__(self, request: web.Request) -> web.StreamResponse:
+        """Relay one request."""
+        if is_slots_endpoint(request.path) and not self.settings.slots_endpoint_enable:
+            return error_response(
+                403,
+                "The /slots endpoint is not exposed through the balancer; "
+                "start it with --slots-endpoint-enable to allow it",
+            )
+        if takes_slot(request.path):
+            return await self._relay_on_slot(request)
+        return await self._relay_anywhere(request)
+
+    async def _relay_on_slot(self, request: web.Request) -> web.StreamResponse:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        request_id = self.gate.new_request_id()
+        retry = False
+        for _ in range(MAX_ATTEMPTS):
+            try:
+                dispatch = await self.gate.acquire(request_id, retry=retry)
+            except SlotUnavailable as error:
+                headers = {"Retry-After": str(error.retry_after)} if error.retry_after else None
+                self._report(request, error.status, None, started, None, error.message)
+                return error_response(error.status, error.message, headers=headers)
+            waited = loop.time() - started
+            try:
+                return await self._forward(request, dispatch.upstream, started, waited)
+            except UpstreamRefused:
+                log.warning("llama-server at %s refused the connection", dispatch.upstream)
+                self.gate.refused(request_id)
+                retry = True
+            finally:
+                self.gate.release(request_id)
+        return self._unreachable(request, started)
+
+    async def _relay_anywhere(self, request: web.Request) -> web.StreamResponse:
+        started = asyncio.get_running_loop().time()
+        for _ in range(MAX_ATTEMPTS):
+            upstream = self.gate.fleet.pick_any(self.gate.clock())
+            if upstream is None:
+                message = "No llama.cpp server is registered and healthy; start an agent"
+                self._report(request, 503, None, started, None, message)
+                return error_response(503, message)
+            try:
+                return await self._forward(request, upstream.address, started, 0.0)
+            except UpstreamRefused:
+                log.warning("llama-server at %s refused the connection", upstream.address)
+                self.gate.quarantine(upstream.agent_id)
+        return self._unreachable(request, started)
+
+    def _unreachable(self, request: web.Request, started: float) -> web.Response:
+        message = "llama.cpp servers refused the connection; check that they are running"
+        self._report(request, 502, None, started, None, message)
+        return error_response(502, message)
+
+    async def _forward(
+        self, request: web.Request, upstream: str, started: float, waited: float
+    ) -> web.StreamResponse:
+        loop = asyncio.get_running_loop()
+        url = f"http://{upstream}{request.rel_url}"
+        headers = self._upstream_headers(request, upstream)
+        body = request.content if request.body_exists else None
+        try:
+            upstream_response = await self.session.request(
+                request.method, url, headers=headers, data=body, allow_redirects=False
+            )
+        except aiohttp.ClientConnectorError as error:
+            if isinstance(error.os_error, ConnectionRefusedError):
+                raise UpstreamRefused from error
+            return self._upstream_failed(request, upstream, started, waited, error)
+        except (aiohttp.ClientError, TimeoutError) as error:
+            return self._upstream_failed(request, upstream, started, waited, error)
+        async with upstream_response:
+            first_byte = loop.time() - started
+            response = web.StreamResponse(
+                status=upstream_response.status, reason=upstream_response.reason
+            )
+            for name, value in upstream_response.headers.items():
+                if name.lower() not in HOP_BY_HOP:
+                    response.headers.add(name, value)
+            await response.prepare(request)
+            try:
+                async for chunk in upstream_response.content.iter_any():
+                    await response.write(chunk)
+            except (aiohttp.ClientError, TimeoutError) as error:
+                # Headers are gone already: all that is left is to end the client's stream.
+                log.warning("llama-server at %s failed mid-response: %s", upstream, error)
+                self._report(
+                    request,
+                    upstream_response.status,
+                    upstream,
+                    started,
+                    first_byte,
+                    f"upstream failed mid-response: {error}",
+                    waited,
+                )
+                if request.transport is not None:
+                    request.transport.close()
+                return response
+            await response.write_eof()
+        self._report(request, upstream_response.status, upstream, started, first_byte, None, waited)
+        return response
+
+    def _upstream_failed(
+        self,
+        request: web.Request,
+        upstream: str,
+        started: float,
+        waited: float,
+        error: BaseException,
+    ) -> web.Response:
+        message = (
+            f"Request to llama.cpp server at {upstream} failed: {error or type(error).__name__}"
+        )
+        log.warning("%s", message)
+        self._report(request, 502, upstream, started, None, message, waited)
+        return error_response(502, message)
+
+    def _upstream_headers(self, request: web.Request, upstream: str) -> CIMultiDict[str]:
+        headers = CIMultiDict(
+            (name, value)
+            for name, value in request.headers.items()
+            if name.lower() not in HOP_BY_HOP
+        )
+        if self.settings.rewrite_host_header:
+            headers["Host"] = upstream
+        peer = request.remote
+        if peer:
+            previous = request.headers.get("X-Forwarded-For")
+            headers["X-Forwarded-For"] = f"{previous}, {peer}" if previous else peer
+        return headers
+
+    def _report(
+        self,
+        request: web.Request,
+        status: int,
+        upstream: str | None,
+        started: float,
+        first_byte: float | None,
+        error: str | None,
+        waited: float = 0.0,
+    ) -> None:
+        if self.on_outcome is None:
+            return
+        total = asyncio.get_running_loop().time() - started
+        self.on_outcome(
+            ProxyOutcome(request.path, status, upstream, waited, first_byte, total, error)
+        )
+
+
+class UpstreamRefused(Exception):
+    """The upstream refused the TCP connection: nothing was sent, so trying elsewhere is safe."""
+
+
+def proxy_app(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.Application:
+    """An application that sends every method and path to `handler`."""
+    app = web.Application(client_max_size=0)
+    app.router.add_route("*", "/{tail:.*}", handler)
+    return app

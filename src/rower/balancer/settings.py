@@ -1,0 +1,26 @@
+"""The balancer's configuration, as parsed from flags and `ROWER_*` variables."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rower.addresses import Address
+
+
+@dataclass(frozen=True, slots=True)
+class BalancerSettings:
+    """Everything `rower balancer` can be told; durations in seconds."""
+
+    management_addr: Address
+    reverseproxy_addr: Address
+    buffered_request_timeout: float = 10.0
+    max_buffered_requests: int = 30
+    management_dashboard_enable: bool = False
+    metrics_endpoint_enable: bool = False
+    management_cors_allowed_hosts: tuple[str, ...] = ()
+    slots_endpoint_enable: bool = False
+    rewrite_host_header: bool = False
+    statsd_addr: Address | None = None
+    statsd_prefix: str = "rower"
+    statsd_reporting_interval: float = 10.0
+    management_token: str | None = None

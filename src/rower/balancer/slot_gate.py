@@ -1,0 +1,143 @@
+"""The asyncio face of the fleet core: a request awaits its slot here.
+
+The core decides; this module only turns its decisions into resolved futures and raised errors,
+and makes sure a slot that was granted to a request nobody awaits any more is given back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Callable
+
+from rower.balancer.fleet import Buffered, Dispatch, Fleet, Rejected, RejectReason
+from rower.status import StatusUpdate
+
+
+class SlotUnavailable(Exception):
+    """No slot for this request: buffer full or disabled (429), or the wait timed out (504)."""
+
+    def __init__(self, status: int, message: str, *, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.retry_after = retry_after
+
+
+class SlotGate:
+    """Grants slots to requests, buffering them in FIFO order while none is free.
+
+    Args:
+        fleet: the state core.
+        buffer_timeout: longest wait for a slot, in seconds.
+        clock: monotonic clock (seconds).
+        wall_clock: wall clock (seconds since the epoch).
+    """
+
+    def __init__(
+        self,
+        fleet: Fleet,
+        *,
+        buffer_timeout: float,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.fleet = fleet
+        self.buffer_timeout = buffer_timeout
+        self.clock = clock
+        self.wall_clock = wall_clock
+        self._ids = itertools.count(1)
+        self._waiters: dict[int, asyncio.Future[Dispatch]] = {}
+        self.changed = asyncio.Event()
+        """Set whenever the fleet changed; observers clear it after reading."""
+
+    def new_request_id(self) -> int:
+        """A fresh id for a request that will ask for a slot."""
+        return next(self._ids)
+
+    async def acquire(self, request_id: int, *, retry: bool = False) -> Dispatch:
+        """Wait for a slot for `request_id`; raises `SlotUnavailable` when there is none.
+
+        If the caller is cancelled (its client left) or times out, the request leaves the
+        buffer, or gives its slot back if one was granted at that very moment.
+        """
+        decision = self.fleet.request_slot(request_id, self.clock(), retry=retry)
+        self._touch()
+        if isinstance(decision, Dispatch):
+            return decision
+        if isinstance(decision, Rejected):
+            raise _rejection(decision.reason, self.buffer_timeout)
+        assert isinstance(decision, Buffered)
+        waiter: asyncio.Future[Dispatch] = asyncio.get_running_loop().create_future()
+        self._waiters[request_id] = waiter
+        granted = False
+        try:
+            dispatch = await asyncio.wait_for(waiter, self.buffer_timeout)
+            granted = True
+            return dispatch
+        except TimeoutError:
+            raise SlotUnavailable(
+                504,
+                f"No llama.cpp slot became free within {self.buffer_timeout:g} s; "
+                "add servers or slots, or raise --buffered-request-timeout",
+            ) from None
+        finally:
+            self._waiters.pop(request_id, None)
+            if not granted:
+                self.release(request_id)
+
+    def release(self, request_id: int) -> None:
+        """The request finished, failed or was abandoned: free whatever it holds."""
+        self._deliver(self.fleet.release(request_id, self.clock()))
+        self._touch()
+
+    def refused(self, request_id: int) -> None:
+        """The request's upstream refused the connection: quarantine it and free the slot."""
+        self._deliver(self.fleet.refused(request_id, self.clock(), self.wall_clock()))
+        self._touch()
+
+    def quarantine(self, agent_id: str) -> None:
+        """An upstream refused a connection outside of any slot (a request that needs none)."""
+        self.fleet.quarantine(agent_id, self.wall_clock())
+        self._touch()
+
+    def report(self, agent_id: str, status: StatusUpdate) -> None:
+        """An agent reported its llama-server's status."""
+        self._deliver(self.fleet.report(agent_id, status, self.clock(), self.wall_clock()))
+        self._touch()
+
+    def remove_agent(self, agent_id: str) -> None:
+        """An agent's stream ended."""
+        self.fleet.remove_agent(agent_id)
+        self._touch()
+
+    def time_passed(self) -> None:
+        """Let the fleet notice agents that went stale."""
+        if self.fleet.time_passed(self.clock()):
+            self._touch()
+
+    def _deliver(self, dispatches: list[Dispatch]) -> None:
+        pending = list(dispatches)
+        while pending:
+            dispatch = pending.pop()
+            waiter = self._waiters.pop(dispatch.request_id, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(dispatch)
+            else:
+                # Its client is gone: hand the slot to the next in line.
+                pending.extend(self.fleet.release(dispatch.request_id, self.clock()))
+
+    def _touch(self) -> None:
+        self.changed.set()
+
+
+def _rejection(reason: RejectReason, timeout: float) -> SlotUnavailable:
+    if reason is RejectReason.BUFFER_DISABLED:
+        message = (
+            "All llama.cpp slots are busy and buffering is off (--max-buffered-requests 0); "
+            "retry later"
+        )
+    else:
+        message = "All llama.cpp slots are busy and the request buffer is full; retry later"
+    return SlotUnavailable(429, message, retry_after=max(1, round(timeout)))
