@@ -32,14 +32,16 @@ REPEAT_LOG_AFTER = 60.0
 
 
 class Backoff:
-    """Capped exponential delays with jitter: 0.25 s, 0.5 s, 1 s, 2 s, 2 s, ...
+    """Capped exponential delays with ±20 % jitter: 0.25 s, 0.5 s, 1 s, 1 s, ...
 
     The cap is low on purpose: until an agent is back on its balancer, its slots are lost
-    capacity, and a refused connection every two seconds costs nothing.
+    capacity, so a restarted balancer should see its whole fleet again within about a second.
+    A refused connection (or a 401) once a second per balancer costs nothing; the jitter keeps
+    a large fleet from reconnecting in lockstep.
     """
 
     def __init__(
-        self, *, first: float = 0.25, cap: float = 2.0, jitter: float = 0.2, rng: random.Random
+        self, *, first: float = 0.25, cap: float = 1.0, jitter: float = 0.2, rng: random.Random
     ) -> None:
         self._first = first
         self._cap = cap
