@@ -46,8 +46,8 @@ async def test_decode_takes_n_over_speed_seconds() -> None:
     async with engine.hold(task) as run:
         await generate(run)
     elapsed = time.perf_counter() - started
-    assert 0.095 <= elapsed < 0.16  # 40 / 400 = 0.1 s
-    assert run.timings.predicted_ms == pytest.approx(100, abs=10)
+    assert 0.095 <= elapsed < 0.25  # 40 / 400 = 0.1 s
+    assert run.timings.predicted_ms == pytest.approx(100, abs=30)
 
 
 async def test_prefill_takes_uncached_tokens_over_prefill_speed() -> None:
@@ -56,7 +56,7 @@ async def test_prefill_takes_uncached_tokens_over_prefill_speed() -> None:
     first = make_task(engine, prompt, n_predict=0)
     async with engine.hold(first) as run:
         await run.prefill()
-    assert run.timings.prompt_ms == pytest.approx(101, abs=8)
+    assert run.timings.prompt_ms == pytest.approx(101, abs=30)
     again = make_task(engine, prompt, n_predict=0)
     async with engine.hold(again) as run:
         await run.prefill()
@@ -72,7 +72,7 @@ async def test_decode_slowdown_with_busy_slots() -> None:
     async with engine.hold(other), engine.hold(task) as run:
         await generate(run)
     elapsed = time.perf_counter() - started
-    assert 0.095 <= elapsed < 0.16  # 20 tokens at 400 / (1 + 1 * (2 - 1)) = 200 tokens/s
+    assert 0.095 <= elapsed < 0.25  # 20 tokens at 400 / (1 + 1 * (2 - 1)) = 200 tokens/s
 
 
 async def test_task_waits_for_a_slot_and_gets_it_when_freed() -> None:
