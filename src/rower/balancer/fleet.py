@@ -143,6 +143,8 @@ class Fleet:
         self._dispatch_counter = itertools.count(1)
         self.revision = 0
         """Grows at every change an observer could see (for the SSE stream)."""
+        self.quarantines = 0
+        """Upstreams put in quarantine since start (for metrics)."""
 
     # Queries.
 
@@ -288,6 +290,7 @@ class Fleet:
         if upstream is not None and not upstream.quarantined:
             upstream.quarantined = True
             upstream.quarantined_until_wall = wall + upstream.interval
+            self.quarantines += 1
             self.revision += 1
 
     def time_passed(self, now: float) -> bool:

@@ -9,12 +9,16 @@ import signal
 
 from aiohttp import web
 
+from rower.balancer.dashboard_web import add_dashboard_routes
 from rower.balancer.fleet import Fleet
 from rower.balancer.fleet_stream import FleetPublisher
+from rower.balancer.fleet_totals import FleetTotals
 from rower.balancer.management import management_app
+from rower.balancer.metrics import BalancerMetrics, add_metrics_routes
 from rower.balancer.proxy import ReverseProxy, proxy_app, upstream_session
 from rower.balancer.settings import BalancerSettings
 from rower.balancer.slot_gate import SlotGate
+from rower.balancer.statsd import StatsdReporter
 
 log = logging.getLogger(__name__)
 
@@ -28,13 +32,24 @@ class Balancer:
         self.gate = SlotGate(self.fleet, buffer_timeout=settings.buffered_request_timeout)
         self.publisher = FleetPublisher(self.gate)
         self.management = management_app(self.gate, self.publisher, settings)
+        # Observability (metrics.py, statsd.py, dashboard_web.py): routes before start.
+        self.metrics = BalancerMetrics(self.publisher) if settings.metrics_endpoint_enable else None
+        if self.metrics is not None:
+            add_metrics_routes(self.management, self.metrics)
+        if settings.management_dashboard_enable:
+            add_dashboard_routes(self.management)
         self._runners: list[web.AppRunner] = []
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         """Listen on the management and reverse-proxy addresses."""
         session = upstream_session()
-        self.proxy = ReverseProxy(self.gate, session, self.settings)
+        self.proxy = ReverseProxy(
+            self.gate,
+            session,
+            self.settings,
+            on_outcome=self.metrics.observe if self.metrics is not None else None,
+        )
         proxy = proxy_app(self.proxy)
 
         async def close_session(_: web.Application) -> None:
@@ -42,6 +57,14 @@ class Balancer:
 
         proxy.on_cleanup.append(close_session)
         self._tasks.append(asyncio.create_task(self.publisher.run(), name="fleet publisher"))
+        if self.settings.statsd_addr is not None:
+            statsd = StatsdReporter(
+                self.settings.statsd_addr,
+                prefix=self.settings.statsd_prefix,
+                interval=self.settings.statsd_reporting_interval,
+                totals=lambda: FleetTotals.of(self.publisher.view()),
+            )
+            self._tasks.append(asyncio.create_task(statsd.run(), name="statsd reporter"))
         for app, address in (
             (self.management, self.settings.management_addr),
             (proxy, self.settings.reverseproxy_addr),

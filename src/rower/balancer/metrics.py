@@ -1,0 +1,176 @@
+"""Prometheus metrics of one balancer, served at `/api/v1/metrics` and `/metrics`.
+
+Two kinds of numbers. The fleet's state (slots, buffered requests, agents) is read from the
+fleet when Prometheus scrapes, by a custom collector, so it is never out of date and costs
+nothing between scrapes. What happened to proxied requests is counted as it happens, from the
+reverse proxy's `ProxyOutcome`s. Each balancer has its own registry: two balancers in one
+process (as in tests) never mix their numbers, and the process-wide default registry is left
+alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from rower.balancer.fleet_stream import FleetPublisher
+from rower.balancer.fleet_totals import FleetTotals
+from rower.balancer.paths import path_class, takes_slot
+from rower.balancer.proxy import ProxyOutcome
+
+SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+"""From a cached embedding (milliseconds) to a long generation (minutes)."""
+
+AGENT_LABELS = ("agent_id", "agent_name")
+
+
+class FleetCollector(Collector):
+    """The fleet's gauges, computed from the publisher's view at each scrape."""
+
+    def __init__(self, publisher: FleetPublisher) -> None:
+        self.publisher = publisher
+
+    def collect(self) -> Iterator[Metric]:
+        """Yield the fleet-wide and per-agent metric families."""
+        view = self.publisher.view()
+        totals = FleetTotals.of(view)
+        yield GaugeMetricFamily(
+            "rower_slots_idle", "Idle llama.cpp slots, summed over agents", totals.slots_idle
+        )
+        yield GaugeMetricFamily(
+            "rower_slots_processing",
+            "Busy llama.cpp slots, summed over agents",
+            totals.slots_processing,
+        )
+        yield GaugeMetricFamily(
+            "rower_requests_buffered",
+            "Requests waiting in the buffer for a free slot",
+            totals.requests_buffered,
+        )
+        yield GaugeMetricFamily(
+            "rower_agents_registered",
+            "Agents with an open status stream",
+            totals.agents_registered,
+        )
+        yield CounterMetricFamily(
+            "rower_upstream_quarantines",
+            "Times an upstream was quarantined after refusing a connection",
+            self.publisher.gate.fleet.quarantines,
+        )
+        families = {
+            "idle": GaugeMetricFamily(
+                "rower_agent_slots_idle",
+                "Idle slots of one agent's llama-server",
+                labels=AGENT_LABELS,
+            ),
+            "processing": GaugeMetricFamily(
+                "rower_agent_slots_processing",
+                "Busy slots of one agent's llama-server",
+                labels=AGENT_LABELS,
+            ),
+            "total": GaugeMetricFamily(
+                "rower_agent_slots_total", "Slots of one agent's llama-server", labels=AGENT_LABELS
+            ),
+            "usable": GaugeMetricFamily(
+                "rower_agent_usable",
+                "1 when requests may be sent to the agent's llama-server (no issue, not stale, "
+                "not quarantined), else 0",
+                labels=AGENT_LABELS,
+            ),
+        }
+        for agent in view.agents:
+            labels = [agent.agent_id, agent.status.agent_name or ""]
+            status = agent.status
+            total = status.slots_total or status.slots_idle + status.slots_processing
+            families["idle"].add_metric(labels, status.slots_idle)
+            families["processing"].add_metric(labels, status.slots_processing)
+            families["total"].add_metric(labels, total)
+            families["usable"].add_metric(labels, 1 if agent.is_usable else 0)
+        yield from families.values()
+
+
+class BalancerMetrics:
+    """The balancer's Prometheus registry; `observe` is the reverse proxy's outcome listener."""
+
+    def __init__(self, publisher: FleetPublisher) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry.register(FleetCollector(publisher))
+        self.requests = Counter(
+            "rower_proxied_requests",
+            "Requests answered by the reverse proxy, by path class and HTTP status",
+            ["path", "status"],
+            registry=self.registry,
+        )
+        self.buffer_wait = Histogram(
+            "rower_buffer_wait_seconds",
+            "Time an inference request waited for a free slot before it was dispatched",
+            buckets=SECONDS_BUCKETS,
+            registry=self.registry,
+        )
+        self.time_to_first_byte = Histogram(
+            "rower_time_to_first_byte_seconds",
+            "Time from the request's arrival to llama-server's response headers, by path class",
+            ["path"],
+            buckets=SECONDS_BUCKETS,
+            registry=self.registry,
+        )
+        self.duration = Histogram(
+            "rower_request_duration_seconds",
+            "Time from the request's arrival to the end of its response, by path class",
+            ["path"],
+            buckets=SECONDS_BUCKETS,
+            registry=self.registry,
+        )
+        self.buffer_full = Counter(
+            "rower_buffer_full_rejections",
+            "Requests answered 429: the buffer was full or buffering is off",
+            registry=self.registry,
+        )
+        self.buffer_timeouts = Counter(
+            "rower_buffer_timeouts",
+            "Requests answered 504: no slot became free within --buffered-request-timeout",
+            registry=self.registry,
+        )
+        self.upstream_errors = Counter(
+            "rower_upstream_errors",
+            "Requests that failed at llama-server: refused, unreachable, or broken mid-response",
+            registry=self.registry,
+        )
+
+    def observe(self, outcome: ProxyOutcome) -> None:
+        """Count one proxied request."""
+        path = path_class(outcome.path)
+        self.requests.labels(path, str(outcome.status)).inc()
+        self.duration.labels(path).observe(outcome.seconds_total)
+        if outcome.seconds_to_first_byte is not None:
+            self.time_to_first_byte.labels(path).observe(outcome.seconds_to_first_byte)
+        if outcome.upstream is not None and takes_slot(outcome.path):
+            self.buffer_wait.observe(outcome.seconds_waiting)
+        if outcome.status == 429:
+            self.buffer_full.inc()
+        elif outcome.status == 504 and outcome.upstream is None:
+            self.buffer_timeouts.inc()
+        elif outcome.error is not None and outcome.status != 503:
+            # 503 is "no agent registered": the fleet's state, not an upstream's failure.
+            self.upstream_errors.inc()
+
+    def exposition(self) -> bytes:
+        """The registry in Prometheus' text format."""
+        return generate_latest(self.registry)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        """`GET /api/v1/metrics` and `GET /metrics`."""
+        return web.Response(
+            body=self.exposition(), headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4}
+        )
+
+
+def add_metrics_routes(app: web.Application, metrics: BalancerMetrics) -> None:
+    """Serve `metrics` on the management application."""
+    app.router.add_get("/api/v1/metrics", metrics.handle)
+    app.router.add_get("/metrics", metrics.handle)
