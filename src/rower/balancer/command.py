@@ -86,10 +86,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="TOKEN",
         help="shared secret agents must send (Authorization: Bearer TOKEN)",
     )
+    parser.add_argument(
+        "--slot-accounting",
+        choices=("rower", "paddler"),
+        default="rower",
+        help=argparse.SUPPRESS,  # benchmarks only: paddler = Paddler 1.x's free-slot count
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """Run `rower balancer`."""
+    from rower.balancer.fleet import SlotAccounting
     from rower.balancer.service import serve
     from rower.balancer.settings import BalancerSettings
     from rower.logs import configure_logging
@@ -110,5 +117,6 @@ def run(args: argparse.Namespace) -> int:
         statsd_prefix=args.statsd_prefix,
         statsd_reporting_interval=args.statsd_reporting_interval / 1000,
         management_token=args.management_token,
+        slot_accounting=SlotAccounting(args.slot_accounting),
     )
     return run_async(serve(settings))

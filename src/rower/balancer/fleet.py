@@ -52,6 +52,18 @@ class Buffered:
     request_id: int
 
 
+class SlotAccounting(enum.Enum):
+    """How free slots are counted between two reports.
+
+    `ROWER` is the module docstring's correction. `PADDLER` is Paddler 1.x's, kept to compare
+    against in the benchmarks: free = reported idle - dispatched since that report, and a
+    finished request frees nothing until the next report.
+    """
+
+    ROWER = "rower"
+    PADDLER = "paddler"
+
+
 class RejectReason(enum.Enum):
     """Why a request could neither be dispatched nor buffered."""
 
@@ -85,6 +97,7 @@ class Upstream:
     quarantined_until_wall: float | None = None
     last_dispatch: int = 0
     was_stale: bool = False
+    accounting: SlotAccounting = SlotAccounting.ROWER
 
     @property
     def address(self) -> str:
@@ -123,6 +136,8 @@ class Upstream:
         """Slots a new request may take now; 0 when the upstream is not usable."""
         if not self.is_usable(now):
             return 0
+        if self.accounting is SlotAccounting.PADDLER:
+            return max(0, self.status.slots_idle - self.taken_since_report)
         return max(0, self.slots_total - len(self.in_flight) - self.foreign)
 
 
@@ -131,10 +146,14 @@ class Fleet:
 
     Args:
         max_buffered: most requests that may wait at once; 0 means never wait.
+        slot_accounting: how free slots are counted between reports.
     """
 
-    def __init__(self, *, max_buffered: int) -> None:
+    def __init__(
+        self, *, max_buffered: int, slot_accounting: SlotAccounting = SlotAccounting.ROWER
+    ) -> None:
         self.max_buffered = max_buffered
+        self.slot_accounting = slot_accounting
         self.upstreams: dict[str, Upstream] = {}
         self._waiting: OrderedDict[int, None] = OrderedDict()
         self._assigned: dict[int, Upstream] = {}
@@ -205,7 +224,7 @@ class Fleet:
         """An agent reported; returns the buffered requests that can now be dispatched."""
         upstream = self.upstreams.get(agent_id)
         if upstream is None:
-            upstream = Upstream(agent_id, status, now, wall)
+            upstream = Upstream(agent_id, status, now, wall, accounting=self.slot_accounting)
             self.upstreams[agent_id] = upstream
             self._adopt_departed(upstream)
         upstream.status = status

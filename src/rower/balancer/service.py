@@ -28,7 +28,10 @@ class Balancer:
 
     def __init__(self, settings: BalancerSettings) -> None:
         self.settings = settings
-        self.fleet = Fleet(max_buffered=settings.max_buffered_requests)
+        self.fleet = Fleet(
+            max_buffered=settings.max_buffered_requests,
+            slot_accounting=settings.slot_accounting,
+        )
         self.gate = SlotGate(self.fleet, buffer_timeout=settings.buffered_request_timeout)
         self.publisher = FleetPublisher(self.gate)
         self.management = management_app(self.gate, self.publisher, settings)

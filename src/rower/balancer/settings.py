@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from rower.addresses import Address
+from rower.balancer.fleet import SlotAccounting
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,3 +25,4 @@ class BalancerSettings:
     statsd_prefix: str = "rower"
     statsd_reporting_interval: float = 10.0
     management_token: str | None = None
+    slot_accounting: SlotAccounting = SlotAccounting.ROWER
