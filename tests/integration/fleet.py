@@ -1,0 +1,159 @@
+"""A whole fleet of real processes on loopback: a balancer, `rower sim` servers, agents.
+
+Tests start what they need, talk HTTP to it, and everything is killed when the test ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from tests.processes import Process, free_port, rower
+
+
+def get_json(url: str, timeout: float = 5.0) -> Any:
+    """GET `url` and decode its JSON body (blocking; fine for test setup)."""
+    with urllib.request.urlopen(url, timeout=timeout) as answer:
+        return json.load(answer)
+
+
+async def until(check: Callable[[], bool], *, timeout: float = 10.0, what: str = "") -> None:
+    """`eventually` for async tests: lets the event loop run between checks."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"not true after {timeout}s: {what or check}")
+
+
+def eventually(check: Callable[[], bool], *, timeout: float = 10.0, what: str = "") -> None:
+    """Wait until `check()` is true, polling every 20 ms; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"not true after {timeout}s: {what or check}")
+
+
+@dataclass
+class Sim:
+    """One `rower sim` process."""
+
+    process: Process
+    port: int
+
+    @property
+    def addr(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.addr}"
+
+    def slots_processing(self) -> int:
+        return sum(slot["is_processing"] for slot in get_json(self.url + "/slots"))
+
+    def counters(self) -> dict[str, int]:
+        """The sim's own counters: requests_total, requests_deferred, requests_cancelled..."""
+        return dict(get_json(self.url + "/props")["rower_sim"])
+
+
+@dataclass
+class Fleet:
+    """Processes of one test, stopped by `close`."""
+
+    processes: list[Process] = field(default_factory=list)
+    management_port: int = 0
+    proxy_port: int = 0
+    sims: list[Sim] = field(default_factory=list)
+    agents: list[Process] = field(default_factory=list)
+
+    @property
+    def management(self) -> str:
+        return f"http://127.0.0.1:{self.management_port}"
+
+    @property
+    def proxy(self) -> str:
+        return f"http://127.0.0.1:{self.proxy_port}"
+
+    def balancer(self, *flags: str) -> Process:
+        """Start the balancer with `flags` and wait for its /health."""
+        self.management_port, self.proxy_port = free_port(), free_port()
+        process = rower(
+            "balancer",
+            "--management-addr",
+            f"127.0.0.1:{self.management_port}",
+            "--reverseproxy-addr",
+            f"127.0.0.1:{self.proxy_port}",
+            *flags,
+        )
+        self.processes.append(process)
+        process.wait_http(self.management + "/health")
+        return process
+
+    def sim(self, *, slots: int = 1, speed: int = 200, flags: Sequence[str] = ()) -> Sim:
+        """Start a `rower sim` with `slots` slots decoding `speed` tokens/s."""
+        port = free_port()
+        process = rower(
+            "sim",
+            "--addr",
+            f"127.0.0.1:{port}",
+            "--slots",
+            str(slots),
+            "--decode-tokens-per-second",
+            str(speed),
+            *flags,
+        )
+        self.processes.append(process)
+        sim = Sim(process, port)
+        process.wait_http(sim.url + "/health")
+        self.sims.append(sim)
+        return sim
+
+    def agent(self, sim: Sim, *, interval_ms: int = 100, flags: Sequence[str] = ()) -> Process:
+        """Start an agent for `sim`, reporting to this fleet's balancer."""
+        process = rower(
+            "agent",
+            "--management-addr",
+            f"127.0.0.1:{self.management_port}",
+            "--local-llamacpp-addr",
+            sim.addr,
+            "--name",
+            f"sim-{sim.port}",
+            "--monitoring-interval",
+            str(interval_ms),
+            *flags,
+        )
+        self.processes.append(process)
+        self.agents.append(process)
+        return process
+
+    def agents_view(self) -> dict[str, Any]:
+        return dict(get_json(self.management + "/api/v1/agents"))
+
+    def wait_agents(self, count: int, *, usable: bool = True) -> None:
+        """Wait until `count` agents are registered (and usable, unless told otherwise)."""
+
+        def ready() -> bool:
+            agents = self.agents_view()["agents"]
+            return len(agents) == count and all(a["is_usable"] or not usable for a in agents)
+
+        eventually(ready, what=f"{count} agents registered")
+
+    def in_flight(self) -> int:
+        """Requests the balancer counts as running on its upstreams."""
+        return sum(a["slots_taken"] for a in self.agents_view()["agents"])
+
+    def close(self) -> None:
+        for process in reversed(self.processes):
+            process.close()
+
+    def outputs(self) -> str:
+        return "\n".join(f"--- {' '.join(p.argv[2:4])} ---\n{p.output}" for p in self.processes)
