@@ -22,14 +22,14 @@ def get_json(url: str, timeout: float = 5.0) -> Any:
         return json.load(answer)
 
 
-async def until(check: Callable[[], bool], *, timeout: float = 10.0, what: str = "") -> None:
+async def until(check: Callable[[], bool], *, within: float = 10.0, what: str = "") -> None:
     """`eventually` for async tests: lets the event loop run between checks."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         if check():
             return
         await asyncio.sleep(0.02)
-    raise AssertionError(f"not true after {timeout}s: {what or check}")
+    raise AssertionError(f"not true after {within}s: {what or check}")
 
 
 def eventually(check: Callable[[], bool], *, timeout: float = 10.0, what: str = "") -> None:
