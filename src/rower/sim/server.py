@@ -348,10 +348,10 @@ async def serve(config: SimConfig, address: Address) -> None:
     sim = Sim(config)
     # handler_cancellation: a client that goes away cancels its handler, which frees its slot.
     runner = web.AppRunner(
-        sim.application(), handler_cancellation=True, access_log=None, shutdown_timeout=1.0
+        sim.application(), handler_cancellation=True, access_log=None, shutdown_timeout=0.1
     )
     await runner.setup()
-    site = web.TCPSite(runner, address.host, address.port, shutdown_timeout=1.0)
+    site = web.TCPSite(runner, address.host, address.port, shutdown_timeout=0.1)
     await site.start()
     identity = config.identity
     log.info(

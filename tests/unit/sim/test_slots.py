@@ -240,4 +240,4 @@ class SlotTableMachine(RuleBasedStateMachine):
 
 
 TestSlotTableMachine = SlotTableMachine.TestCase
-TestSlotTableMachine.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
+TestSlotTableMachine.settings = settings(max_examples=40, stateful_step_count=25, deadline=None)
