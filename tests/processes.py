@@ -32,7 +32,10 @@ class Process:
 
     def __init__(self, argv: Sequence[str], *, env: dict[str, str] | None = None) -> None:
         self.argv = list(argv)
-        self._log = tempfile.NamedTemporaryFile(prefix="rower-test-", suffix=".log", delete=False)
+        # Kept open for the process's life and closed in close(), not in a with block.
+        self._log = tempfile.NamedTemporaryFile(  # noqa: SIM115
+            prefix="rower-test-", suffix=".log", delete=False
+        )
         self.popen = subprocess.Popen(
             self.argv,
             stdout=self._log,
@@ -75,7 +78,9 @@ class Process:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._log.name)
 
-    def wait_http(self, url: str, *, timeout: float = 15.0, statuses: Sequence[int] = (200,)) -> None:
+    def wait_http(
+        self, url: str, *, timeout: float = 15.0, statuses: Sequence[int] = (200,)
+    ) -> None:
         """Wait until `url` answers one of `statuses`; fail with the process output if not."""
         deadline = time.monotonic() + timeout
         last = "no answer"
