@@ -184,6 +184,22 @@ async def test_chat_completion(sim: str, http: aiohttp.ClientSession) -> None:
     assert answer["timings"]["predicted_n"] == 4
 
 
+async def test_chat_history_hits_the_cache_for_the_previous_reply(
+    sim: str, http: aiohttp.ClientSession
+) -> None:
+    turns: list[dict[str, str]] = [{"role": "user", "content": "tell me about slots " * 4}]
+    body = {"messages": turns, "max_tokens": 8, "id_slot": 0}
+    _, first = await post_json(http, f"{sim}/v1/chat/completions", body)
+    reply = first["choices"][0]["message"]["content"]
+    turns += [{"role": "assistant", "content": reply}, {"role": "user", "content": "more"}]
+    _, second = await post_json(http, f"{sim}/v1/chat/completions", body)
+    # the whole first prompt and the whole reply come from the slot's cache
+    assert second["timings"]["cache_n"] >= first["usage"]["prompt_tokens"] + 8
+    assert (
+        second["usage"]["prompt_tokens_details"]["cached_tokens"] == (second["timings"]["cache_n"])
+    )
+
+
 async def test_chat_stream_framing(sim: str, http: aiohttp.ClientSession) -> None:
     body = {
         "messages": [{"role": "user", "content": "stream a chat"}],
@@ -343,8 +359,8 @@ async def test_unknown_path_gets_404(sim: str, http: aiohttp.ClientSession) -> N
 # --- loading, authorization and faults --------------------------------------------------------
 
 
-async def test_loading_then_healthy(http: aiohttp.ClientSession) -> None:
-    for base in start_sim("--loading-ms", "800", ready=(503,)):
+async def test_loading_then_healthy_and_fail_rate(http: aiohttp.ClientSession) -> None:
+    for base in start_sim("--loading-ms", "800", "--fail-rate", "1", ready=(503,)):
         status, answer = await get_json(http, f"{base}/health")
         assert status == 503
         assert answer == {
@@ -358,6 +374,9 @@ async def test_loading_then_healthy(http: aiohttp.ClientSession) -> None:
             await asyncio.sleep(0.05)
         status, answer = await get_json(http, f"{base}/health")
         assert answer == {"status": "ok"}
+        status, answer = await post_json(http, f"{base}/completion", {"prompt": "x"})
+        assert status == 500
+        assert answer["error"]["type"] == "server_error"
 
 
 async def test_api_key_and_no_slots(http: aiohttp.ClientSession) -> None:
@@ -389,7 +408,7 @@ async def test_api_key_and_no_slots(http: aiohttp.ClientSession) -> None:
 
 
 async def test_hang_holds_the_slot_without_answering(http: aiohttp.ClientSession) -> None:
-    for base in start_sim("--hang", "--slots", "1", "--slots-delay-ms", "100"):
+    for base in start_sim("--hang", "--slots", "1", "--slots-delay-ms", "100", "--metrics"):
         request = asyncio.create_task(
             post_json(http, f"{base}/completion", {"prompt": "x", "stream": True})
         )
@@ -398,6 +417,10 @@ async def test_hang_holds_the_slot_without_answering(http: aiohttp.ClientSession
         assert time.monotonic() - started >= 0.1  # /slots answers late
         await asyncio.sleep(0.2)
         assert not request.done()
+        async with http.get(f"{base}/metrics") as response:
+            metrics = await response.text()
+        assert "llamacpp:requests_processing 1\n" in metrics
+        assert "rower_sim_requests_total 1\n" in metrics
         request.cancel()
         with pytest.raises(asyncio.CancelledError):
             await request

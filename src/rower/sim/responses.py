@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import secrets
+import string
 import struct
 import time
 from collections.abc import Sequence
@@ -23,6 +24,8 @@ from rower.sim.engine import Run
 from rower.sim.slots import Slot, SlotTable
 
 Json = dict[str, Any]
+
+_ALPHANUMERIC = string.digits + string.ascii_uppercase + string.ascii_lowercase
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,8 +62,8 @@ SSE_DONE = b"data: [DONE]\n\n"
 
 
 def completion_id() -> str:
-    """llama.cpp's id for OpenAI-style answers: `chatcmpl-` and 32 random characters."""
-    return "chatcmpl-" + secrets.token_urlsafe(24).replace("-", "x").replace("_", "y")[:32]
+    """llama.cpp's id for OpenAI-style answers: `chatcmpl-` and 32 random letters and digits."""
+    return "chatcmpl-" + "".join(secrets.choice(_ALPHANUMERIC) for _ in range(32))
 
 
 # --- llama.cpp's native /completion ---------------------------------------------------------

@@ -11,9 +11,9 @@ import asyncio
 import logging
 import random
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 from aiohttp import web
@@ -34,6 +34,12 @@ _NO_SLOTS = "This server does not support slots endpoint. Start it with `--slots
 _NO_METRICS = "This server does not support metrics endpoint. Start it with `--metrics`"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Parser(Protocol):
+    """`bodies.completion` or `bodies.chat`."""
+
+    def __call__(self, data: Mapping[str, object], *, default_n_predict: int) -> Generation: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,7 +234,7 @@ class Sim:
 
     def _inference(
         self,
-        parse: Callable[..., Generation],
+        parse: Parser,
         dialect: Callable[[Generation, Identity], dialects.Dialect],
     ) -> Handler:
         async def handle(request: web.Request) -> web.StreamResponse:
