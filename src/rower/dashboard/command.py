@@ -1,14 +1,26 @@
-"""`rower dashboard` command line (placeholder until the dashboard lands)."""
+"""`rower dashboard` command line."""
 
 from __future__ import annotations
 
 import argparse
 
+from rower.cli import address
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Add the flags of `rower dashboard`."""
+    parser.add_argument(
+        "--management-addr",
+        type=address,
+        required=True,
+        metavar="HOST:PORT",
+        help="the balancer's management address (its --management-addr)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run `rower dashboard`."""
-    raise SystemExit("rower dashboard is not built yet")
+    """Run `rower dashboard` until q or Esc."""
+    from rower.dashboard.app import DashboardApp
+
+    DashboardApp(str(args.management_addr)).run()
+    return 0

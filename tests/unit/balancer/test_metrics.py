@@ -1,0 +1,96 @@
+"""Prometheus metrics from a real fleet core and proxy outcomes, parsed back as Prometheus does."""
+
+from __future__ import annotations
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from rower.balancer.fleet import Fleet
+from rower.balancer.fleet_stream import FleetPublisher
+from rower.balancer.metrics import BalancerMetrics
+from rower.balancer.proxy import ProxyOutcome
+from rower.balancer.slot_gate import SlotGate
+from rower.status import StatusUpdate
+
+
+def samples(metrics: BalancerMetrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = metrics.exposition().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def make_metrics() -> tuple[SlotGate, BalancerMetrics]:
+    gate = SlotGate(Fleet(max_buffered=4), buffer_timeout=1.0)
+    return gate, BalancerMetrics(FleetPublisher(gate))
+
+
+def status(name: str, idle: int, processing: int, **flags: object) -> StatusUpdate:
+    return StatusUpdate(
+        external_llamacpp_addr=f"127.0.0.1:{8000 + len(name)}",
+        agent_name=name,
+        slots_idle=idle,
+        slots_processing=processing,
+        slots_total=idle + processing,
+        **flags,  # type: ignore[arg-type]
+    )
+
+
+def test_fleet_gauges_are_computed_at_scrape_time() -> None:
+    gate, metrics = make_metrics()
+    assert samples(metrics)[("rower_slots_idle", ())] == 0
+    gate.report("a", status("alpha", 3, 1))
+    gate.report("b", status("beta", 2, 0))
+    got = samples(metrics)
+    assert got[("rower_slots_idle", ())] == 5
+    assert got[("rower_slots_processing", ())] == 1
+    assert got[("rower_requests_buffered", ())] == 0
+    assert got[("rower_agents_registered", ())] == 2
+    alpha = (("agent_id", "a"), ("agent_name", "alpha"))
+    assert got[("rower_agent_slots_idle", alpha)] == 3
+    assert got[("rower_agent_slots_processing", alpha)] == 1
+    assert got[("rower_agent_slots_total", alpha)] == 4
+    assert got[("rower_agent_usable", alpha)] == 1
+    gate.remove_agent("b")
+    got = samples(metrics)
+    assert got[("rower_agents_registered", ())] == 1
+    assert ("rower_agent_slots_idle", (("agent_id", "b"), ("agent_name", "beta"))) not in got
+
+
+def test_agent_with_an_issue_is_not_usable_and_quarantines_are_counted() -> None:
+    gate, metrics = make_metrics()
+    gate.report("a", status("alpha", 0, 0, error="Unauthorized", is_authorized=False))
+    gate.report("b", status("beta", 2, 0))
+    gate.quarantine("b")
+    gate.quarantine("b")  # already quarantined: not a new quarantine
+    got = samples(metrics)
+    assert got[("rower_agent_usable", (("agent_id", "a"), ("agent_name", "alpha")))] == 0
+    assert got[("rower_agent_usable", (("agent_id", "b"), ("agent_name", "beta")))] == 0
+    assert got[("rower_upstream_quarantines_total", ())] == 1
+
+
+def test_outcomes_are_counted_by_path_class_and_status() -> None:
+    _, metrics = make_metrics()
+    metrics.observe(ProxyOutcome("/v1/chat/completions", 200, "127.0.0.1:1", 0.2, 0.3, 1.5))
+    metrics.observe(ProxyOutcome("//v1/chat/completions/", 200, "127.0.0.1:1", 0.0, 0.1, 0.4))
+    metrics.observe(ProxyOutcome("/v1/models", 200, "127.0.0.1:1", 0.0, 0.01, 0.02))
+    metrics.observe(ProxyOutcome("/completion", 429, None, 0.0, None, 0.001, "full"))
+    metrics.observe(ProxyOutcome("/completion", 504, None, 0.0, None, 1.0, "timeout"))
+    metrics.observe(ProxyOutcome("/completion", 502, "127.0.0.1:1", 0.0, None, 0.1, "refused"))
+    metrics.observe(ProxyOutcome("/completion", 200, "127.0.0.1:1", 0.0, 0.1, 2.0, "mid-stream"))
+    metrics.observe(ProxyOutcome("/props", 503, None, 0.0, None, 0.0, "no agent"))
+    got = samples(metrics)
+    chat = "/v1/chat/completions"
+    assert got[("rower_proxied_requests_total", (("path", chat), ("status", "200")))] == 2
+    assert got[("rower_proxied_requests_total", (("path", "other"), ("status", "200")))] == 1
+    assert got[("rower_proxied_requests_total", (("path", "/completion"), ("status", "429")))] == 1
+    assert got[("rower_buffer_full_rejections_total", ())] == 1
+    assert got[("rower_buffer_timeouts_total", ())] == 1
+    assert got[("rower_upstream_errors_total", ())] == 2
+    # Buffer wait: only requests that were dispatched on a slot-taking path.
+    assert got[("rower_buffer_wait_seconds_count", ())] == 4
+    assert got[("rower_buffer_wait_seconds_sum", ())] == 0.2
+    assert got[("rower_request_duration_seconds_count", (("path", chat),))] == 2
+    assert got[("rower_time_to_first_byte_seconds_count", (("path", "other"),))] == 1
+    assert got[("rower_time_to_first_byte_seconds_bucket", (("le", "0.25"), ("path", chat)))] == 1
