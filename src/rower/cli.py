@@ -126,8 +126,15 @@ def apply_environment(parser: argparse.ArgumentParser, environ: dict[str, str]) 
         action.required = False
 
 
-def build_parser(environ: dict[str, str] | None = None) -> argparse.ArgumentParser:
-    """The whole `rower` parser, with every subcommand's flags."""
+def build_parser(
+    environ: dict[str, str] | None = None, *, command: str | None = None
+) -> argparse.ArgumentParser:
+    """The whole `rower` parser, with every subcommand's flags.
+
+    With `command`, only that subcommand reads `ROWER_*` variables: the same variable can mean
+    another thing to another subcommand (`ROWER_MANAGEMENT_ADDR` lists several balancers for an
+    agent, one address for a balancer) and must not fail the command that was not asked for.
+    """
     environ = dict(os.environ) if environ is None else environ
     parser = argparse.ArgumentParser(
         prog="rower",
@@ -141,7 +148,8 @@ def build_parser(environ: dict[str, str] | None = None) -> argparse.ArgumentPars
         module = load(name)
         module.configure(sub)
         add_logging_flags(sub)
-        apply_environment(sub, environ)
+        if command is None or command == name:
+            apply_environment(sub, environ)
         sub.set_defaults(command_module=module)
     return parser
 
@@ -154,7 +162,8 @@ def load(name: str) -> Subcommand:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `rower` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    parser = build_parser(command=command)
     args = parser.parse_args(argv)
     module = cast(Subcommand, args.command_module)
     try:

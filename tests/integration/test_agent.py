@@ -166,12 +166,13 @@ async def test_killed_server_is_a_connect_error(fleet: Fleet, receiver: Receiver
 
 
 async def test_loading_model(fleet: Fleet, receiver: Receiver) -> None:
-    _, sim = fleet.sim("--loading-ms", "1500", ready=(200, 503))
+    # Long enough that the agent's first poll comes while loading, even on a busy machine.
+    _, sim = fleet.sim("--loading-ms", "4000", ready=(200, 503))
     fleet.agent(sim, receiver.addr)
     await eventually(lambda: len(receiver.lines) >= 1, timeout=10)
     assert receiver.statuses[0].error == "Llama.cpp is loading the model"
     assert receiver.statuses[0].slots_idle == 0
-    await eventually(latest_where(receiver, lambda s: s.slots_idle == 2), timeout=5)
+    await eventually(latest_where(receiver, lambda s: s.slots_idle == 2), timeout=8)
     assert receiver.latest is not None
     assert receiver.latest.model == "sim-7b"
 
