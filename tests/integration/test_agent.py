@@ -25,8 +25,10 @@ class Fleet:
     def __init__(self) -> None:
         self.processes: list[Process] = []
 
-    def sim(self, *args: str, ready: tuple[int, ...] = (200,)) -> tuple[Process, str]:
-        addr = f"127.0.0.1:{free_port()}"
+    def sim(
+        self, *args: str, ready: tuple[int, ...] = (200,), addr: str | None = None
+    ) -> tuple[Process, str]:
+        addr = addr or f"127.0.0.1:{free_port()}"
         process = rower("sim", "--addr", addr, "--slots", "2", "--model", "sim-7b", *args)
         self.processes.append(process)
         process.wait_http(f"http://{addr}/health", statuses=ready)
@@ -116,8 +118,9 @@ async def test_processing_is_reported_while_a_request_runs(
             latest_where(receiver, lambda s: (s.slots_processing, s.slots_idle) == (1, 1)),
             timeout=3,
         )
-        # Seen at the next poll, and the reporter adds no delay of its own.
-        assert time.monotonic() - started < INTERVAL_MS / 1000 + 0.25
+        # Seen at the next poll; the reporter adds no delay of its own (test_reporting.py
+        # measures that part alone). The margin is for a busy test machine.
+        assert time.monotonic() - started < INTERVAL_MS / 1000 + 0.5
         request.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await request
@@ -166,14 +169,17 @@ async def test_killed_server_is_a_connect_error(fleet: Fleet, receiver: Receiver
 
 
 async def test_loading_model(fleet: Fleet, receiver: Receiver) -> None:
-    # Long enough that the agent's first poll comes while loading, even on a busy machine.
-    _, sim = fleet.sim("--loading-ms", "4000", ready=(200, 503))
+    # The agent polls first, so it sees the sim's whole loading phase however slow starts are.
+    sim = f"127.0.0.1:{free_port()}"
     fleet.agent(sim, receiver.addr)
-    await eventually(lambda: len(receiver.lines) >= 1, timeout=10)
-    assert receiver.statuses[0].error == "Llama.cpp is loading the model"
-    assert receiver.statuses[0].slots_idle == 0
-    await eventually(latest_where(receiver, lambda s: s.slots_idle == 2), timeout=8)
+    await eventually(latest_where(receiver, lambda s: bool(s.is_connect_error)), timeout=15)
+    fleet.sim("--loading-ms", "1500", ready=(200, 503), addr=sim)
+    await eventually(
+        latest_where(receiver, lambda s: s.error == "Llama.cpp is loading the model"), timeout=5
+    )
     assert receiver.latest is not None
+    assert receiver.latest.slots_idle == 0
+    await eventually(latest_where(receiver, lambda s: s.slots_idle == 2), timeout=8)
     assert receiver.latest.model == "sim-7b"
 
 

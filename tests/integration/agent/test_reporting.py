@@ -11,6 +11,8 @@ import pytest
 
 from rower.addresses import Address
 from rower.agent.agent import Agent, AgentConfig
+from rower.agent.latest_status import LatestStatus
+from rower.agent.reporter import Reporter
 from rower.status import StatusUpdate
 from tests.integration.agent.peers import FakeLlama, Receiver, eventually
 from tests.processes import free_port
@@ -106,6 +108,25 @@ async def test_a_change_reaches_the_balancer_at_the_next_poll(
     # At most one interval (200 ms) until the next poll, plus the delivery itself.
     assert time.monotonic() - changed_at < 0.3
     await running.stop()
+
+
+async def test_reporter_sends_a_new_status_at_once(receiver: Receiver) -> None:
+    board = LatestStatus()
+    reporter = Reporter(management_addr=Address.parse(receiver.addr), agent_id="a-1", board=board)
+    task = asyncio.create_task(reporter.run())
+    try:
+        delays = []
+        for sequence in range(1, 6):
+            published = time.monotonic()
+            board.publish(StatusUpdate(external_llamacpp_addr="h:1", sequence=sequence))
+            await eventually(lambda: len(receiver.lines) == sequence, timeout=2)  # noqa: B023
+            delays.append(receiver.lines[-1].at - published)
+        assert max(delays) < 0.05, delays
+        assert [line.agent_id for line in receiver.lines] == ["a-1"] * 5
+    finally:
+        board.close()
+        await asyncio.wait_for(task, 3)
+    assert receiver.streams_ended == 1
 
 
 async def test_several_balancers_each_get_every_status(llama: FakeLlama) -> None:
