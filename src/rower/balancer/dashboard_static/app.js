@@ -142,8 +142,10 @@ function svg(tag, attrs) {
 
 function renderChart(nowMs) {
   const chart = $("chart");
-  const width = 800;
+  // Drawn in the element's own pixels, so text is never stretched.
+  const width = Math.max(300, Math.round(chart.getBoundingClientRect().width) || 800);
   const height = 160;
+  chart.setAttribute("viewBox", `0 0 ${width} ${height}`);
   const top = 8;
   const bottom = 20;
   const left = 34;
