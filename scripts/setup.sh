@@ -5,6 +5,7 @@
 #   scripts/setup.sh
 #
 # 1. C/C++ toolchain (gcc, g++, cmake, make) from Debian packages, only when missing.
+#    1b. Chromium (Debian package) for the web dashboard tests, only when missing.
 # 2. .venv in the repo, with `pip install -e '.[dev]'` pinned by requirements/constraints.txt.
 # 3. llama-server, built from source and cached (scripts/build_llama_server.py, ~6 min once).
 # 4. The tiny test model, cached (scripts/make_tiny_model.py, a few seconds once).
@@ -36,6 +37,15 @@ if [ ${#missing[@]} -gt 0 ]; then
     as_root apt-get update
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"
 fi
+
+# --- 1b. Chromium for the web dashboard tests (observability) ------------------------------
+# Debian's package; Playwright (in the dev extra) drives it. Never `playwright install`.
+if ! command -v chromium >/dev/null 2>&1; then
+    say "installing Debian package: chromium"
+    as_root apt-get update
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium
+fi
+# --- end of 1b ------------------------------------------------------------------------------
 
 # --- 2. Python environment ----------------------------------------------------------------
 "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' ||
