@@ -73,7 +73,10 @@ class SlotGate:
         self._waiters[request_id] = waiter
         granted = False
         try:
-            dispatch = await asyncio.wait_for(waiter, self.buffer_timeout)
+            # Not asyncio.wait_for: on 3.11 it swallows a cancellation that races with the
+            # result, and the handler of a client that left would go on to hold a slot.
+            async with asyncio.timeout(self.buffer_timeout):
+                dispatch = await waiter
             granted = True
             return dispatch
         except TimeoutError:
