@@ -13,13 +13,13 @@ from tests.integration.observed_fleet import observed_fleet
 from tests.processes import free_port
 
 
-async def until(check: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
+async def until(check: Callable[[], bool], what: str, seconds: float = 15.0) -> None:
+    deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if check():
             return
         await asyncio.sleep(0.05)
-    raise AssertionError(f"not true after {timeout} s: {what}")
+    raise AssertionError(f"not true after {seconds} s: {what}")
 
 
 def status_text(app: DashboardApp) -> str:
