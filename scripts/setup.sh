@@ -14,6 +14,11 @@
 # ROWER_BUILD_JOBS (default 2).
 set -euo pipefail
 
+# --python-only: just the .venv (what the `rower sim` demo needs), no toolchain, browser or
+# llama-server build.
+python_only=0
+[ "${1:-}" = "--python-only" ] && python_only=1
+
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 started=$SECONDS
 python=${PYTHON:-python3}
@@ -26,7 +31,7 @@ as_root() {
 
 # --- 1. toolchain -------------------------------------------------------------------------
 missing=()
-for tool in gcc g++ cmake make; do
+[ $python_only -eq 1 ] || for tool in gcc g++ cmake make; do
     command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
 if [ ! -x .venv/bin/python ] && ! "$python" -c 'import ensurepip' >/dev/null 2>&1; then
@@ -40,7 +45,7 @@ fi
 
 # --- 1b. Chromium for the web dashboard tests (observability) ------------------------------
 # Debian's package; Playwright (in the dev extra) drives it. Never `playwright install`.
-if ! command -v chromium >/dev/null 2>&1; then
+if [ $python_only -eq 0 ] && ! command -v chromium >/dev/null 2>&1; then
     say "installing Debian package: chromium"
     as_root apt-get update
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium
@@ -65,6 +70,10 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
 fi
 
 # --- 3 and 4. llama-server and the tiny model -----------------------------------------------
+if [ $python_only -eq 1 ]; then
+    say "Python environment ready in .venv ($((SECONDS - started)) s)"
+    exit 0
+fi
 llama_server=$(.venv/bin/python scripts/build_llama_server.py)
 tiny_model=$(.venv/bin/python scripts/make_tiny_model.py)
 
