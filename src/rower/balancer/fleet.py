@@ -19,6 +19,15 @@ A finished request frees its slot at once (no waiting for the next poll, which i
 Paddler's buffer slow), and a request sent after the poll is never counted twice. When this
 balancer is the only client of a llama-server, `foreign` is 0 and `in_flight` never exceeds
 `total`: no request is ever sent to a server without a free slot.
+
+One llama-server, one upstream. An agent restarted with a new id reports the same address while
+the old one may still hold its stream open (frozen, or not yet noticed gone). The agent that
+registered last for an address supersedes the older ones: they are dropped from the fleet, their
+requests in flight move to the newcomer, and whatever they report later is ignored while the
+newcomer is registered. So a server's slots are never counted twice.
+
+Draining. An upstream is drained when its agent reports `is_draining` (it is stopping) or when an
+operator asks (`drain`): it gets no new request; those in flight run to their end.
 """
 
 from __future__ import annotations
@@ -98,6 +107,8 @@ class Upstream:
     last_dispatch: int = 0
     was_stale: bool = False
     accounting: SlotAccounting = SlotAccounting.ROWER
+    drain_requested: bool = False
+    """An operator drained this upstream; the agent's reports do not undo it."""
 
     @property
     def address(self) -> str:
@@ -114,6 +125,11 @@ class Upstream:
         """Slots of the llama-server (older agents send only idle and processing)."""
         return self.status.slots_total or self.status.slots_idle + self.status.slots_processing
 
+    @property
+    def is_draining(self) -> bool:
+        """Whether the agent is stopping or an operator drained it: no new requests."""
+        return self.status.is_draining or self.drain_requested
+
     def is_stale(self, now: float) -> bool:
         """Whether the agent missed too many reports to be trusted."""
         return now - self.last_seen > STALE_AFTER_INTERVALS * self.interval
@@ -121,10 +137,7 @@ class Upstream:
     def is_usable(self, now: float) -> bool:
         """Whether requests may be sent here at all."""
         return not (
-            self.status.has_issue
-            or self.status.is_draining
-            or self.quarantined
-            or self.is_stale(now)
+            self.status.has_issue or self.is_draining or self.quarantined or self.is_stale(now)
         )
 
     @property
@@ -159,6 +172,9 @@ class Fleet:
         self._assigned: dict[int, Upstream] = {}
         self._departed: dict[str, Upstream] = {}
         """Upstreams whose agent left while requests still ran there, by address."""
+        self._superseded: dict[str, bool] = {}
+        """Agents replaced by a newer agent for the same address (their reports are ignored),
+        and whether an operator had drained them."""
         self._dispatch_counter = itertools.count(1)
         self.revision = 0
         """Grows at every change an observer could see (for the SSE stream)."""
@@ -185,6 +201,10 @@ class Fleet:
         """The agent id a dispatched request is counted against."""
         upstream = self._assigned.get(request_id)
         return upstream.agent_id if upstream is not None else None
+
+    def is_superseded(self, agent_id: str) -> bool:
+        """Whether a newer agent took over `agent_id`'s llama-server."""
+        return agent_id in self._superseded
 
     def pick(self, now: float) -> Upstream | None:
         """The upstream for the next request: most free slots, fewest busy, least recently used."""
@@ -221,13 +241,29 @@ class Fleet:
     def report(
         self, agent_id: str, status: StatusUpdate, now: float, wall: float
     ) -> list[Dispatch]:
-        """An agent reported; returns the buffered requests that can now be dispatched."""
+        """An agent reported; returns the buffered requests that can now be dispatched.
+
+        The report of a superseded agent changes nothing while its successor is registered.
+        """
+        if agent_id in self._superseded:
+            address = status.external_llamacpp_addr
+            if any(u.address == address for u in self.upstreams.values()):
+                return []
+        drained = self._superseded.pop(agent_id, False)
         upstream = self.upstreams.get(agent_id)
         if upstream is None:
-            upstream = Upstream(agent_id, status, now, wall, accounting=self.slot_accounting)
+            upstream = Upstream(
+                agent_id,
+                status,
+                now,
+                wall,
+                accounting=self.slot_accounting,
+                drain_requested=drained,
+            )
             self.upstreams[agent_id] = upstream
             self._adopt_departed(upstream)
         upstream.status = status
+        self._supersede_others(upstream)
         upstream.last_seen = now
         upstream.last_update_wall = wall
         upstream.was_stale = False
@@ -245,12 +281,23 @@ class Fleet:
         They stay counted against the llama-server's address, so an agent that comes back for
         the same server (restarted, new id) starts with them instead of seeing free slots.
         """
+        self._superseded.pop(agent_id, None)
         upstream = self.upstreams.pop(agent_id, None)
         if upstream is None:
             return
         if upstream.in_flight:
             self._departed[upstream.address] = upstream
         self.revision += 1
+
+    def drain(self, agent_id: str) -> bool:
+        """An operator drains an agent: no new requests go there; returns whether it is known."""
+        upstream = self.upstreams.get(agent_id)
+        if upstream is None:
+            return False
+        if not upstream.drain_requested:
+            upstream.drain_requested = True
+            self.revision += 1
+        return True
 
     def request_slot(self, request_id: int, now: float, *, retry: bool = False) -> Decision:
         """A request wants a slot: dispatch it, buffer it, or reject it.
@@ -334,6 +381,21 @@ class Fleet:
         self.revision += 1
         return Dispatch(request_id, upstream.agent_id, upstream.address)
 
+    def _supersede_others(self, newest: Upstream) -> None:
+        """Drop every other upstream for `newest`'s address; `newest` inherits its requests.
+
+        Only a newcomer or an agent whose address changed can collide, and it is the most recent
+        word on that llama-server.
+        """
+        for other in list(self.upstreams.values()):
+            if other is newest or other.address != newest.address:
+                continue
+            del self.upstreams[other.agent_id]
+            self._superseded[other.agent_id] = other.drain_requested
+            newest.in_flight |= other.in_flight
+            for request_id in other.in_flight:
+                self._assigned[request_id] = newest
+
     def _adopt_departed(self, upstream: Upstream) -> None:
         departed = self._departed.pop(upstream.address, None)
         if departed is None:
@@ -357,6 +419,8 @@ class Fleet:
         if not status.has_issue:
             processing = upstream.slots_processing
             status = _with_counts(status, upstream.slots_total - processing, processing)
+        if upstream.drain_requested and not status.is_draining:
+            status = msgspec.structs.replace(status, is_draining=True)
         until = upstream.quarantined_until_wall if upstream.quarantined else None
         return AgentView(
             agent_id=upstream.agent_id,

@@ -4,6 +4,10 @@ The model beside it plays the llama-servers: which of our requests each one runs
 step the invariants must hold: no request is lost or counted twice, no server runs more of our
 requests than it has slots (this balancer is their only client), and nobody waits while a
 usable slot is free.
+
+Agents come and go: each server has a list of live agents (ids `s<server>-g<generation>`), and
+a restarted agent may report beside an old one that never said goodbye (frozen). Whatever their
+order, each server is counted once, and a drained agent gets nothing new.
 """
 
 from __future__ import annotations
@@ -16,11 +20,16 @@ from rower.balancer.fleet import Buffered, Dispatch, Fleet, Rejected
 from rower.status import StatusUpdate
 
 AGENTS = ["a0", "a1", "a2"]
+"""The servers; `a0` is also the id of server 0's first agent."""
+
+
+def server_of(agent_id: str) -> str:
+    return agent_id.split("-")[0]
 
 
 def status(agent: str, total: int, processing: int, *, error: str | None = None) -> StatusUpdate:
     return StatusUpdate(
-        external_llamacpp_addr=f"127.0.0.1:{8000 + AGENTS.index(agent)}",
+        external_llamacpp_addr=f"127.0.0.1:{8000 + AGENTS.index(server_of(agent))}",
         error=error,
         slots_idle=0 if error else total - processing,
         slots_processing=0 if error else processing,
@@ -40,37 +49,86 @@ class FleetMachine(RuleBasedStateMachine):
         self.waiting: set[int] = set()
         self.retried: set[int] = set()
         self.rejected = 0
+        self.live: dict[str, list[str]] = {a: [a] for a in AGENTS}
+        """Agents with an open stream for each server, oldest first."""
+        self.generations = dict.fromkeys(AGENTS, 0)
+        self.drained: set[str] = set()
 
     # The server side.
 
     def _dispatched(self, dispatches: list[Dispatch]) -> None:
         for d in dispatches:
             assert d.request_id in self.waiting
+            self._check_target(d)
             self.waiting.discard(d.request_id)
             self.retried.discard(d.request_id)
-            self.running[d.agent_id].add(d.request_id)
+            self.running[server_of(d.agent_id)].add(d.request_id)
+
+    def _check_target(self, d: Dispatch) -> None:
+        assert d.agent_id in self.fleet.upstreams, "dispatched to an agent not in the fleet"
+        assert not self.fleet.is_superseded(d.agent_id)
+        assert d.agent_id not in self.drained, "dispatched to a drained agent"
 
     def _where(self, request_id: int) -> str:
         return next(a for a, ids in self.running.items() if request_id in ids)
 
-    @rule(agent=st.sampled_from(AGENTS), unseen=st.integers(0, 3))
-    def healthy_report(self, agent: str, unseen: int) -> None:
+    @rule(server=st.sampled_from(AGENTS), which=st.integers(0, 2), unseen=st.integers(0, 3))
+    def healthy_report(self, server: str, which: int, unseen: int) -> None:
+        if not self.live[server]:
+            self.live[server].append(self._new_agent(server))
+        agent = self.live[server][-1 - which % len(self.live[server])]
         # The poll may not have seen requests still in transit: report fewer than run.
-        processing = max(0, len(self.running[agent]) - unseen)
+        processing = max(0, len(self.running[server]) - unseen)
         self.now += 0.01
-        out = self.fleet.report(agent, status(agent, self.totals[agent], processing), self.now, 0.0)
+        out = self.fleet.report(
+            agent, status(agent, self.totals[server], processing), self.now, 0.0
+        )
         self._dispatched(out)
 
-    @rule(agent=st.sampled_from(AGENTS))
-    def broken_report(self, agent: str) -> None:
+    @rule(server=st.sampled_from(AGENTS))
+    def broken_report(self, server: str) -> None:
+        if not self.live[server]:
+            return
+        agent = self.live[server][-1]
         self.now += 0.01
         out = self.fleet.report(agent, status(agent, 1, 0, error="Unauthorized"), self.now, 0.0)
-        assert out == [] or all(d.agent_id != agent for d in out)
+        assert out == [] or all(server_of(d.agent_id) != server for d in out)
         self._dispatched(out)
 
-    @rule(agent=st.sampled_from(AGENTS))
-    def agent_leaves(self, agent: str) -> None:
+    @rule(server=st.sampled_from(AGENTS), which=st.integers(0, 2))
+    def agent_leaves(self, server: str, which: int) -> None:
+        if not self.live[server]:
+            return
+        agent = self.live[server].pop(which % len(self.live[server]))
         self.fleet.remove_agent(agent)
+
+    @rule(server=st.sampled_from(AGENTS))
+    def agent_restarts_beside_the_old_one(self, server: str) -> None:
+        # The old agent is frozen, not gone: its stream stays open.
+        agent = self._new_agent(server)
+        self.live[server].append(agent)
+        processing = len(self.running[server])
+        self.now += 0.01
+        out = self.fleet.report(
+            agent, status(agent, self.totals[server], processing), self.now, 0.0
+        )
+        self._dispatched(out)
+        assert agent in self.fleet.upstreams
+        for old in self.live[server][:-1]:
+            assert old not in self.fleet.upstreams
+
+    @rule(server=st.sampled_from(AGENTS))
+    def operator_drains(self, server: str) -> None:
+        for agent_id, upstream in self.fleet.upstreams.items():
+            if server_of(agent_id) == server:
+                assert self.fleet.drain(agent_id)
+                self.drained.add(agent_id)
+                assert upstream.slots_free(self.now) == 0
+        assert not self.fleet.drain("nobody")
+
+    def _new_agent(self, server: str) -> str:
+        self.generations[server] += 1
+        return f"{server}-g{self.generations[server]}"
 
     @rule(seconds=st.sampled_from([0.5, 2.0, 5.0]))
     def time_passes(self, seconds: float) -> None:
@@ -83,7 +141,8 @@ class FleetMachine(RuleBasedStateMachine):
         decision = self.fleet.request_slot(self.next_id, self.now)
         if isinstance(decision, Dispatch):
             assert not self.waiting, "a request overtook the buffer"
-            self.running[decision.agent_id].add(decision.request_id)
+            self._check_target(decision)
+            self.running[server_of(decision.agent_id)].add(decision.request_id)
         elif isinstance(decision, Buffered):
             self.waiting.add(decision.request_id)
         else:
@@ -119,8 +178,11 @@ class FleetMachine(RuleBasedStateMachine):
         self._dispatched(self.fleet.refused(request_id, self.now, 0.0))
         decision = self.fleet.request_slot(request_id, self.now, retry=True)
         if isinstance(decision, Dispatch):
-            assert decision.agent_id != agent or agent not in self.fleet.upstreams
-            self.running[decision.agent_id].add(request_id)
+            self._check_target(decision)
+            assert server_of(decision.agent_id) != agent or not any(
+                server_of(a) == agent for a in self.fleet.upstreams
+            )
+            self.running[server_of(decision.agent_id)].add(request_id)
         else:
             assert isinstance(decision, Buffered)
             self.waiting.add(request_id)
@@ -139,7 +201,9 @@ class FleetMachine(RuleBasedStateMachine):
             assert self.fleet.upstream_of(request_id) is None
         for agent, ids in self.running.items():
             for request_id in ids:
-                assert self.fleet.upstream_of(request_id) == agent
+                owner = self.fleet.upstream_of(request_id)
+                assert owner is not None
+                assert server_of(owner) == agent
                 assert not self.fleet.is_waiting(request_id)
 
     @invariant()
@@ -149,8 +213,10 @@ class FleetMachine(RuleBasedStateMachine):
 
     @invariant()
     def balancer_counts_match_the_servers(self) -> None:
+        servers = [server_of(agent) for agent in self.fleet.upstreams]
+        assert len(servers) == len(set(servers)), f"a server counted twice: {servers}"
         for agent, upstream in self.fleet.upstreams.items():
-            assert upstream.in_flight <= self.running[agent]
+            assert upstream.in_flight == self.running[server_of(agent)]
             assert upstream.slots_free(self.now) >= 0
             assert upstream.slots_processing <= upstream.slots_total
 
