@@ -14,3 +14,10 @@ check:          ## lint and types only
 	.venv/bin/ruff check src tests bench scripts
 	.venv/bin/ruff format --check src tests bench scripts
 	.venv/bin/mypy
+
+bench:          ## the benchmark suite (~20 min): report and plots in bench/results/ (QUICK=1: minutes)
+	bench/setup.sh
+	.venv/bin/python -m bench.run $(if $(QUICK),--quick,)
+
+bench-smoke:    ## a smoke run of every benchmark scenario (seconds each)
+	.venv/bin/pytest -q tests/bench

@@ -1,0 +1,1 @@
+"""What Rower is measured against: nginx, HAProxy and an ideal central dispatcher."""

@@ -1,0 +1,328 @@
+"""Shared machinery of the scheduling scenarios: policies, workloads and one measured run.
+
+A *policy* is what stands between the clients and the servers (nginx, HAProxy, the ideal
+dispatcher, Rower in one of its modes). A *run* sends one open-loop Poisson workload through one
+policy and measures what the clients saw and what the servers did. Every policy of a scenario
+gets the same workloads (same seed), on the same servers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import statistics
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench import procs
+from bench.baselines import haproxy, nginx
+
+LOADGEN_GRACE = 60.0
+"""Seconds a run may take past its last arrival before the load generator is stopped."""
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A way to dispatch: `kind` is nginx-rr, nginx-lc, haproxy, ideal, rower or paddler."""
+
+    name: str
+    kind: str
+    interval_ms: int = 1000
+
+
+SIM_POLICIES = (
+    Policy("nginx round robin", "nginx-rr"),
+    Policy("nginx least_conn", "nginx-lc"),
+    Policy("HAProxy leastconn+maxconn", "haproxy"),
+    Policy("ideal", "ideal"),
+    Policy("Paddler policy, 1000 ms", "paddler", 1000),
+    Policy("Paddler policy, 100 ms", "paddler", 100),
+    Policy("Rower, 1000 ms", "rower", 1000),
+    Policy("Rower, 100 ms", "rower", 100),
+)
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """One server behind the policies: where it listens and how many slots it has."""
+
+    address: str
+    slots: int
+
+
+@dataclass
+class Front:
+    """A started policy: the URL clients use and the pids whose CPU is its cost."""
+
+    url: str
+    pids: list[int] = field(default_factory=list)
+
+
+def start_policy(
+    runner: procs.Procs, policy: Policy, upstreams: Sequence[Upstream], work: Path
+) -> Front:
+    """Start `policy` in front of `upstreams`; returns once it accepts and sees every server."""
+    port = procs.free_port()
+    addresses = [u.address for u in upstreams]
+    if policy.kind in ("nginx-rr", "nginx-lc"):
+        conf = nginx.config(work / "nginx", port, addresses, least_conn=policy.kind == "nginx-lc")
+        proc = runner.start("nginx", nginx.argv(conf), port=port)
+        time.sleep(0.2)
+        return Front(f"http://127.0.0.1:{port}", _process_tree(proc.pid))
+    if policy.kind == "haproxy":
+        conf = haproxy.config(work / "haproxy", port, [(u.address, u.slots) for u in upstreams])
+        proc = runner.start("haproxy", haproxy.argv(conf), port=port)
+        return Front(f"http://127.0.0.1:{port}", _process_tree(proc.pid))
+    if policy.kind == "ideal":
+        specs = [f"{u.address}:{u.slots}" for u in upstreams]
+        proc = runner.python("ideal", "bench.baselines.ideal", str(port), *specs, port=port)
+        return Front(f"http://127.0.0.1:{port}", [proc.pid])
+    management = procs.free_port()
+    argv = procs.rower(
+        "balancer",
+        "--management-addr",
+        f"127.0.0.1:{management}",
+        "--reverseproxy-addr",
+        f"127.0.0.1:{port}",
+        "--max-buffered-requests",
+        "100000",
+        "--buffered-request-timeout",
+        "600000",
+        "--slot-accounting",
+        policy.kind,
+        "--log-level",
+        "warning",
+    )
+    balancer = runner.start(f"balancer-{policy.kind}", argv, port=port)
+    spec = {
+        "agents": [
+            {
+                "target": u.address,
+                "management": f"127.0.0.1:{management}",
+                "interval_ms": policy.interval_ms,
+            }
+            for u in upstreams
+        ]
+    }
+    spec_path = work / f"agents-{port}.json"
+    spec_path.write_text(json.dumps(spec))
+    runner.python("agents", "bench.fleethost", str(spec_path))
+    wait_agents(management, len(upstreams))
+    return Front(f"http://127.0.0.1:{port}", [balancer.pid])
+
+
+def wait_agents(management: int, count: int, seconds: float = 20.0) -> None:
+    """Block until the balancer lists `count` usable agents."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            agents = get_json(f"http://127.0.0.1:{management}/api/v1/agents")["agents"]
+            if (
+                sum(1 for a in agents if a.get("is_usable", True) and not a["status"]["error"])
+                >= count
+            ):
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"fewer than {count} agents registered after {seconds} s")
+
+
+def _process_tree(pid: int) -> list[int]:
+    """A process and its children (nginx's worker), once the children are there."""
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        if children.exists() and children.read_text().split():
+            return [pid, *(int(c) for c in children.read_text().split())]
+        time.sleep(0.05)
+    return [pid]
+
+
+def get_json(url: str, timeout: float = 3.0) -> Any:
+    with urllib.request.urlopen(url, timeout=timeout) as answer:
+        return json.loads(answer.read())
+
+
+# Workloads.
+
+
+@dataclass(frozen=True)
+class Lengths:
+    """Heavy-tailed (log-normal) request lengths, in tokens, clipped to [low, high]."""
+
+    median: float
+    sigma: float
+    low: int
+    high: int
+
+    def sample(self, rng: random.Random) -> int:
+        return max(
+            self.low, min(self.high, round(self.median * math.exp(rng.gauss(0, self.sigma))))
+        )
+
+
+def prompt_text(rng: random.Random, tokens: int) -> str:
+    """A prompt of about `tokens` tokens that shares no prefix with others (no cache hits)."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    return "".join(" " + "".join(rng.choices(letters, k=3)) for _ in range(max(1, tokens - 1)))
+
+
+def poisson_schedule(
+    *,
+    rate: float,
+    duration: float,
+    seed: int,
+    prompt: Lengths,
+    generation: Lengths,
+    extra: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Requests arriving as a Poisson process of `rate` per second for `duration` seconds."""
+    rng = random.Random(seed)
+    at = 0.0
+    requests = []
+    while True:
+        at += rng.expovariate(rate)
+        if at >= duration:
+            return requests
+        body = {
+            "prompt": prompt_text(rng, prompt.sample(rng)),
+            "n_predict": generation.sample(rng),
+            "stream": True,
+            **(extra or {}),
+        }
+        requests.append({"at": at, "body": body})
+
+
+# One run.
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The q-quantile (0..1) of `values`, nearest rank; None when empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def run_load(
+    runner: procs.Procs,
+    front: Front,
+    requests: list[dict[str, Any]],
+    *,
+    path: str,
+    work: Path,
+    counters: Callable[[], dict[str, float]],
+    watch_pids: dict[str, list[int]],
+    sampler: Callable[[], float] | None = None,
+) -> dict[str, Any]:
+    """Send `requests` through `front` and measure clients, servers and CPU."""
+    duration = requests[-1]["at"] if requests else 0.0
+    schedule = {"url": front.url + path, "deadline": duration + LOADGEN_GRACE, "requests": requests}
+    with tempfile.NamedTemporaryFile("w", suffix=".json", dir=work, delete=False) as file:
+        json.dump(schedule, file)
+    out = Path(file.name).with_suffix(".out.json")
+    before = counters()
+    cpu_before = {name: sum(_cpu(p) for p in pids) for name, pids in watch_pids.items()}
+    busy_before = procs.machine_busy_seconds()
+    peak = [0.0]
+    stop_sampling = threading.Event()
+
+    def sample() -> None:
+        while sampler is not None and not stop_sampling.wait(0.1):
+            with contextlib.suppress(OSError):
+                peak[0] = max(peak[0], sampler())
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    started = time.monotonic()
+    loadgen = runner.python("loadgen", "bench.loadgen", "open", file.name, str(out))
+    cpu_loadgen = 0.0
+    try:
+        while loadgen.poll() is None:
+            cpu_loadgen = _cpu(loadgen.pid) or cpu_loadgen
+            time.sleep(0.2)
+            if time.monotonic() - started > duration + LOADGEN_GRACE + 15:
+                break
+    finally:
+        runner.stop(loadgen)
+    wall = time.monotonic() - started
+    stop_sampling.set()
+    thread.join()
+    after = counters()
+    busy_after = procs.machine_busy_seconds()
+    cpu = {
+        name: (sum(_cpu(p) for p in pids) - cpu_before[name]) / wall
+        for name, pids in watch_pids.items()
+    }
+    cpu["loadgen"] = cpu_loadgen / wall
+    cpu["machine"] = (busy_after[0] - busy_before[0]) / max(1e-9, busy_after[1] - busy_before[1])
+    records = json.loads(out.read_text())["records"] if out.exists() else []
+    return summarize(records, requests, before, after, cpu, peak[0] if sampler else None)
+
+
+def _cpu(pid: int) -> float:
+    try:
+        return procs.cpu_seconds(pid)
+    except (OSError, IndexError):
+        return 0.0
+
+
+def summarize(
+    records: list[dict[str, Any]],
+    requests: list[dict[str, Any]],
+    before: dict[str, float],
+    after: dict[str, float],
+    cpu: dict[str, float],
+    peak_deferred: float | None,
+) -> dict[str, Any]:
+    ok = [r for r in records if r["status"] == 200 and r["error"] is None]
+    ttft = [r["ttft"] for r in ok if r["ttft"] is not None]
+    e2e = [r["e2e"] for r in ok if r["e2e"] is not None]
+    end = max((r["due"] + r["e2e"] for r in ok), default=0.0)
+    start = min((r["due"] for r in records), default=0.0)
+    span = max(1e-9, end - start)
+    tokens = sum(r["tokens"] for r in ok)
+    errors: dict[str, int] = {}
+    for r in records:
+        if r not in ok:
+            key = r["error"] or f"HTTP {r['status']}"
+            errors[key] = errors.get(key, 0) + 1
+    errors_missing = len(requests) - len(records)
+    if errors_missing:
+        errors["not sent"] = errors_missing
+    return {
+        "requests": len(requests),
+        "ok": len(ok),
+        "errors": sum(errors.values()),
+        "error_kinds": errors,
+        "ttft_p50": percentile(ttft, 0.5),
+        "ttft_p99": percentile(ttft, 0.99),
+        "ttft_mean": statistics.fmean(ttft) if ttft else None,
+        "e2e_p50": percentile(e2e, 0.5),
+        "e2e_p99": percentile(e2e, 0.99),
+        "goodput_rps": len(ok) / span,
+        "goodput_tps": tokens / span,
+        "over_dispatch": after.get("deferred", 0) - before.get("deferred", 0),
+        "peak_deferred": peak_deferred,
+        "cpu": cpu,
+        "ttft_all": ttft,
+    }
+
+
+def wait_idle(counters: Callable[[], dict[str, float]], seconds: float = 30.0) -> None:
+    """Block until no server has a request running or waiting."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        state = counters()
+        if state.get("busy", 0) == 0 and state.get("waiting", 0) == 0:
+            return
+        time.sleep(0.1)

@@ -1,0 +1,52 @@
+"""A smoke run of every benchmark scenario: seconds each, tiny counts, real processes.
+
+Not a measurement: it proves that `make bench` can start everything, push load through and
+write a report. The real numbers come from `make bench`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bench import report, scenario_proxy, scenario_real, scenario_scale, scenario_sim
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_sim_scheduling(tmp_path: Path) -> None:
+    results = scenario_sim.run(
+        tmp_path, servers=2, loads=(0.8,), duration=1.5, policy_kinds={"rower", "ideal"}
+    )
+    runs = results["runs"]
+    assert {run["kind"] for run in runs} == {"rower", "ideal"}
+    for run in runs:
+        assert run["ok"] == run["requests"] > 0
+        if run["kind"] == "rower":
+            assert run["over_dispatch"] == 0
+
+
+def test_real_scheduling(tmp_path: Path) -> None:
+    if scenario_real.tools(build=False) is None:
+        pytest.skip("no cached llama-server or tiny model (make setup builds them)")
+    results = scenario_real.run(
+        tmp_path, loads=(0.5,), duration=1.5, policy_kinds={"rower"}, build=False
+    )
+    assert all(run["ok"] == run["requests"] for run in results["runs"])
+
+
+def test_proxy_cost(tmp_path: Path) -> None:
+    results = scenario_proxy.run(tmp_path, smoke=True)
+    rows = {row["target"]: row for row in results["rows"]}
+    assert rows["Rower"]["ttfb_c1_p50"] is not None
+    assert rows["Rower"]["sse_events"] > 0
+
+
+def test_scale_and_report(tmp_path: Path) -> None:
+    results = scenario_scale.run(tmp_path, smoke=True)
+    assert results["buffered_reached"] == results["buffered"]
+    assert results["dispatched"] > 0
+    text = report.write(tmp_path).read_text()
+    assert "## Targets" in text
+    assert (tmp_path / "scale.png").exists()
