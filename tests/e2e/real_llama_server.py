@@ -87,7 +87,10 @@ def start_llama_server(
 ) -> LlamaServer:
     """Start llama-server with `slots` slots of `ctx` tokens each; return once `/health` is 200.
 
-    On failure the process is stopped and the error carries its output.
+    It computes on one thread: llama.cpp's worker threads spin-wait for each other, and on a
+    machine busy with other tests that made generation 12 times slower (19 instead of 230
+    tokens/s) than one thread. `extra_args` come last, so `-t N` there wins. On failure the
+    process is stopped and the error carries its output.
     """
     port = free_port()
     began = time.monotonic()
@@ -99,6 +102,7 @@ def start_llama_server(
             "--port", str(port),
             "-np", str(slots),
             "-c", str(ctx * slots),  # -c is the total context, split over the slots
+            "--threads", "1",
             *extra_args,
         ]
     )  # fmt: skip
