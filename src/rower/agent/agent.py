@@ -1,8 +1,10 @@
 """One running agent: a monitor polling llama-server and one reporter per balancer.
 
 The monitor writes the newest status to a `LatestStatus` board; each reporter streams from it
-at its own pace. Stopping ends the monitor, sends one last status marked `is_draining`, and ends
-every stream cleanly so each balancer removes the agent at once instead of waiting for it to go
+at its own pace. Stopping drains first: every status is marked `is_draining`, so balancers send
+nothing new, while the monitor keeps polling until no slot of llama-server is processing (or
+`max_drain_time` passed, or a second signal came). Then one last status goes out and every
+stream ends cleanly, so each balancer removes the agent at once instead of waiting for it to go
 stale.
 """
 
@@ -39,6 +41,8 @@ class AgentConfig:
     monitoring_interval_ms: int = 1000
     management_token: str | None = None
     request_timeout: float = REQUEST_TIMEOUT
+    max_drain_time: float = 30.0
+    """Seconds a stopping agent waits for llama-server's slots to go idle."""
 
 
 class Agent:
@@ -63,8 +67,11 @@ class Agent:
             for addr in dict.fromkeys(config.management_addrs)
         ]
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Poll and report until `stop` is set, then end every stream cleanly."""
+    async def run(self, stop: asyncio.Event, hurry: asyncio.Event | None = None) -> None:
+        """Poll and report until `stop` is set, drain, then end every stream cleanly.
+
+        `hurry` (a second signal) ends the drain at once.
+        """
         logger.info(
             "agent %s: polling llama-server at %s every %d ms, reporting %s to %s",
             self.agent_id,
@@ -85,8 +92,40 @@ class Agent:
                     request_timeout=self.config.request_timeout,
                 )
                 await monitor.run(stop)
+                await self._drain(monitor, hurry or asyncio.Event())
         finally:
             await self._finish(reporting)
+
+    async def _drain(self, monitor: Monitor, hurry: asyncio.Event) -> None:
+        """Report `is_draining` until llama-server's slots are idle, or time is up."""
+        monitor.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.max_drain_time
+        logged = False
+        while not hurry.is_set():
+            status = await monitor.poll_once()
+            self.board.publish(status)
+            if status.error is not None or status.slots_processing == 0:
+                return
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                logger.warning(
+                    "agent %s: %d slots still processing after %g s of draining; stopping",
+                    self.agent_id,
+                    status.slots_processing,
+                    self.config.max_drain_time,
+                )
+                return
+            if not logged:
+                logger.info(
+                    "agent %s draining: waiting up to %g s for %d processing slots",
+                    self.agent_id,
+                    remaining,
+                    status.slots_processing,
+                )
+                logged = True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(hurry.wait(), min(monitor.interval, remaining))
 
     async def _finish(self, reporting: list[asyncio.Task[None]]) -> None:
         last = self.board.latest

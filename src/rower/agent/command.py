@@ -49,6 +49,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="milliseconds between two polls of llama-server (default: 1000)",
     )
     parser.add_argument(
+        "--max-drain-time",
+        type=milliseconds,
+        default=30000,
+        metavar="MS",
+        help="on SIGTERM, report draining and wait this long at most for llama-server's "
+        "slots to go idle before leaving; a second signal leaves at once (default: 30000)",
+    )
+    parser.add_argument(
         "--management-token",
         default=None,
         metavar="TOKEN",
@@ -104,11 +112,19 @@ async def _main(args: argparse.Namespace) -> int:
             name=args.name or None,
             monitoring_interval_ms=args.monitoring_interval,
             management_token=args.management_token or None,
+            max_drain_time=args.max_drain_time / 1000,
         )
     )
     stop = asyncio.Event()
+    hurry = asyncio.Event()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            hurry.set()
+        stop.set()
+
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    await agent.run(stop)
+        loop.add_signal_handler(signum, on_signal)
+    await agent.run(stop, hurry)
     return 0

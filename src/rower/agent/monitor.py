@@ -67,6 +67,8 @@ class Monitor:
         self._needs_props = True
         self._sequence = 0
         self.slots_url = local_addr.url("/slots")
+        self.draining = False
+        """The agent is stopping: every status says `is_draining`."""
 
     @property
     def interval(self) -> float:
@@ -104,6 +106,7 @@ class Monitor:
             facts=self._facts,
             health=health,
             sequence=self._sequence,
+            is_draining=self.draining,
         )
         if status.error is None and status.slots_total != self._facts.total_slots:
             # Another number of slots: the server restarted, maybe with another model.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from rower.cli import address, milliseconds, non_negative
+from rower.cli import address, milliseconds, non_negative, positive
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -87,6 +87,44 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="shared secret agents must send (Authorization: Bearer TOKEN)",
     )
     parser.add_argument(
+        "--shutdown-grace-period",
+        type=milliseconds,
+        default=30000,
+        metavar="MS",
+        help="on SIGTERM, how long streams in flight may run on before they are cut; waiting "
+        "requests get 503 at once (default: 30000)",
+    )
+    parser.add_argument(
+        "--max-request-body-bytes",
+        type=positive,
+        default=64 * 1024 * 1024,
+        metavar="N",
+        help="largest request body the proxy relays; larger ones get 413 (default: 67108864)",
+    )
+    parser.add_argument(
+        "--max-header-bytes",
+        type=positive,
+        default=8190,
+        metavar="N",
+        help="longest request line or header field on both listeners; longer gets 431 "
+        "(default: 8190)",
+    )
+    parser.add_argument(
+        "--max-status-line-bytes",
+        type=positive,
+        default=1024 * 1024,
+        metavar="N",
+        help="longest NDJSON status line an agent may send; longer gets 413 and the stream "
+        "is closed (default: 1048576)",
+    )
+    parser.add_argument(
+        "--max-agents",
+        type=positive,
+        default=1024,
+        metavar="N",
+        help="most agents registered at once; a new one beyond gets 429 (default: 1024)",
+    )
+    parser.add_argument(
         "--slot-accounting",
         choices=("rower", "paddler"),
         default="rower",
@@ -118,5 +156,10 @@ def run(args: argparse.Namespace) -> int:
         statsd_reporting_interval=args.statsd_reporting_interval / 1000,
         management_token=args.management_token,
         slot_accounting=SlotAccounting(args.slot_accounting),
+        shutdown_grace_period=args.shutdown_grace_period / 1000,
+        max_request_body_bytes=args.max_request_body_bytes,
+        max_header_bytes=args.max_header_bytes,
+        max_status_line_bytes=args.max_status_line_bytes,
+        max_agents=args.max_agents,
     )
     return run_async(serve(settings))

@@ -11,6 +11,7 @@ import hmac
 import logging
 import re
 from collections.abc import Awaitable, Callable
+from importlib import resources
 
 import msgspec
 from aiohttp import web
@@ -20,13 +21,16 @@ from rower.balancer.errors import error_response
 from rower.balancer.fleet_stream import FleetPublisher
 from rower.balancer.settings import BalancerSettings
 from rower.balancer.slot_gate import SlotGate
-from rower.status import status_decoder
+from rower.status import StatusUpdate, status_decoder
 
 log = logging.getLogger(__name__)
 
 AGENT_ID = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
-MAX_STATUS_LINE = 1024 * 1024
 SSE_KEEPALIVE_SECONDS = 15.0
+UNAUTHORIZED = (
+    "Unauthorized: this balancer requires a management token; send "
+    "'Authorization: Bearer TOKEN' with the balancer's --management-token"
+)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -80,6 +84,7 @@ class ManagementApi:
         self.publisher = publisher
         self.settings = settings
         self.streams = AgentStreams()
+        self.openapi = resources.files("rower.balancer").joinpath("openapi.json").read_bytes()
 
     async def agent_status_update(self, request: web.Request) -> web.StreamResponse:
         """`POST /api/v1/agent_status_update/{agent_id}`: an endless NDJSON stream of status."""
@@ -97,13 +102,16 @@ class ManagementApi:
             )
         token = self.streams.claim(agent_id)
         registered = False
+        max_line = self.settings.max_status_line_bytes
         try:
             while True:
                 try:
-                    line = await request.content.readline(max_line_length=MAX_STATUS_LINE)
+                    line = await request.content.readline(max_line_length=max_line)
                 except LineTooLong:
                     return self._bad_line(
-                        agent_id, f"a status line is over {MAX_STATUS_LINE} bytes"
+                        agent_id,
+                        f"a status line is over {max_line} bytes (--max-status-line-bytes)",
+                        status=413,
                     )
                 if not line:
                     return web.json_response({"status": "ok"})
@@ -116,6 +124,14 @@ class ManagementApi:
                 except msgspec.DecodeError as error:
                     return self._bad_line(agent_id, f"status update is not JSON: {error}")
                 if not registered:
+                    if self._fleet_is_full(agent_id, status.external_llamacpp_addr):
+                        limit = self.settings.max_agents
+                        log.warning("refused agent %s: %d agents registered", agent_id, limit)
+                        return error_response(
+                            429,
+                            f"This balancer already has {limit} agents (--max-agents)",
+                            headers={"Retry-After": "1"},
+                        )
                     log.info(
                         "agent %s (%s) registered for %s",
                         agent_id,
@@ -123,15 +139,55 @@ class ManagementApi:
                         status.external_llamacpp_addr,
                     )
                     registered = True
-                self.gate.report(agent_id, status)
+                self._report(agent_id, status)
         finally:
             if self.streams.release(agent_id, token) and registered:
                 log.info("agent %s left", agent_id)
                 self.gate.remove_agent(agent_id)
 
-    def _bad_line(self, agent_id: str, message: str) -> web.Response:
+    def _report(self, agent_id: str, status: StatusUpdate) -> None:
+        fleet = self.gate.fleet
+        if fleet.is_superseded(agent_id):
+            self.gate.report(agent_id, status)
+            return
+        before = set(fleet.upstreams)
+        self.gate.report(agent_id, status)
+        for old in before - set(fleet.upstreams):
+            log.warning(
+                "agent %s now speaks for %s; agent %s, which did too, is ignored until its "
+                "stream ends",
+                agent_id,
+                status.external_llamacpp_addr,
+                old,
+            )
+
+    def _fleet_is_full(self, agent_id: str, address: str) -> bool:
+        upstreams = self.gate.fleet.upstreams
+        if len(upstreams) < self.settings.max_agents or agent_id in upstreams:
+            return False
+        # A newcomer for a known server replaces its agent instead of adding one.
+        return not any(u.address == address for u in upstreams.values())
+
+    def _bad_line(self, agent_id: str, message: str, *, status: int = 400) -> web.Response:
         log.warning("closing the status stream of agent %s: %s", agent_id, message)
-        return error_response(400, message + "; one StatusUpdate JSON object per line is expected")
+        return error_response(
+            status, message + "; one StatusUpdate JSON object per line is expected"
+        )
+
+    async def drain_agent(self, request: web.Request) -> web.Response:
+        """`POST /api/v1/agents/{agent_id}/drain`: send the agent nothing new from now on."""
+        if not is_authorized(request, self.settings.management_token):
+            log.warning("rejected a drain request: wrong or missing token")
+            return error_response(401, UNAUTHORIZED)
+        agent_id = request.match_info["agent_id"]
+        if not AGENT_ID.match(agent_id) or not self.gate.drain(agent_id):
+            return error_response(404, f"No agent {agent_id[:128]!r} is registered")
+        log.info("agent %s drained by an operator", agent_id)
+        return web.json_response({"agent_id": agent_id, "is_draining": True})
+
+    async def openapi_description(self, request: web.Request) -> web.Response:
+        """`GET /api/v1/openapi.json`: this API, described."""
+        return web.Response(body=self.openapi, content_type="application/json")
 
     async def agents(self, request: web.Request) -> web.Response:
         """`GET /api/v1/agents`."""
@@ -211,5 +267,7 @@ def management_app(
     app.router.add_post("/api/v1/agent_status_update/{agent_id}", api.agent_status_update)
     app.router.add_get("/api/v1/agents", api.agents)
     app.router.add_get("/api/v1/agents/stream", api.agents_stream)
+    app.router.add_post("/api/v1/agents/{agent_id}/drain", api.drain_agent)
+    app.router.add_get("/api/v1/openapi.json", api.openapi_description)
     app.router.add_get("/health", api.health)
     return app

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -98,6 +98,12 @@ class ReverseProxy:
                 "The /slots endpoint is not exposed through the balancer; "
                 "start it with --slots-endpoint-enable to allow it",
             )
+        limit = self.settings.max_request_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            return self._body_too_large(request)
+        if self.gate.closing:
+            message = "The balancer is shutting down; retry on another balancer or in a moment"
+            return error_response(503, message, headers={"Retry-After": "1"})
         if takes_slot(request.path):
             return await self._relay_on_slot(request)
         return await self._relay_anywhere(request)
@@ -151,17 +157,32 @@ class ReverseProxy:
         loop = asyncio.get_running_loop()
         url = f"http://{upstream}{request.rel_url}"
         headers = self._upstream_headers(request, upstream)
-        body = request.content if request.body_exists else None
+        body: object = None
+        counted: _CountedBody | None = None
+        if request.body_exists:
+            if request.content_length is None:
+                # Chunked: the size is known only while relaying.
+                counted = _CountedBody(request, self.settings.max_request_body_bytes)
+                body = counted.chunks()
+            else:
+                body = request.content
         try:
             upstream_response = await self.session.request(
                 request.method, url, headers=headers, data=body, allow_redirects=False
             )
-        except aiohttp.ClientConnectorError as error:
-            if isinstance(error.os_error, ConnectionRefusedError):
-                raise UpstreamRefused from error
-            return self._upstream_failed(request, upstream, started, waited, error)
-        except (aiohttp.ClientError, TimeoutError) as error:
-            return self._upstream_failed(request, upstream, started, waited, error)
+        except Exception as error:
+            if counted is not None and counted.too_large:
+                return self._body_too_large(request)
+            if isinstance(error, aiohttp.ClientConnectorError):
+                if isinstance(error.os_error, ConnectionRefusedError):
+                    raise UpstreamRefused from error
+                return self._upstream_failed(request, upstream, started, waited, error)
+            if isinstance(error, aiohttp.ClientError | TimeoutError):
+                return self._upstream_failed(request, upstream, started, waited, error)
+            raise
+        if counted is not None and counted.too_large:
+            upstream_response.close()
+            return self._body_too_large(request)
         async with upstream_response:
             first_byte = loop.time() - started
             response = web.StreamResponse(
@@ -208,6 +229,17 @@ class ReverseProxy:
         self._report(request, 502, upstream, started, None, message, waited)
         return error_response(502, message)
 
+    def _body_too_large(self, request: web.Request) -> web.Response:
+        limit = self.settings.max_request_body_bytes
+        message = (
+            f"The request body is over {limit} bytes; send less, or raise --max-request-body-bytes"
+        )
+        log.warning("refused a %s %s: body over %d bytes", request.method, request.path, limit)
+        response = error_response(413, message)
+        # The rest of the body is not read: the connection cannot carry another request.
+        response.force_close()
+        return response
+
     def _upstream_headers(self, request: web.Request, upstream: str) -> CIMultiDict[str]:
         headers = CIMultiDict(
             (name, value)
@@ -238,6 +270,28 @@ class ReverseProxy:
         self.on_outcome(
             ProxyOutcome(request.path, status, upstream, waited, first_byte, total, error)
         )
+
+
+class _CountedBody:
+    """A chunked request body relayed as it arrives, cut off past `limit` bytes."""
+
+    def __init__(self, request: web.Request, limit: int) -> None:
+        self._request = request
+        self._limit = limit
+        self.too_large = False
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        seen = 0
+        async for chunk in self._request.content.iter_any():
+            seen += len(chunk)
+            if seen > self._limit:
+                self.too_large = True
+                raise BodyTooLarge
+            yield chunk
+
+
+class BodyTooLarge(Exception):
+    """The request body grew past `--max-request-body-bytes` while it was relayed."""
 
 
 class UpstreamRefused(Exception):

@@ -13,6 +13,7 @@ from rower.balancer.dashboard_web import add_dashboard_routes
 from rower.balancer.fleet import Fleet
 from rower.balancer.fleet_stream import FleetPublisher
 from rower.balancer.fleet_totals import FleetTotals
+from rower.balancer.http_limits import LimitedAppRunner
 from rower.balancer.management import management_app
 from rower.balancer.metrics import BalancerMetrics, add_metrics_routes
 from rower.balancer.proxy import ReverseProxy, proxy_app, upstream_session
@@ -42,6 +43,7 @@ class Balancer:
         if settings.management_dashboard_enable:
             add_dashboard_routes(self.management)
         self._runners: list[web.AppRunner] = []
+        self._proxy_site: web.TCPSite | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -72,15 +74,51 @@ class Balancer:
             (self.management, self.settings.management_addr),
             (proxy, self.settings.reverseproxy_addr),
         ):
-            runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+            runner = LimitedAppRunner(
+                app,
+                max_header_bytes=self.settings.max_header_bytes,
+                handler_cancellation=True,
+                access_log=None,
+                # Handlers still running when a listener closes are cut after this; the proxy's
+                # streams had the grace period already (`drain`).
+                shutdown_timeout=0.5,
+            )
             await runner.setup()
-            await web.TCPSite(runner, address.host, address.port, reuse_address=True).start()
+            site = web.TCPSite(runner, address.host, address.port, reuse_address=True)
+            await site.start()
             self._runners.append(runner)
+            if app is proxy:
+                self._proxy_site = site
         log.info(
             "balancer listening: management on %s, reverse proxy on %s",
             self.settings.management_addr,
             self.settings.reverseproxy_addr,
         )
+
+    async def drain(self, grace_period: float, cut_short: asyncio.Event | None = None) -> None:
+        """Stop taking requests and let those in flight finish, for `grace_period` seconds at most.
+
+        Waiting requests get a 503 at once, the proxy listener closes (new connections are
+        refused, so clients fail over at once), and the management listener stays up so agents
+        keep reporting. `cut_short` ends the wait early (a second SIGTERM).
+        """
+        self.gate.close()
+        if self._proxy_site is not None:
+            await self._proxy_site.stop()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_period
+        in_flight = self.fleet.requests_in_flight
+        if in_flight:
+            log.info("waiting up to %g s for %d requests in flight", grace_period, in_flight)
+        while self.fleet.requests_in_flight and loop.time() < deadline:
+            if cut_short is not None and cut_short.is_set():
+                break
+            await asyncio.sleep(0.05)
+        if self.fleet.requests_in_flight:
+            log.warning(
+                "cutting %d requests still in flight after the grace period",
+                self.fleet.requests_in_flight,
+            )
 
     async def stop(self) -> None:
         """Close the listeners and the background tasks."""
@@ -93,15 +131,23 @@ class Balancer:
 
 
 async def serve(settings: BalancerSettings) -> None:
-    """Run a balancer until SIGTERM or SIGINT."""
+    """Run a balancer until SIGTERM or SIGINT, then drain it; a second signal cuts the drain."""
     balancer = Balancer(settings)
     stopping = asyncio.Event()
+    hurry = asyncio.Event()
+
+    def on_signal() -> None:
+        if stopping.is_set():
+            hurry.set()
+        stopping.set()
+
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stopping.set)
+        loop.add_signal_handler(signum, on_signal)
     await balancer.start()
     try:
         await stopping.wait()
-    finally:
         log.info("balancer stopping")
+        await balancer.drain(settings.shutdown_grace_period, hurry)
+    finally:
         await balancer.stop()

@@ -26,3 +26,9 @@ class BalancerSettings:
     statsd_reporting_interval: float = 10.0
     management_token: str | None = None
     slot_accounting: SlotAccounting = SlotAccounting.ROWER
+    # Limits and shutdown (docs/reliability.md).
+    shutdown_grace_period: float = 30.0
+    max_request_body_bytes: int = 64 * 1024 * 1024
+    max_header_bytes: int = 8190
+    max_status_line_bytes: int = 1024 * 1024
+    max_agents: int = 1024

@@ -51,6 +51,8 @@ class SlotGate:
         self._waiters: dict[int, asyncio.Future[Dispatch]] = {}
         self.changed = asyncio.Event()
         """Set whenever the fleet changed; observers clear it after reading."""
+        self.closing = False
+        """The balancer is shutting down: no request gets a slot any more."""
 
     def new_request_id(self) -> int:
         """A fresh id for a request that will ask for a slot."""
@@ -62,6 +64,8 @@ class SlotGate:
         If the caller is cancelled (its client left) or times out, the request leaves the
         buffer, or gives its slot back if one was granted at that very moment.
         """
+        if self.closing:
+            raise _shutting_down()
         decision = self.fleet.request_slot(request_id, self.clock(), retry=retry)
         self._touch()
         if isinstance(decision, Dispatch):
@@ -89,6 +93,19 @@ class SlotGate:
             self._waiters.pop(request_id, None)
             if not granted:
                 self.release(request_id)
+
+    def close(self) -> None:
+        """Shutting down: every waiting request and every later one gets a 503."""
+        self.closing = True
+        for waiter in list(self._waiters.values()):
+            if not waiter.done():
+                waiter.set_exception(_shutting_down())
+
+    def drain(self, agent_id: str) -> bool:
+        """An operator drains an agent; returns whether it is registered."""
+        known = self.fleet.drain(agent_id)
+        self._touch()
+        return known
 
     def release(self, request_id: int) -> None:
         """The request finished, failed or was abandoned: free whatever it holds."""
@@ -133,6 +150,14 @@ class SlotGate:
 
     def _touch(self) -> None:
         self.changed.set()
+
+
+def _shutting_down() -> SlotUnavailable:
+    return SlotUnavailable(
+        503,
+        "The balancer is shutting down; retry on another balancer or in a moment",
+        retry_after=1,
+    )
 
 
 def _rejection(reason: RejectReason, timeout: float) -> SlotUnavailable:
