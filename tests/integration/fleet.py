@@ -11,7 +11,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from tests.processes import Process, free_port, rower
 
@@ -40,6 +40,16 @@ def eventually(check: Callable[[], bool], *, timeout: float = 10.0, what: str = 
             return
         time.sleep(0.02)
     raise AssertionError(f"not true after {timeout}s: {what or check}")
+
+
+class Server(Protocol):
+    """Anything an agent can watch: a `rower sim` or a real llama-server."""
+
+    @property
+    def addr(self) -> str: ...
+
+    @property
+    def port(self) -> int: ...
 
 
 @dataclass
@@ -117,8 +127,8 @@ class Fleet:
         self.sims.append(sim)
         return sim
 
-    def agent(self, sim: Sim, *, interval_ms: int = 100, flags: Sequence[str] = ()) -> Process:
-        """Start an agent for `sim`, reporting to this fleet's balancer."""
+    def agent(self, sim: Server, *, interval_ms: int = 100, flags: Sequence[str] = ()) -> Process:
+        """Start an agent for `sim` (or a real llama-server), reporting to this balancer."""
         process = rower(
             "agent",
             "--management-addr",
