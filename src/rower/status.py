@@ -96,6 +96,8 @@ class FleetView(msgspec.Struct, frozen=True):
 
     agents: list[AgentView]
     requests_buffered: int = 0
+    requests_in_flight: int = 0
+    """Requests relayed now, on any upstream (even one whose agent left)."""
 
 
 status_decoder = msgspec.json.Decoder(StatusUpdate)

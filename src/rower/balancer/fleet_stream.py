@@ -37,7 +37,9 @@ class FleetPublisher:
         """The fleet as the API shows it now."""
         fleet = self.gate.fleet
         return FleetView(
-            agents=fleet.views(self.gate.clock()), requests_buffered=fleet.requests_buffered
+            agents=fleet.views(self.gate.clock()),
+            requests_buffered=fleet.requests_buffered,
+            requests_in_flight=fleet.requests_in_flight,
         )
 
     def snapshot(self) -> bytes:

@@ -48,7 +48,11 @@ class Running:
 
 
 def start_agent(
-    llama: FakeLlama, *receivers: str, interval_ms: int = 50, token: str | None = None
+    llama: FakeLlama,
+    *receivers: str,
+    interval_ms: int = 50,
+    token: str | None = None,
+    max_drain_time: float = 30.0,
 ) -> Running:
     return Running(
         Agent(
@@ -59,6 +63,7 @@ def start_agent(
                 name="gpu-1",
                 monitoring_interval_ms=interval_ms,
                 management_token=token,
+                max_drain_time=max_drain_time,
             )
         )
     )
@@ -94,7 +99,10 @@ async def test_stop_sends_a_draining_line_and_ends_the_stream(
     assert last is not None
     assert last.is_draining
     assert last.slots_idle == 0
-    assert not any(status.is_draining for status in receiver.statuses[:-1])
+    # Draining, once said, is said on every line after (the drain polls, then the last line).
+    flags = [status.is_draining for status in receiver.statuses]
+    assert not flags[0]
+    assert flags == sorted(flags)
 
 
 async def test_a_change_reaches_the_balancer_at_the_next_poll(
@@ -107,7 +115,38 @@ async def test_a_change_reaches_the_balancer_at_the_next_poll(
     await eventually(lambda: receiver.latest is not None and receiver.latest.slots_processing == 1)
     # At most one interval (200 ms) until the next poll, plus the delivery itself.
     assert time.monotonic() - changed_at < 0.3
+    llama.state.slots[0]["is_processing"] = False  # else stopping drains for 30 s
     await running.stop()
+
+
+async def test_stop_drains_until_no_slot_is_processing(
+    llama: FakeLlama, receiver: Receiver
+) -> None:
+    llama.state.slots[0]["is_processing"] = True
+    running = start_agent(llama, receiver.addr)
+    await eventually(lambda: len(receiver.lines) >= 2)
+    running.stop_event.set()
+    await eventually(lambda: receiver.latest is not None and receiver.latest.is_draining)
+    # Still streaming: the balancer keeps the agent (and its request in flight) registered.
+    lines = len(receiver.lines)
+    await eventually(lambda: len(receiver.lines) >= lines + 3)
+    assert not running.task.done()
+    assert receiver.streams_ended == 0
+    llama.state.slots[0]["is_processing"] = False
+    await asyncio.wait_for(running.task, 2)
+    assert receiver.streams_ended == 1
+    assert receiver.latest is not None
+    assert receiver.latest.is_draining
+
+
+async def test_drain_gives_up_after_max_drain_time(llama: FakeLlama, receiver: Receiver) -> None:
+    llama.state.slots[0]["is_processing"] = True
+    running = start_agent(llama, receiver.addr, max_drain_time=0.3)
+    await eventually(lambda: len(receiver.lines) >= 2)
+    started = time.monotonic()
+    await running.stop()
+    assert 0.25 < time.monotonic() - started < 1.5
+    assert receiver.streams_ended == 1
 
 
 async def test_reporter_sends_a_new_status_at_once(receiver: Receiver) -> None:
