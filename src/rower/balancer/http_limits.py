@@ -3,9 +3,9 @@
 aiohttp enforces the request line and header sizes itself (`max_line_size`, `max_field_size`,
 `max_headers`) before any handler runs, and answers a breach with a plain-text 400 and an error
 logged with a traceback. A client that sends too much deserves to know which limit it hit: this
-runner answers 414 for a request line, 431 for header fields, in the JSON every other error of
-the balancer has, and logs one warning line. The connection is closed either way, as aiohttp
-does: the parser cannot find the next request in what follows.
+runner answers 431 (a request line or header field too long, too many header fields), in the
+JSON every other error of the balancer has, and logs one warning line. The connection is closed
+either way, as aiohttp does: the parser cannot find the next request in what follows.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class _LimitedServer(web.Server):
 
 
 class LimitedAppRunner(web.AppRunner):
-    """An `AppRunner` whose header-size breaches get 414/431 in llama.cpp's error shape.
+    """An `AppRunner` whose header-size breaches get 431 in llama.cpp's error shape.
 
     Args:
         app: the application.
@@ -78,18 +78,11 @@ class LimitedAppRunner(web.AppRunner):
 
 def _limit_answer(exc: BaseException | None) -> web.Response | None:
     if isinstance(exc, LineTooLong):
-        line = exc.args[0] if exc.args else b""
-        start = line if isinstance(line, bytes) else str(line).encode()
+        # The parser reports the URL and header lines alike (in pieces), so one answer fits both.
         limit = exc.args[1] if len(exc.args) > 1 else "?"
-        if start.startswith((b"/", b"http:", b"https:", b"*")):
-            return error_response(
-                414,
-                f"The request line is over {limit} bytes (--max-header-bytes)",
-                error_type="invalid_request_error",
-            )
         return error_response(
             431,
-            f"A request header field is over {limit} bytes (--max-header-bytes)",
+            f"The request line or a header field is over {limit} bytes (--max-header-bytes)",
             error_type="invalid_request_error",
         )
     if isinstance(exc, BadHttpMessage) and "Too many headers" in str(exc):

@@ -24,8 +24,17 @@ INFERENCE_PATHS = frozenset(
 
 
 def normalize(path: str) -> str:
-    """`/v1/chat/completions/` and `//v1//chat/completions` both name the chat endpoint."""
-    parts = [part for part in path.split("/") if part]
+    """`/v1/chat/completions/` and `//v1//chat/completions` both name the chat endpoint.
+
+    Dot segments are resolved as the upstream URL resolves them, so `/x/../slots` is `/slots`.
+    """
+    parts: list[str] = []
+    for part in path.split("/"):
+        if part == "..":
+            if parts:
+                parts.pop()
+        elif part and part != ".":
+            parts.append(part)
     return "/" + "/".join(parts)
 
 
