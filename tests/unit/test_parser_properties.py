@@ -1,0 +1,159 @@
+"""Every parser of outside input, fed anything: it answers or refuses, it never crashes.
+
+The parsers: NDJSON status lines (`status_decoder`, what the balancer reads from agents),
+llama-server's `/slots` answers (`slots_decoder` and the agent's `status_from_poll` mapping),
+and `HOST:PORT` addresses (`Address.parse`, flags and reported addresses).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from typing import Any
+
+import msgspec
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from rower.addresses import Address, AddressError
+from rower.agent.llamacpp_probe import (
+    AgentIdentity,
+    ServerFacts,
+    SlotsAnswer,
+    status_from_poll,
+)
+from rower.llamacpp import slots_decoder
+from rower.status import SlotStatus, StatusUpdate, json_encoder, status_decoder
+
+bounded = settings(max_examples=150, deadline=None)
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=10), children, max_size=5)
+    ),
+    max_leaves=20,
+)
+STATUS_KEYS = list(StatusUpdate.__struct_fields__)
+
+
+def status_like() -> st.SearchStrategy[dict[str, Any]]:
+    """Objects with StatusUpdate's keys and values of any JSON type."""
+    return st.dictionaries(st.sampled_from(STATUS_KEYS), json_values, max_size=len(STATUS_KEYS))
+
+
+def _decode_status(line: bytes) -> StatusUpdate | None:
+    try:
+        return status_decoder.decode(line)
+    except msgspec.DecodeError:  # ValidationError is one too
+        return None
+
+
+@bounded
+@given(st.binary(max_size=300))
+@example(b"")
+@example(b"\xff\xfe")
+@example(b'{"external_llamacpp_addr": "a:1", "slots_idle": -1}')
+def test_status_line_of_random_bytes_is_parsed_or_refused(line: bytes) -> None:
+    _decode_status(line)
+
+
+@bounded
+@given(status_like())
+def test_status_line_of_wrongly_typed_fields_is_parsed_or_refused(fields: dict[str, Any]) -> None:
+    status = _decode_status(json.dumps(fields).encode())
+    if status is not None:
+        # Whatever got through obeys the contract the fleet core relies on.
+        assert status.slots_idle >= 0
+        assert status.slots_processing >= 0
+        assert status.monitoring_interval_ms >= 1
+        assert 3 <= len(status.external_llamacpp_addr) <= 300
+
+
+text = st.text(max_size=50)
+statuses = st.builds(
+    StatusUpdate,
+    external_llamacpp_addr=st.text(min_size=3, max_size=300),
+    agent_name=st.none() | text,
+    error=st.none() | text,
+    is_authorized=st.none() | st.booleans(),
+    slots_idle=st.integers(0, 10_000),
+    slots_processing=st.integers(0, 10_000),
+    slots_total=st.integers(0, 10_000),
+    model=st.none() | text,
+    monitoring_interval_ms=st.integers(1, 10**9),
+    sequence=st.integers(0, 2**62),
+    is_draining=st.booleans(),
+    slots=st.lists(
+        st.builds(SlotStatus, st.integers(0, 512), st.booleans(), st.integers(0, 10**6)),
+        max_size=8,
+    ),
+)
+
+
+@bounded
+@given(statuses)
+def test_every_status_an_agent_can_send_reads_back_the_same(status: StatusUpdate) -> None:
+    assert status_decoder.decode(json_encoder.encode(status)) == status
+
+
+slot_objects = st.fixed_dictionaries(
+    {"id": st.integers(-(2**40), 2**40), "is_processing": st.booleans()},
+    optional={"n_ctx": st.integers(-(2**40), 2**40), "speculative": st.booleans()},
+)
+slot_bodies = (
+    st.binary(max_size=200)
+    | st.lists(slot_objects, max_size=6).map(lambda s: json.dumps(s).encode())
+    | json_values.map(lambda v: json.dumps(v).encode())
+)
+IDENTITY = AgentIdentity(external_llamacpp_addr="127.0.0.1:8080", agent_name="gpu")
+
+
+@bounded
+@given(st.integers(100, 599), slot_bodies, st.none() | st.integers(-5, 64))
+def test_any_slots_answer_maps_to_a_status_the_balancer_accepts(
+    status_code: int, body: bytes, total: int | None
+) -> None:
+    with contextlib.suppress(msgspec.DecodeError):
+        slots_decoder.decode(body)
+    status = status_from_poll(
+        SlotsAnswer(status_code, body),
+        slots_url="http://127.0.0.1:8080/slots",
+        identity=IDENTITY,
+        facts=ServerFacts(model="m", total_slots=total),
+    )
+    # The agent never sends a line its balancer would refuse with a 400.
+    assert status_decoder.decode(json_encoder.encode(status)) == status
+    if status.error is None:
+        assert status_code == 200
+        assert status.slots_idle + status.slots_processing == status.slots_total
+        assert status.slots_total == len(status.slots)
+    else:
+        assert (status.slots_idle, status.slots_processing) == (0, 0)
+
+
+hosts = st.from_regex(r"\A[a-z0-9]([a-z0-9.-]{0,20}[a-z0-9])?\Z") | st.ip_addresses(v=4).map(str)
+
+
+@bounded
+@given(st.text(max_size=60))
+@example("[::1]:8080")
+@example("[::1]:")
+@example("host:0")
+@example("host:65536")
+@example("http://host:80")
+@example(":80")
+def test_address_of_random_text_is_parsed_or_refused(text: str) -> None:
+    try:
+        address = Address.parse(text)
+    except AddressError:
+        return
+    assert 0 < address.port < 65536
+    assert Address.parse(str(address)) == address
+
+
+@bounded
+@given(hosts | st.ip_addresses(v=6).map(str), st.integers(1, 65535))
+def test_every_address_reads_back_from_its_text(host: str, port: int) -> None:
+    address = Address(host, port)
+    assert Address.parse(str(address)) == address
