@@ -13,12 +13,19 @@ corrected with what the balancer knows for certain:
 - `in_flight`: requests this balancer has open to the upstream right now.
 - `foreign`: slots busy with work that is not ours (another balancer, a direct client), estimated
   at each report as `processing - in_flight`, never below 0.
-- free slots = `total - in_flight - foreign`, never below 0.
+- `abandoned`: an upper bound of our requests whose client left while llama-server may still
+  run them (it keeps generating a non-streamed answer whose client is gone). Each one counts
+  until a report shows it cannot be running any more: at most `processing - old` of them can
+  be, where `old` are our requests in flight since before the previous report, which the poll
+  surely saw.
+- free slots = `total - in_flight - max(foreign, abandoned)`, never below 0.
 
 A finished request frees its slot at once (no waiting for the next poll, which is what makes
 Paddler's buffer slow), and a request sent after the poll is never counted twice. When this
-balancer is the only client of a llama-server, `foreign` is 0 and `in_flight` never exceeds
-`total`: no request is ever sent to a server without a free slot.
+balancer is the only client of a llama-server, `foreign` counts only abandoned work, `abandoned`
+bounds it from above, and `in_flight` plus what still runs never exceeds `total`: no request is
+ever sent to a server without a free slot. (This assumes a request reaches llama-server within
+one reporting interval of being sent.)
 
 One llama-server, one upstream. An agent restarted with a new id reports the same address while
 the old one may still hold its stream open (frozen, or not yet noticed gone). The agent that
@@ -100,7 +107,10 @@ class Upstream:
     last_seen: float
     last_update_wall: float
     in_flight: set[int] = field(default_factory=set)
+    recent: set[int] = field(default_factory=set)
+    """Requests in flight that were sent since the last report (its poll may not have seen them)."""
     foreign: int = 0
+    abandoned: int = 0
     taken_since_report: int = 0
     quarantined: bool = False
     quarantined_until_wall: float | None = None
@@ -142,8 +152,13 @@ class Upstream:
 
     @property
     def slots_processing(self) -> int:
-        """Busy slots: ours in flight plus the estimated foreign ones."""
-        return min(self.slots_total, len(self.in_flight) + self.foreign)
+        """Busy slots: ours in flight plus the estimated others."""
+        return min(self.slots_total, len(self.in_flight) + self.others)
+
+    @property
+    def others(self) -> int:
+        """Slots estimated busy with work that is not ours in flight."""
+        return max(self.foreign, self.abandoned)
 
     def slots_free(self, now: float) -> int:
         """Slots a new request may take now; 0 when the upstream is not usable."""
@@ -151,7 +166,7 @@ class Upstream:
             return 0
         if self.accounting is SlotAccounting.PADDLER:
             return max(0, self.status.slots_idle - self.taken_since_report)
-        return max(0, self.slots_total - len(self.in_flight) - self.foreign)
+        return max(0, self.slots_total - len(self.in_flight) - self.others)
 
 
 class Fleet:
@@ -268,7 +283,13 @@ class Fleet:
         upstream.last_update_wall = wall
         upstream.was_stale = False
         upstream.taken_since_report = 0
-        upstream.foreign = max(0, status.slots_processing - len(upstream.in_flight))
+        if not status.has_issue:
+            # A report with an issue says nothing of the slots (it has 0 and 0): keep estimates.
+            processing, in_flight = status.slots_processing, len(upstream.in_flight)
+            old = in_flight - len(upstream.recent)
+            upstream.foreign = max(0, processing - in_flight)
+            upstream.abandoned = min(upstream.abandoned, max(0, processing - old))
+            upstream.recent.clear()
         if upstream.quarantined and not status.has_issue:
             upstream.quarantined = False
             upstream.quarantined_until_wall = None
@@ -285,7 +306,7 @@ class Fleet:
         upstream = self.upstreams.pop(agent_id, None)
         if upstream is None:
             return
-        if upstream.in_flight:
+        if upstream.in_flight or upstream.abandoned:
             self._departed[upstream.address] = upstream
         self.revision += 1
 
@@ -321,8 +342,13 @@ class Fleet:
         self.revision += 1
         return Buffered(request_id)
 
-    def release(self, request_id: int, now: float) -> list[Dispatch]:
+    def release(self, request_id: int, now: float, *, abandoned: bool = False) -> list[Dispatch]:
         """A request finished (or failed, or its client left): free its slot.
+
+        `abandoned`: the client left while llama-server may still be working on the request.
+        llama-server notices a dropped stream at its next write, but keeps generating a
+        non-streamed answer to its end; so the slot counts as busy with work that is not
+        ours until the agent's next report tells what the server really does.
 
         Safe to call for any request id, any number of times.
         """
@@ -334,6 +360,11 @@ class Fleet:
         if upstream is None:
             return []
         upstream.in_flight.discard(request_id)
+        upstream.recent.discard(request_id)
+        if abandoned:
+            # No longer ours, still busy: in this report's foreign work and in the bound.
+            upstream.foreign += 1
+            upstream.abandoned += 1
         if not upstream.in_flight and self._departed.get(upstream.address) is upstream:
             del self._departed[upstream.address]
         self.revision += 1
@@ -376,6 +407,7 @@ class Fleet:
     def _assign(self, request_id: int, upstream: Upstream) -> Dispatch:
         upstream.in_flight.add(request_id)
         upstream.taken_since_report += 1
+        upstream.recent.add(request_id)
         upstream.last_dispatch = next(self._dispatch_counter)
         self._assigned[request_id] = upstream
         self.revision += 1
@@ -392,16 +424,20 @@ class Fleet:
                 continue
             del self.upstreams[other.agent_id]
             self._superseded[other.agent_id] = other.drain_requested
-            newest.in_flight |= other.in_flight
-            for request_id in other.in_flight:
-                self._assigned[request_id] = newest
+            self._take_over(newest, other)
 
     def _adopt_departed(self, upstream: Upstream) -> None:
         departed = self._departed.pop(upstream.address, None)
         if departed is None:
             return
-        upstream.in_flight = departed.in_flight
-        for request_id in upstream.in_flight:
+        self._take_over(upstream, departed)
+
+    def _take_over(self, upstream: Upstream, previous: Upstream) -> None:
+        """`upstream` now speaks for `previous`'s llama-server: it takes over its requests."""
+        upstream.in_flight |= previous.in_flight
+        upstream.recent |= previous.recent
+        upstream.abandoned = max(upstream.abandoned, previous.abandoned)
+        for request_id in previous.in_flight:
             self._assigned[request_id] = upstream
 
     def _drain_buffer(self, now: float, touched: Upstream) -> list[Dispatch]:

@@ -121,12 +121,18 @@ class ReverseProxy:
                 self._report(request, error.status, None, started, None, error.message)
                 return error_response(error.status, error.message, headers=headers)
             waited = loop.time() - started
+            progress = _Progress()
             try:
-                return await self._forward(request, dispatch.upstream, started, waited)
+                return await self._forward(request, dispatch.upstream, started, waited, progress)
             except UpstreamRefused:
                 log.warning("llama-server at %s refused the connection", dispatch.upstream)
                 self.gate.refused(request_id)
                 retry = True
+            except asyncio.CancelledError:
+                # The client left. A stream already flowing stops at llama-server's next write;
+                # anything else may run on there, so the slot is not trusted to be free.
+                self.gate.release(request_id, abandoned=not progress.streaming)
+                raise
             finally:
                 self.gate.release(request_id)
         return self._unreachable(request, started)
@@ -152,7 +158,12 @@ class ReverseProxy:
         return error_response(502, message)
 
     async def _forward(
-        self, request: web.Request, upstream: str, started: float, waited: float
+        self,
+        request: web.Request,
+        upstream: str,
+        started: float,
+        waited: float,
+        progress: _Progress | None = None,
     ) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
         url = f"http://{upstream}{request.rel_url}"
@@ -192,6 +203,8 @@ class ReverseProxy:
                 if name.lower() not in HOP_BY_HOP:
                     response.headers.add(name, value)
             await response.prepare(request)
+            if progress is not None:
+                progress.streaming = upstream_response.content_type == "text/event-stream"
             try:
                 async for chunk in upstream_response.content.iter_any():
                     await response.write(chunk)
@@ -292,6 +305,13 @@ class _CountedBody:
 
 class BodyTooLarge(Exception):
     """The request body grew past `--max-request-body-bytes` while it was relayed."""
+
+
+@dataclass(slots=True)
+class _Progress:
+    """How far a relay got: whether an event stream is flowing to the client."""
+
+    streaming: bool = False
 
 
 class UpstreamRefused(Exception):

@@ -107,9 +107,9 @@ class SlotGate:
         self._touch()
         return known
 
-    def release(self, request_id: int) -> None:
-        """The request finished, failed or was abandoned: free whatever it holds."""
-        self._deliver(self.fleet.release(request_id, self.clock()))
+    def release(self, request_id: int, *, abandoned: bool = False) -> None:
+        """The request finished or failed (or, `abandoned`, its client left mid-generation)."""
+        self._deliver(self.fleet.release(request_id, self.clock(), abandoned=abandoned))
         self._touch()
 
     def refused(self, request_id: int) -> None:

@@ -46,6 +46,10 @@ class FleetMachine(RuleBasedStateMachine):
         self.next_id = 0
         self.totals = {a: 1 + i for i, a in enumerate(AGENTS)}
         self.running: dict[str, set[int]] = {a: set() for a in AGENTS}  # server truth
+        self.zombies: dict[str, set[int]] = {a: set() for a in AGENTS}
+        """Requests whose client left but that the server still runs (non-streamed)."""
+        self.recent: dict[str, set[int]] = {a: set() for a in AGENTS}
+        """Requests sent to a server since its last report: its poll may have missed them."""
         self.waiting: set[int] = set()
         self.retried: set[int] = set()
         self.rejected = 0
@@ -63,6 +67,7 @@ class FleetMachine(RuleBasedStateMachine):
             self.waiting.discard(d.request_id)
             self.retried.discard(d.request_id)
             self.running[server_of(d.agent_id)].add(d.request_id)
+            self.recent[server_of(d.agent_id)].add(d.request_id)
 
     def _check_target(self, d: Dispatch) -> None:
         assert d.agent_id in self.fleet.upstreams, "dispatched to an agent not in the fleet"
@@ -77,12 +82,14 @@ class FleetMachine(RuleBasedStateMachine):
         if not self.live[server]:
             self.live[server].append(self._new_agent(server))
         agent = self.live[server][-1 - which % len(self.live[server])]
-        # The poll may not have seen requests still in transit: report fewer than run.
-        processing = max(0, len(self.running[server]) - unseen)
+        # The poll may have missed requests sent since the last report, still in transit.
+        missed = min(unseen, len(self.recent[server] & self.running[server]))
+        processing = len(self.running[server]) - missed + len(self.zombies[server])
         self.now += 0.01
         out = self.fleet.report(
             agent, status(agent, self.totals[server], processing), self.now, 0.0
         )
+        self.recent[server].clear()
         self._dispatched(out)
 
     @rule(server=st.sampled_from(AGENTS))
@@ -107,11 +114,12 @@ class FleetMachine(RuleBasedStateMachine):
         # The old agent is frozen, not gone: its stream stays open.
         agent = self._new_agent(server)
         self.live[server].append(agent)
-        processing = len(self.running[server])
+        processing = len(self.running[server]) + len(self.zombies[server])
         self.now += 0.01
         out = self.fleet.report(
             agent, status(agent, self.totals[server], processing), self.now, 0.0
         )
+        self.recent[server].clear()
         self._dispatched(out)
         assert agent in self.fleet.upstreams
         for old in self.live[server][:-1]:
@@ -159,6 +167,24 @@ class FleetMachine(RuleBasedStateMachine):
         self._dispatched(self.fleet.release(request_id, self.now))
         # Releasing twice is harmless.
         assert self.fleet.release(request_id, self.now) == []
+
+    @precondition(lambda self: any(self.running.values()))
+    @rule(data=st.data())
+    def client_leaves_while_the_server_generates(self, data: st.DataObject) -> None:
+        every = sorted(i for ids in self.running.values() for i in ids)
+        request_id = data.draw(st.sampled_from(every))
+        server = self._where(request_id)
+        self.running[server].discard(request_id)
+        self.zombies[server].add(request_id)
+        self._dispatched(self.fleet.release(request_id, self.now, abandoned=True))
+
+    @precondition(lambda self: any(self.zombies.values()))
+    @rule(data=st.data())
+    def abandoned_generation_ends(self, data: st.DataObject) -> None:
+        every = sorted(i for ids in self.zombies.values() for i in ids)
+        request_id = data.draw(st.sampled_from(every))
+        for ids in self.zombies.values():
+            ids.discard(request_id)
 
     @precondition(lambda self: bool(self.waiting))
     @rule(data=st.data())
@@ -209,7 +235,8 @@ class FleetMachine(RuleBasedStateMachine):
     @invariant()
     def no_server_runs_more_than_its_slots(self) -> None:
         for agent, ids in self.running.items():
-            assert len(ids) <= self.totals[agent], (agent, ids)
+            busy = len(ids) + len(self.zombies[agent])
+            assert busy <= self.totals[agent], (agent, ids, self.zombies[agent])
 
     @invariant()
     def balancer_counts_match_the_servers(self) -> None:
