@@ -255,3 +255,27 @@ async def test_killed_server_is_reported_and_avoided_and_stopped_agent_removed(
     await until(lambda: len(fleet.agents_view()["agents"]) == 1, what="agent removed")
     remaining = fleet.agents_view()["agents"][0]
     assert remaining["status"]["external_llamacpp_addr"] == healthy.addr
+
+
+async def test_abandoned_non_streamed_request_still_holds_its_slot(
+    fleet: Fleet, llama_server: LlamaServerFactory
+) -> None:
+    # llama-server generates a non-streamed answer to its end even when the client left: the
+    # balancer must not send the next request to that busy slot.
+    fleet.balancer(*PATIENT)
+    server = llama_server(slots=1, extra_args=["--metrics"])
+    fleet.agent(server, interval_ms=200)
+    fleet.wait_agents(1)
+    async with watching([server]) as watch, aiohttp.ClientSession() as session:
+        abandoned = asyncio.create_task(
+            post_json(session, fleet.proxy + "/completion", {**LONG, "n_predict": 1500})
+        )
+        await until(lambda: busy_slots(server) == 1, what="slot busy")
+        abandoned.cancel()
+        await until(lambda: fleet.in_flight() == 0, what="balancer let go of the request")
+        status, body = await post_json(
+            session, fleet.proxy + "/completion", {"prompt": "next", "n_predict": 4}
+        )
+    assert status == 200
+    assert body["tokens_predicted"] == 4
+    assert watch.most_deferred == {server.addr: 0}
