@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
+from rower.balancer.upstream_index import UpstreamIndex
 from rower.status import AgentView, StatusUpdate, SystemTime
 
 STALE_AFTER_INTERVALS = 3
@@ -119,6 +120,8 @@ class Upstream:
     accounting: SlotAccounting = SlotAccounting.ROWER
     drain_requested: bool = False
     """An operator drained this upstream; the agent's reports do not undo it."""
+    registered: int = 0
+    """When it joined the fleet (a counter): the last tie-break of `Fleet.pick`."""
 
     @property
     def address(self) -> str:
@@ -191,6 +194,8 @@ class Fleet:
         """Agents replaced by a newer agent for the same address (their reports are ignored),
         and whether an operator had drained them."""
         self._dispatch_counter = itertools.count(1)
+        self._registrations = itertools.count(1)
+        self._index = UpstreamIndex(self.upstreams)
         self.revision = 0
         """Grows at every change an observer could see (for the SSE stream)."""
         self.quarantines = 0
@@ -222,17 +227,13 @@ class Fleet:
         return agent_id in self._superseded
 
     def pick(self, now: float) -> Upstream | None:
-        """The upstream for the next request: most free slots, fewest busy, least recently used."""
-        best: Upstream | None = None
-        best_key = (0, 0, 0)
-        for upstream in self.upstreams.values():
-            free = upstream.slots_free(now)
-            if free <= 0:
-                continue
-            key = (free, -upstream.slots_processing, -upstream.last_dispatch)
-            if best is None or key > best_key:
-                best, best_key = upstream, key
-        return best
+        """The upstream for the next request: most free slots, fewest busy, least recently used.
+
+        O(log n) amortized (`upstream_index`): a report, a dispatch and a release re-rank the
+        upstream they touch; what only lowers an upstream (drain, quarantine, staleness,
+        leaving) is noticed when its entry reaches the top of the index.
+        """
+        return self._index.best(now)
 
     def pick_any(self, now: float) -> Upstream | None:
         """An upstream for a request that needs no slot (`/v1/models`, `/props`, ...).
@@ -266,6 +267,8 @@ class Fleet:
                 return []
         drained = self._superseded.pop(agent_id, False)
         upstream = self.upstreams.get(agent_id)
+        # Only a newcomer or an agent whose address changed can collide with another agent.
+        collides = upstream is None or upstream.address != status.external_llamacpp_addr
         if upstream is None:
             upstream = Upstream(
                 agent_id,
@@ -274,11 +277,13 @@ class Fleet:
                 wall,
                 accounting=self.slot_accounting,
                 drain_requested=drained,
+                registered=next(self._registrations),
             )
             self.upstreams[agent_id] = upstream
             self._adopt_departed(upstream)
         upstream.status = status
-        self._supersede_others(upstream)
+        if collides:
+            self._supersede_others(upstream)
         upstream.last_seen = now
         upstream.last_update_wall = wall
         upstream.was_stale = False
@@ -294,7 +299,9 @@ class Fleet:
             upstream.quarantined = False
             upstream.quarantined_until_wall = None
         self.revision += 1
-        return self._drain_buffer(now, upstream)
+        dispatched = self._drain_buffer(now, upstream)
+        self._index.update(upstream, now)
+        return dispatched
 
     def remove_agent(self, agent_id: str) -> None:
         """The agent's stream ended: forget the upstream; its requests in flight run on.
@@ -331,7 +338,9 @@ class Fleet:
         if not self._waiting:
             upstream = self.pick(now)
             if upstream is not None:
-                return self._assign(request_id, upstream)
+                dispatch = self._assign(request_id, upstream)
+                self._index.update(upstream, now)
+                return dispatch
         if self.max_buffered == 0:
             return Rejected(request_id, RejectReason.BUFFER_DISABLED)
         if len(self._waiting) >= self.max_buffered and not retry:
@@ -368,7 +377,9 @@ class Fleet:
         if not upstream.in_flight and self._departed.get(upstream.address) is upstream:
             del self._departed[upstream.address]
         self.revision += 1
-        return self._drain_buffer(now, upstream)
+        dispatched = self._drain_buffer(now, upstream)
+        self._index.update(upstream, now)
+        return dispatched
 
     def refused(self, request_id: int, now: float, wall: float) -> list[Dispatch]:
         """The upstream of `request_id` refused the connection: quarantine it, free the slot.
@@ -405,6 +416,7 @@ class Fleet:
     # Internals.
 
     def _assign(self, request_id: int, upstream: Upstream) -> Dispatch:
+        # The caller tells the index (`report` and `release` once, after draining the buffer).
         upstream.in_flight.add(request_id)
         upstream.taken_since_report += 1
         upstream.recent.add(request_id)

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from rower.balancer.fleet import Buffered, Dispatch, Fleet, Rejected
+from rower.balancer.upstream_index import pick_key
 from rower.status import StatusUpdate
 
 AGENTS = ["a0", "a1", "a2"]
@@ -251,6 +252,12 @@ class FleetMachine(RuleBasedStateMachine):
     def nobody_waits_while_a_slot_is_free(self) -> None:
         if self.waiting:
             assert self.fleet.pick(self.now) is None
+
+    @invariant()
+    def the_index_picks_the_best_upstream(self) -> None:
+        candidates = [u for u in self.fleet.upstreams.values() if u.slots_free(self.now) > 0]
+        best = min(candidates, key=lambda u: pick_key(u, self.now), default=None)
+        assert self.fleet.pick(self.now) is best
 
     @invariant()
     def buffer_is_bounded(self) -> None:
