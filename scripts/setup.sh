@@ -6,7 +6,7 @@
 #
 # 1. C/C++ toolchain (gcc, g++, cmake, make) from Debian packages, only when missing.
 #    1b. Chromium (Debian package) for the web dashboard tests, only when missing.
-# 2. .venv in the repo, with `pip install -e '.[dev]'` pinned by requirements/constraints.txt.
+# 2. .venv in the repo, with `pip install -e '.[dev,bench]'` pinned by requirements/constraints.txt.
 # 3. llama-server, built from source and cached (scripts/build_llama_server.py, ~6 min once).
 # 4. The tiny test model, cached (scripts/make_tiny_model.py, a few seconds once).
 #
@@ -65,7 +65,7 @@ wanted=$(cat pyproject.toml requirements/constraints.txt | sha256sum | cut -d' '
 if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
     say "installing rower[dev] into .venv"
     .venv/bin/python -m pip install --disable-pip-version-check --quiet \
-        -c requirements/constraints.txt -e '.[dev]'
+        -c requirements/constraints.txt -e '.[dev,bench]'
     echo "$wanted" >"$stamp"
 fi
 

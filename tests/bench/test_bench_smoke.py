@@ -6,6 +6,7 @@ write a report. The real numbers come from `make bench`.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,10 @@ def test_sim_scheduling(tmp_path: Path) -> None:
 
 def test_real_scheduling(tmp_path: Path) -> None:
     if scenario_real.tools(build=False) is None:
-        pytest.skip("no cached llama-server or tiny model (make setup builds them)")
+        message = "no cached llama-server or tiny model: run scripts/setup.sh"
+        if os.environ.get("CI") or os.environ.get("ROWER_REQUIRE_LLAMA_SERVER") == "1":
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
     results = scenario_real.run(
         tmp_path, loads=(0.5,), duration=1.5, policy_kinds={"rower"}, build=False
     )
