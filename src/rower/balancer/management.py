@@ -147,7 +147,10 @@ class ManagementApi:
 
     def _report(self, agent_id: str, status: StatusUpdate) -> None:
         fleet = self.gate.fleet
-        if fleet.is_superseded(agent_id):
+        known = fleet.upstreams.get(agent_id)
+        unmoved = known is not None and known.address == status.external_llamacpp_addr
+        if unmoved or fleet.is_superseded(agent_id):
+            # Supersedes nobody (only a newcomer or a moved agent can): skip copying the fleet.
             self.gate.report(agent_id, status)
             return
         before = set(fleet.upstreams)

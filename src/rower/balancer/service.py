@@ -23,6 +23,11 @@ from rower.balancer.statsd import StatsdReporter
 
 log = logging.getLogger(__name__)
 
+LISTEN_BACKLOG = 2048
+"""Connections the kernel queues before accepting (capped by `net.core.somaxconn`): aiohttp's
+128 drops connections in a burst (thousands of clients, or agents reconnecting after a restart)
+and they retry only after a second or more."""
+
 
 class Balancer:
     """The balancer's parts, wired together; `start` opens the listeners, `stop` closes them."""
@@ -84,7 +89,9 @@ class Balancer:
                 shutdown_timeout=0.5,
             )
             await runner.setup()
-            site = web.TCPSite(runner, address.host, address.port, reuse_address=True)
+            site = web.TCPSite(
+                runner, address.host, address.port, reuse_address=True, backlog=LISTEN_BACKLOG
+            )
             await site.start()
             self._runners.append(runner)
             if app is proxy:
