@@ -41,6 +41,11 @@ HOP_BY_HOP = frozenset(
 MAX_ATTEMPTS = 3
 """Upstreams tried for one request when they refuse connections."""
 
+SMALL_BODY = 64 * 1024
+"""Bodies of known length up to this size are relayed whole: headers and body go out in one
+write each way, where relaying them as a stream costs three (headers, body, end) plus the
+stream's machinery; most of the proxy's CPU per small request is those writes."""
+
 
 @dataclass(frozen=True, slots=True)
 class ProxyOutcome:
@@ -175,6 +180,8 @@ class ReverseProxy:
                 # Chunked: the size is known only while relaying.
                 counted = _CountedBody(request, self.settings.max_request_body_bytes)
                 body = counted.chunks()
+            elif request.content_length <= SMALL_BODY:
+                body = await request.read()
             else:
                 body = request.content
         try:
@@ -196,6 +203,10 @@ class ReverseProxy:
             return self._body_too_large(request)
         async with upstream_response:
             first_byte = loop.time() - started
+            if _is_small(request, upstream_response):
+                return await self._relay_whole(
+                    request, upstream_response, upstream, started, first_byte, waited
+                )
             response = web.StreamResponse(
                 status=upstream_response.status, reason=upstream_response.reason
             )
@@ -224,6 +235,33 @@ class ReverseProxy:
                     request.transport.close()
                 return response
             await response.write_eof()
+        self._report(request, upstream_response.status, upstream, started, first_byte, None, waited)
+        return response
+
+    async def _relay_whole(
+        self,
+        request: web.Request,
+        upstream_response: aiohttp.ClientResponse,
+        upstream: str,
+        started: float,
+        first_byte: float,
+        waited: float,
+    ) -> web.StreamResponse:
+        try:
+            body = await upstream_response.read()
+        except (aiohttp.ClientError, TimeoutError) as error:
+            return self._upstream_failed(request, upstream, started, waited, error)
+        headers = CIMultiDict(
+            (name, value)
+            for name, value in upstream_response.headers.items()
+            if name.lower() not in HOP_BY_HOP and name.lower() != "content-length"
+        )
+        response = web.Response(
+            status=upstream_response.status,
+            reason=upstream_response.reason,
+            body=body,
+            headers=headers,
+        )
         self._report(request, upstream_response.status, upstream, started, first_byte, None, waited)
         return response
 
@@ -283,6 +321,17 @@ class ReverseProxy:
         self.on_outcome(
             ProxyOutcome(request.path, status, upstream, waited, first_byte, total, error)
         )
+
+
+def _is_small(request: web.Request, upstream_response: aiohttp.ClientResponse) -> bool:
+    """Whether the answer is short and not a stream, so it can be read whole and sent at once."""
+    length = upstream_response.content_length
+    return (
+        length is not None
+        and length <= SMALL_BODY
+        and request.method != "HEAD"
+        and upstream_response.content_type != "text/event-stream"
+    )
 
 
 class _CountedBody:
