@@ -9,7 +9,7 @@ import asyncio
 import json
 import time
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -20,6 +20,19 @@ def get_json(url: str, timeout: float = 5.0) -> Any:
     """GET `url` and decode its JSON body (blocking; fine for test setup)."""
     with urllib.request.urlopen(url, timeout=timeout) as answer:
         return json.load(answer)
+
+
+def stream_completion(proxy_url: str, tokens: int) -> Iterator[bytes]:
+    """A streaming completion through the proxy; yields its SSE chunks as they come."""
+    body = json.dumps({"prompt": "Tell me a long story", "n_predict": tokens, "stream": True})
+    request = urllib.request.Request(
+        f"{proxy_url}/completion",
+        data=body.encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=60) as answer:
+        while chunk := answer.read1(4096):
+            yield chunk
 
 
 async def until(check: Callable[[], bool], *, within: float = 10.0, what: str = "") -> None:
@@ -40,6 +53,10 @@ def eventually(check: Callable[[], bool], *, timeout: float = 10.0, what: str = 
             return
         time.sleep(0.02)
     raise AssertionError(f"not true after {timeout}s: {what or check}")
+
+
+OBSERVABILITY = ("--metrics-endpoint-enable", "--management-dashboard-enable")
+"""Balancer flags for the metrics endpoint and the web dashboard."""
 
 
 class Server(Protocol):
@@ -77,29 +94,37 @@ class Sim:
 
 @dataclass
 class Fleet:
-    """Processes of one test, stopped by `close`."""
+    """Processes of one test, stopped by `close`.
+
+    The balancer's ports are chosen up front, so a client can be pointed at a balancer that
+    is not started yet, and a restarted balancer is found where the old one was.
+    """
 
     processes: list[Process] = field(default_factory=list)
-    management_port: int = 0
-    proxy_port: int = 0
+    management_port: int = field(default_factory=free_port)
+    proxy_port: int = field(default_factory=free_port)
     sims: list[Sim] = field(default_factory=list)
     agents: list[Process] = field(default_factory=list)
 
     @property
+    def management_addr(self) -> str:
+        """`host:port` of the management API, as `--management-addr` takes it."""
+        return f"127.0.0.1:{self.management_port}"
+
+    @property
     def management(self) -> str:
-        return f"http://127.0.0.1:{self.management_port}"
+        return f"http://{self.management_addr}"
 
     @property
     def proxy(self) -> str:
         return f"http://127.0.0.1:{self.proxy_port}"
 
     def balancer(self, *flags: str) -> Process:
-        """Start the balancer with `flags` and wait for its /health."""
-        self.management_port, self.proxy_port = free_port(), free_port()
+        """Start the balancer on the fleet's ports with `flags` and wait for its /health."""
         process = rower(
             "balancer",
             "--management-addr",
-            f"127.0.0.1:{self.management_port}",
+            self.management_addr,
             "--reverseproxy-addr",
             f"127.0.0.1:{self.proxy_port}",
             *flags,
@@ -127,16 +152,26 @@ class Fleet:
         self.sims.append(sim)
         return sim
 
-    def agent(self, sim: Server, *, interval_ms: int = 100, flags: Sequence[str] = ()) -> Process:
-        """Start an agent for `sim` (or a real llama-server), reporting to this balancer."""
+    def agent(
+        self,
+        sim: Server,
+        *,
+        name: str | None = None,
+        interval_ms: int = 100,
+        flags: Sequence[str] = (),
+    ) -> Process:
+        """Start an agent for `sim` (or a real llama-server), reporting to this balancer.
+
+        It is named `name`, or `sim-PORT` after the server's port.
+        """
         process = rower(
             "agent",
             "--management-addr",
-            f"127.0.0.1:{self.management_port}",
+            self.management_addr,
             "--local-llamacpp-addr",
             sim.addr,
             "--name",
-            f"sim-{sim.port}",
+            name or f"sim-{sim.port}",
             "--monitoring-interval",
             str(interval_ms),
             *flags,
@@ -145,8 +180,21 @@ class Fleet:
         self.agents.append(process)
         return process
 
+    def sim_with_agent(
+        self, name: str, *, slots: int = 1, speed: int = 200, interval_ms: int = 100
+    ) -> tuple[Sim, Process]:
+        """Start a sim and an agent named `name` for it; wait until the balancer lists it."""
+        sim = self.sim(slots=slots, speed=speed)
+        agent = self.agent(sim, name=name, interval_ms=interval_ms)
+        eventually(lambda: name in self.agent_names(), timeout=15.0, what=f"agent {name} listed")
+        return sim, agent
+
     def agents_view(self) -> dict[str, Any]:
         return dict(get_json(self.management + "/api/v1/agents"))
+
+    def agent_names(self) -> list[str]:
+        """Names of the agents the balancer lists now."""
+        return [agent["status"]["agent_name"] for agent in self.agents_view()["agents"]]
 
     def wait_agents(self, count: int, *, usable: bool = True) -> None:
         """Wait until `count` agents are registered (and usable, unless told otherwise)."""

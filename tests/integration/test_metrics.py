@@ -12,14 +12,13 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.observed_fleet import ObservedFleet, eventually, observed_fleet
-from tests.processes import rower
+from tests.integration.fleet import OBSERVABILITY, Fleet, eventually
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
-def scrape(fleet: ObservedFleet, path: str = "/api/v1/metrics") -> tuple[str, Samples]:
-    with urllib.request.urlopen(fleet.management_url + path, timeout=5) as answer:
+def scrape(fleet: Fleet, path: str = "/api/v1/metrics") -> tuple[str, Samples]:
+    with urllib.request.urlopen(fleet.management + path, timeout=5) as answer:
         content_type = answer.headers["Content-Type"]
         text = answer.read().decode()
     samples = {
@@ -59,95 +58,83 @@ def statsd_socket() -> Iterator[socket.socket]:
         yield sock
 
 
-def test_metrics_after_real_traffic(statsd_socket: socket.socket) -> None:
+def test_metrics_after_real_traffic(fleet: Fleet, statsd_socket: socket.socket) -> None:
     statsd_port = statsd_socket.getsockname()[1]
-    with observed_fleet() as fleet:
-        fleet.start_balancer(
-            "--statsd-addr",
-            f"127.0.0.1:{statsd_port}",
-            "--statsd-prefix",
-            "gpu",
-            "--statsd-reporting-interval",
-            "100",
-        )
-        fleet.start_server("alpha", slots=2, tokens_per_second=1000)
-        fleet.start_server("beta", slots=3, tokens_per_second=1000)
+    fleet.balancer(
+        *OBSERVABILITY,
+        "--statsd-addr",
+        f"127.0.0.1:{statsd_port}",
+        "--statsd-prefix",
+        "gpu",
+        "--statsd-reporting-interval",
+        "100",
+    )
+    fleet.sim_with_agent("alpha", slots=2, speed=1000)
+    fleet.sim_with_agent("beta", slots=3, speed=1000)
 
-        for _ in range(3):
-            assert (
-                post(fleet.proxy_url + "/v1/completions", {"prompt": "hi", "max_tokens": 4}) == 200
-            )
-        assert get(fleet.proxy_url + "/v1/models") == 200
-        assert get(fleet.proxy_url + "/slots") == 403
+    for _ in range(3):
+        assert post(fleet.proxy + "/v1/completions", {"prompt": "hi", "max_tokens": 4}) == 200
+    assert get(fleet.proxy + "/v1/models") == 200
+    assert get(fleet.proxy + "/slots") == 403
 
-        content_type, got = scrape(fleet)
-        assert content_type.startswith("text/plain")
-        assert got[("rower_slots_idle", ())] == 5
-        assert got[("rower_slots_processing", ())] == 0
-        assert got[("rower_requests_buffered", ())] == 0
-        assert got[("rower_agents_registered", ())] == 2
-        ids = {agent["status"]["agent_name"]: agent["agent_id"] for agent in fleet.agents()}
-        beta = (("agent_id", ids["beta"]), ("agent_name", "beta"))
-        assert got[("rower_agent_slots_total", beta)] == 3
-        assert got[("rower_agent_slots_idle", beta)] == 3
-        assert got[("rower_agent_usable", beta)] == 1
-        completions = (("path", "/v1/completions"), ("status", "200"))
-        assert got[("rower_proxied_requests_total", completions)] == 3
-        assert got[("rower_proxied_requests_total", (("path", "other"), ("status", "200")))] == 1
-        assert got[("rower_buffer_wait_seconds_count", ())] == 3
-        assert got[("rower_time_to_first_byte_seconds_count", (("path", "/v1/completions"),))] == 3
-        assert got[("rower_request_duration_seconds_count", (("path", "/v1/completions"),))] == 3
-        assert got[("rower_buffer_full_rejections_total", ())] == 0
-        assert got[("rower_upstream_errors_total", ())] == 0
-        assert got[("rower_upstream_quarantines_total", ())] == 0
-        assert scrape(fleet, "/metrics")[1][("rower_agents_registered", ())] == 2
+    content_type, got = scrape(fleet)
+    assert content_type.startswith("text/plain")
+    assert got[("rower_slots_idle", ())] == 5
+    assert got[("rower_slots_processing", ())] == 0
+    assert got[("rower_requests_buffered", ())] == 0
+    assert got[("rower_agents_registered", ())] == 2
+    agents = fleet.agents_view()["agents"]
+    ids = {agent["status"]["agent_name"]: agent["agent_id"] for agent in agents}
+    beta = (("agent_id", ids["beta"]), ("agent_name", "beta"))
+    assert got[("rower_agent_slots_total", beta)] == 3
+    assert got[("rower_agent_slots_idle", beta)] == 3
+    assert got[("rower_agent_usable", beta)] == 1
+    completions = (("path", "/v1/completions"), ("status", "200"))
+    assert got[("rower_proxied_requests_total", completions)] == 3
+    assert got[("rower_proxied_requests_total", (("path", "other"), ("status", "200")))] == 1
+    assert got[("rower_buffer_wait_seconds_count", ())] == 3
+    assert got[("rower_time_to_first_byte_seconds_count", (("path", "/v1/completions"),))] == 3
+    assert got[("rower_request_duration_seconds_count", (("path", "/v1/completions"),))] == 3
+    assert got[("rower_buffer_full_rejections_total", ())] == 0
+    assert got[("rower_upstream_errors_total", ())] == 0
+    assert got[("rower_upstream_quarantines_total", ())] == 0
+    assert scrape(fleet, "/metrics")[1][("rower_agents_registered", ())] == 2
 
-        # The socket holds older datagrams too (before the agents came): read until current.
-        expected = {
-            "gpu.slots_idle": "5|g",
-            "gpu.slots_processing": "0|g",
-            "gpu.requests_buffered": "0|g",
-        }
-        latest: dict[str, str] = {}
+    # The socket holds older datagrams too (before the agents came): read until current.
+    expected = {
+        "gpu.slots_idle": "5|g",
+        "gpu.slots_processing": "0|g",
+        "gpu.requests_buffered": "0|g",
+    }
+    latest: dict[str, str] = {}
 
-        def statsd_shows_the_fleet() -> bool:
-            name, _, value = statsd_socket.recv(1024).decode().partition(":")
-            latest[name] = value
-            return latest == expected
+    def statsd_shows_the_fleet() -> bool:
+        name, _, value = statsd_socket.recv(1024).decode().partition(":")
+        latest[name] = value
+        return latest == expected
 
-        eventually(statsd_shows_the_fleet, what=f"StatsD gauges {expected}, last {latest}")
-
-
-def test_refused_connection_counts_a_quarantine() -> None:
-    with observed_fleet() as fleet:
-        fleet.start_balancer("--buffered-request-timeout", "500")
-        # A long interval: the agent does not notice the dead server before the request does.
-        solo = fleet.start_server("solo", slots=1, interval_ms=5000)
-        assert solo.agent is not None
-        solo.agent.signal(signal.SIGSTOP)
-        solo.sim.kill()
-        status = post(fleet.proxy_url + "/v1/completions", {"prompt": "hi", "max_tokens": 1})
-        assert status == 504
-        _, got = scrape(fleet)
-        assert got[("rower_upstream_quarantines_total", ())] == 1
-        assert got[("rower_buffer_timeouts_total", ())] == 1
-        assert (
-            got[("rower_proxied_requests_total", (("path", "/v1/completions"), ("status", "504")))]
-            == 1
-        )
+    eventually(
+        statsd_shows_the_fleet, timeout=15.0, what=f"StatsD gauges {expected}, last {latest}"
+    )
 
 
-def test_metrics_endpoint_is_off_unless_enabled() -> None:
-    with observed_fleet() as fleet:
-        fleet.balancer = fleet._keep(
-            rower(
-                "balancer",
-                "--management-addr",
-                fleet.management,
-                "--reverseproxy-addr",
-                f"127.0.0.1:{fleet.proxy_port}",
-            )
-        )
-        fleet.balancer.wait_http(f"{fleet.management_url}/health")
-        assert get(fleet.management_url + "/metrics") == 404
-        assert get(fleet.management_url + "/dashboard") == 404
+def test_refused_connection_counts_a_quarantine(fleet: Fleet) -> None:
+    fleet.balancer(*OBSERVABILITY, "--buffered-request-timeout", "500")
+    # A long interval: the agent does not notice the dead server before the request does.
+    sim, agent = fleet.sim_with_agent("solo", slots=1, interval_ms=5000)
+    agent.signal(signal.SIGSTOP)
+    sim.process.kill()
+    status = post(fleet.proxy + "/v1/completions", {"prompt": "hi", "max_tokens": 1})
+    assert status == 504
+    _, got = scrape(fleet)
+    assert got[("rower_upstream_quarantines_total", ())] == 1
+    assert got[("rower_buffer_timeouts_total", ())] == 1
+    assert (
+        got[("rower_proxied_requests_total", (("path", "/v1/completions"), ("status", "504")))] == 1
+    )
+
+
+def test_metrics_endpoint_is_off_unless_enabled(fleet: Fleet) -> None:
+    fleet.balancer()
+    assert get(fleet.management + "/metrics") == 404
+    assert get(fleet.management + "/dashboard") == 404

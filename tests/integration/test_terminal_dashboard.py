@@ -3,23 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable
 
 from textual.widgets import DataTable, Static
 
 from rower.dashboard.app import AgentDetails, DashboardApp
-from tests.integration.observed_fleet import observed_fleet
+from tests.integration.fleet import OBSERVABILITY, Fleet, until
 from tests.processes import free_port
 
-
-async def until(check: Callable[[], bool], what: str, seconds: float = 15.0) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if check():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"not true after {seconds} s: {what}")
+PATIENCE = 15.0
+"""Seconds the dashboard may take to show a change (it polls; the machine may be busy)."""
 
 
 def status_text(app: DashboardApp) -> str:
@@ -31,65 +23,78 @@ def rows(app: DashboardApp) -> list[list[str]]:
     return [[str(cell) for cell in table.get_row_at(i)] for i in range(table.row_count)]
 
 
-async def test_table_follows_the_fleet() -> None:
-    with observed_fleet() as fleet:
-        fleet.start_balancer()
-        app = DashboardApp(fleet.management)
-        async with app.run_test(size=(140, 30)) as pilot:
-            await until(lambda: "No agent is registered" in status_text(app), "no-agent message")
-            assert rows(app) == []
+async def test_table_follows_the_fleet(fleet: Fleet) -> None:
+    fleet.balancer(*OBSERVABILITY)
+    app = DashboardApp(fleet.management_addr)
+    async with app.run_test(size=(140, 30)) as pilot:
+        await until(
+            lambda: "No agent is registered" in status_text(app),
+            within=PATIENCE,
+            what="no-agent message",
+        )
+        assert rows(app) == []
 
-            await asyncio.to_thread(fleet.start_server, "alpha", slots=2)
-            await asyncio.to_thread(fleet.start_server, "beta", slots=3)
-            await until(lambda: len(rows(app)) == 2, "two rows")
-            table = rows(app)
-            by_name = {row[0]: row for row in table}
-            assert by_name["beta"][1] == "none"
-            assert by_name["beta"][2] == f"127.0.0.1:{fleet.servers['beta'].sim_port}"
-            assert by_name["beta"][4:] == ["3", "0"]
-            assert "2 agents" in status_text(app)
+        alpha, _ = await asyncio.to_thread(fleet.sim_with_agent, "alpha", slots=2)
+        beta, beta_agent = await asyncio.to_thread(fleet.sim_with_agent, "beta", slots=3)
+        await until(lambda: len(rows(app)) == 2, within=PATIENCE, what="two rows")
+        table = rows(app)
+        by_name = {row[0]: row for row in table}
+        assert by_name["beta"][1] == "none"
+        assert by_name["beta"][2] == beta.addr
+        assert by_name["beta"][4:] == ["3", "0"]
+        assert "2 agents" in status_text(app)
 
-            # s cycles the sort: balancer order -> name.
-            await pilot.press("s")
-            assert "sorted by name" in status_text(app)
-            assert [row[0] for row in rows(app)] == ["alpha", "beta"]
+        # s cycles the sort: balancer order -> name.
+        await pilot.press("s")
+        assert "sorted by name" in status_text(app)
+        assert [row[0] for row in rows(app)] == ["alpha", "beta"]
 
-            # Arrows and j/k move; Enter shows the agent under the cursor.
-            await pilot.press("j")
-            await pilot.press("enter")
-            await until(lambda: isinstance(app.screen, AgentDetails), "details screen")
-            assert isinstance(app.screen, AgentDetails)
-            details = str(app.screen.query_one("#details", Static).render())
-            assert "beta" in details
-            assert "3 total" in details
-            await pilot.press("escape")
-            await until(lambda: not isinstance(app.screen, AgentDetails), "details closed")
-            await pilot.press("k")
+        # Arrows and j/k move; Enter shows the agent under the cursor.
+        await pilot.press("j")
+        await pilot.press("enter")
+        await until(
+            lambda: isinstance(app.screen, AgentDetails), within=PATIENCE, what="details screen"
+        )
+        assert isinstance(app.screen, AgentDetails)
+        details = str(app.screen.query_one("#details", Static).render())
+        assert "beta" in details
+        assert "3 total" in details
+        await pilot.press("escape")
+        await until(
+            lambda: not isinstance(app.screen, AgentDetails), within=PATIENCE, what="details closed"
+        )
+        await pilot.press("k")
 
-            # A broken server shows its issue in words; an agent that leaves leaves the table.
-            fleet.servers["alpha"].sim.kill()
-            await until(
-                lambda: any(row[0] == "alpha" and "unreachable" in row[1] for row in rows(app)),
-                "alpha unreachable",
-            )
-            agent = fleet.servers["beta"].agent
-            assert agent is not None
-            agent.stop()
-            await until(lambda: [row[0] for row in rows(app)] == ["alpha"], "beta gone")
+        # A broken server shows its issue in words; an agent that leaves leaves the table.
+        alpha.process.kill()
+        await until(
+            lambda: any(row[0] == "alpha" and "unreachable" in row[1] for row in rows(app)),
+            within=PATIENCE,
+            what="alpha unreachable",
+        )
+        beta_agent.stop()
+        await until(
+            lambda: [row[0] for row in rows(app)] == ["alpha"], within=PATIENCE, what="beta gone"
+        )
 
-            await pilot.press("q")
-        assert app.return_code == 0
+        await pilot.press("q")
+    assert app.return_code == 0
 
 
-async def test_says_when_the_balancer_is_unreachable_and_keeps_retrying() -> None:
-    with observed_fleet() as fleet:
-        app = DashboardApp(fleet.management)
-        async with app.run_test(size=(140, 30)) as pilot:
-            await until(lambda: "unreachable" in status_text(app), "unreachable message")
-            assert "retrying" in status_text(app)
-            await asyncio.to_thread(fleet.start_balancer)
-            await until(lambda: "No agent is registered" in status_text(app), "reconnected")
-            await pilot.press("escape")
+async def test_says_when_the_balancer_is_unreachable_and_keeps_retrying(fleet: Fleet) -> None:
+    app = DashboardApp(fleet.management_addr)
+    async with app.run_test(size=(140, 30)) as pilot:
+        await until(
+            lambda: "unreachable" in status_text(app), within=PATIENCE, what="unreachable message"
+        )
+        assert "retrying" in status_text(app)
+        await asyncio.to_thread(fleet.balancer, *OBSERVABILITY)
+        await until(
+            lambda: "No agent is registered" in status_text(app),
+            within=PATIENCE,
+            what="reconnected",
+        )
+        await pilot.press("escape")
 
 
 async def test_connecting_message_before_the_first_snapshot() -> None:

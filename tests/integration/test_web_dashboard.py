@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.observed_fleet import observed_fleet, stream_completion
+from tests.integration.fleet import OBSERVABILITY, Fleet, stream_completion
 
 CHROMIUM = os.environ.get("ROWER_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -62,68 +62,62 @@ def page() -> Iterator[object]:
             browser.close()
 
 
-def test_dashboard_follows_the_fleet_live(page: object) -> None:
+def test_dashboard_follows_the_fleet_live(fleet: Fleet, page: object) -> None:
     from playwright.sync_api import Page, expect
 
     assert isinstance(page, Page)
-    with observed_fleet() as fleet:
-        fleet.start_balancer()
-        page.goto(fleet.management_url + "/dashboard")
-        expect(page.locator("#connection")).to_have_attribute("data-state", "live")
-        expect(page.locator("#empty")).to_be_visible()
-        expect(page.locator("#empty")).to_contain_text("No agent is registered")
+    balancer = fleet.balancer(*OBSERVABILITY)
+    page.goto(fleet.management + "/dashboard")
+    expect(page.locator("#connection")).to_have_attribute("data-state", "live")
+    expect(page.locator("#empty")).to_be_visible()
+    expect(page.locator("#empty")).to_contain_text("No agent is registered")
 
-        # Agents appear without a reload.
-        fleet.start_server("alpha", slots=2, tokens_per_second=20)
-        fleet.start_server("beta", slots=4, tokens_per_second=20)
-        rows = page.locator("#agents tbody tr")
-        expect(rows).to_have_count(2)
-        expect(page.locator("#empty")).to_be_hidden()
-        alpha = page.locator("#agents tbody tr", has_text="alpha")
-        expect(alpha.locator(".address")).to_have_text(
-            f"127.0.0.1:{fleet.servers['alpha'].sim_port}"
-        )
-        expect(alpha.locator(".issues")).to_have_text("none")
-        expect(page.locator("#total-agents")).to_have_text("2")
-        expect(page.locator("#total-idle")).to_have_text("6")
+    # Agents appear without a reload.
+    alpha_sim, _ = fleet.sim_with_agent("alpha", slots=2, speed=20)
+    _, beta_agent = fleet.sim_with_agent("beta", slots=4, speed=20)
+    rows = page.locator("#agents tbody tr")
+    expect(rows).to_have_count(2)
+    expect(page.locator("#empty")).to_be_hidden()
+    alpha = page.locator("#agents tbody tr", has_text="alpha")
+    expect(alpha.locator(".address")).to_have_text(alpha_sim.addr)
+    expect(alpha.locator(".issues")).to_have_text("none")
+    expect(page.locator("#total-agents")).to_have_text("2")
+    expect(page.locator("#total-idle")).to_have_text("6")
 
-        # A long streaming request through the proxy makes a slot busy.
-        first_chunk = threading.Event()
+    # A long streaming request through the proxy makes a slot busy.
+    first_chunk = threading.Event()
 
-        def stream() -> None:
-            # The stream is cut when the balancer stops at the end of the test.
-            with contextlib.suppress(OSError, http.client.HTTPException):
-                for _ in stream_completion(fleet.proxy_url, tokens=200):
-                    first_chunk.set()
+    def stream() -> None:
+        # The stream is cut when the balancer stops at the end of the test.
+        with contextlib.suppress(OSError, http.client.HTTPException):
+            for _ in stream_completion(fleet.proxy, tokens=200):
+                first_chunk.set()
 
-        streamer = threading.Thread(target=stream, daemon=True)
-        streamer.start()
-        assert first_chunk.wait(15)
-        expect(page.locator("#total-processing")).to_have_text("1 / 6")
-        expect(page.locator("#agents tbody tr .processing", has_text="1")).to_have_count(1)
-        expect(page.locator("#chart path.series.busy")).to_have_count(1)
-        if SCREENSHOT:
-            for _ in range(2):
-                threading.Thread(target=stream, daemon=True).start()
-            page.wait_for_timeout(4000)  # a few seconds of history in the chart
-            page.screenshot(path=SCREENSHOT, full_page=True)
+    streamer = threading.Thread(target=stream, daemon=True)
+    streamer.start()
+    assert first_chunk.wait(15)
+    expect(page.locator("#total-processing")).to_have_text("1 / 6")
+    expect(page.locator("#agents tbody tr .processing", has_text="1")).to_have_count(1)
+    expect(page.locator("#chart path.series.busy")).to_have_count(1)
+    if SCREENSHOT:
+        for _ in range(2):
+            threading.Thread(target=stream, daemon=True).start()
+        page.wait_for_timeout(4000)  # a few seconds of history in the chart
+        page.screenshot(path=SCREENSHOT, full_page=True)
 
-        # A server that breaks shows its issue in words.
-        fleet.servers["alpha"].sim.kill()
-        expect(alpha.locator(".issues")).to_contain_text("unreachable")
+    # A server that breaks shows its issue in words.
+    alpha_sim.process.kill()
+    expect(alpha.locator(".issues")).to_contain_text("unreachable")
 
-        # An agent that leaves leaves the table.
-        beta_agent = fleet.servers["beta"].agent
-        assert beta_agent is not None
-        beta_agent.stop()
-        expect(rows).to_have_count(1)
-        expect(page.locator("#agents tbody tr", has_text="beta")).to_have_count(0)
+    # An agent that leaves leaves the table.
+    beta_agent.stop()
+    expect(rows).to_have_count(1)
+    expect(page.locator("#agents tbody tr", has_text="beta")).to_have_count(0)
 
-        # The balancer goes away: the page says so, and comes back by itself.
-        assert fleet.balancer is not None
-        fleet.balancer.stop()
-        expect(page.locator("#connection")).to_have_attribute("data-state", "lost")
-        expect(page.locator("#connection")).to_contain_text("retrying")
-        fleet.start_balancer()
-        expect(page.locator("#connection")).to_have_attribute("data-state", "live", timeout=20000)
-        streamer.join(timeout=1)
+    # The balancer goes away: the page says so, and comes back by itself.
+    balancer.stop()
+    expect(page.locator("#connection")).to_have_attribute("data-state", "lost")
+    expect(page.locator("#connection")).to_contain_text("retrying")
+    fleet.balancer(*OBSERVABILITY)
+    expect(page.locator("#connection")).to_have_attribute("data-state", "live", timeout=20000)
+    streamer.join(timeout=1)
