@@ -80,7 +80,7 @@ class Reporter:
         self._has_token = bool(management_token)
         self._backoff = backoff or Backoff(rng=random.Random())
         self._last_failure: str | None = None
-        self._last_failure_logged = 0.0
+        self._failures_logged: dict[str, float] = {}
         self.connections = 0
         """How many streams were accepted (at least two lines sent); for tests and logs."""
 
@@ -148,10 +148,13 @@ class Reporter:
         return f"the balancer answered {status} {message}"
 
     def _note_failure(self, failure: str) -> None:
+        # Each distinct failure is logged at most once a REPEAT_LOG_AFTER: a 401 may alternate
+        # with "closed the connection" (the balancer answers before reading the body).
         now = time.monotonic()
-        if failure != self._last_failure or now - self._last_failure_logged >= REPEAT_LOG_AFTER:
+        logged = self._failures_logged.get(failure)
+        if logged is None or now - logged >= REPEAT_LOG_AFTER:
             logger.warning("status stream to %s: %s; reconnecting", self.url, failure)
-            self._last_failure_logged = now
+            self._failures_logged[failure] = now
         else:
             logger.debug("status stream to %s: %s; reconnecting", self.url, failure)
         self._last_failure = failure
