@@ -1,10 +1,12 @@
-"""Shared pytest wiring: remember each test's outcome so fixtures can print logs on failure."""
+"""Shared pytest wiring: each test's outcome for fixtures, and the `fleet` fixture that uses it."""
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Generator, Iterator
 
 import pytest
+
+from tests.integration.fleet import Fleet
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -14,3 +16,14 @@ def pytest_runtest_makereport(
     report = yield
     setattr(item, f"rep_{report.when}", report)
     return report
+
+
+@pytest.fixture
+def fleet(request: pytest.FixtureRequest) -> Iterator[Fleet]:
+    """A fleet of real processes to start in; their output is printed if the test fails."""
+    fleet = Fleet()
+    yield fleet
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        print(fleet.outputs())
+    fleet.close()

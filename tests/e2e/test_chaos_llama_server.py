@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Iterator
 
 import aiohttp
 import pytest
@@ -19,16 +18,6 @@ from tests.integration.fleet import Fleet, Sim, until
 
 LONG = {"prompt": "Once upon a time", "n_predict": 1900, "ignore_eos": True, "stream": True}
 SHORT = {"prompt": "Hello", "n_predict": 8}
-
-
-@pytest.fixture
-def fleet(request: pytest.FixtureRequest) -> Iterator[Fleet]:
-    fleet = Fleet()
-    yield fleet
-    report = getattr(request.node, "rep_call", None)
-    if report is not None and report.failed:
-        print(fleet.outputs())
-    fleet.close()
 
 
 def as_sim(server: LlamaServer) -> Sim:

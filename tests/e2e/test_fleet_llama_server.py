@@ -16,23 +16,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
-import pytest
 
 from tests.e2e.real_llama_server import LlamaServer, LlamaServerFactory
 from tests.integration.fleet import Fleet, until
 
 LONG = {"prompt": "Once upon a time", "n_predict": 300, "ignore_eos": True}
 PATIENT = ("--buffered-request-timeout", "120000")  # a loaded 2-core machine is slow
-
-
-@pytest.fixture
-def fleet(request: pytest.FixtureRequest) -> Any:
-    fleet = Fleet()
-    yield fleet
-    report = getattr(request.node, "rep_call", None)
-    if report is not None and report.failed:
-        print(fleet.outputs())
-    fleet.close()
 
 
 class SlotWatch:
