@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 
@@ -137,6 +138,18 @@ class Balancer:
             await runner.cleanup()
 
 
+def tune_garbage_collector() -> None:
+    """Make full collections rare: with 10,000 open connections one took 150-450 ms.
+
+    What exists after start lives as long as the process, so it leaves the collector's view
+    (`gc.freeze`), and collections run after 50,000 allocations instead of 700. Reference
+    counting frees almost everything the proxy allocates; cycles are rare.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
+
+
 async def serve(settings: BalancerSettings) -> None:
     """Run a balancer until SIGTERM or SIGINT, then drain it; a second signal cuts the drain."""
     balancer = Balancer(settings)
@@ -152,6 +165,7 @@ async def serve(settings: BalancerSettings) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal)
     await balancer.start()
+    tune_garbage_collector()
     try:
         await stopping.wait()
         log.info("balancer stopping")
