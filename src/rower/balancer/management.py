@@ -246,13 +246,16 @@ def cors_middleware(
 
 @web.middleware
 async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """aiohttp's own 404/405 answers in the same JSON error shape as everything else."""
+    """aiohttp's own 404/405 answers, and a bug's 500, in the JSON error shape of the rest."""
     try:
         return await handler(request)
     except web.HTTPException as error:
         if error.status < 400:
             raise
         return error_response(error.status, f"{error.reason}: {request.method} {request.path}")
+    except Exception:
+        log.exception("unexpected error answering %s %s", request.method, request.path)
+        return error_response(500, "Internal error in the balancer; its log has the details")
 
 
 def management_app(
