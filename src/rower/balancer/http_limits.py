@@ -17,7 +17,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_request import BaseRequest
 
-from rower.balancer.errors import error_response
+from rower.http_errors import error_response
 
 log = logging.getLogger(__name__)
 

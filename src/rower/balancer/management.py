@@ -17,10 +17,10 @@ import msgspec
 from aiohttp import web
 from aiohttp.http_exceptions import LineTooLong
 
-from rower.balancer.errors import error_response
 from rower.balancer.fleet_stream import FleetPublisher
 from rower.balancer.settings import BalancerSettings
 from rower.balancer.slot_gate import SlotGate
+from rower.http_errors import error_response
 from rower.status import StatusUpdate, status_decoder
 
 log = logging.getLogger(__name__)

@@ -17,10 +17,10 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from rower.balancer.errors import error_response
 from rower.balancer.paths import is_slots_endpoint, takes_slot
 from rower.balancer.settings import BalancerSettings
 from rower.balancer.slot_gate import SlotGate, SlotUnavailable
+from rower.http_errors import error_response
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import msgspec
 from aiohttp import web
 
 from rower.addresses import Address
-from rower.llamacpp import error_body
+from rower.http_errors import error_response
 from rower.sim import bodies, dialects, responses, tokens
 from rower.sim.bodies import BadRequest, Generation
 from rower.sim.engine import Engine
@@ -145,25 +145,25 @@ class Sim:
         try:
             return await handler(request)
         except BadRequest as error:
-            return _error(400, str(error))
+            return error_response(400, str(error))
         except web.HTTPException as error:
             if error.status == 404:
-                return _error(404, "File Not Found")
+                return error_response(404, "File Not Found")
             if error.status == 405:
-                return _error(405, "Method Not Allowed", "invalid_request_error")
+                return error_response(405, "Method Not Allowed", error_type="invalid_request_error")
             if error.status == 413:
-                return _error(413, "Request body too large")
+                return error_response(413, "Request body too large")
             raise
         except (asyncio.CancelledError, ConnectionError):
             raise
         except Exception as error:
             log.exception("%s %s failed", request.method, request.path)
-            return _error(500, str(error) or type(error).__name__)
+            return error_response(500, str(error) or type(error).__name__)
 
     @web.middleware
     async def _loading(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if asyncio.get_running_loop().time() < self._ready_at:
-            return _error(503, "Loading model")
+            return error_response(503, "Loading model")
         return await handler(request)
 
     @web.middleware
@@ -174,7 +174,7 @@ class Sim:
         given = request.headers.get("Authorization") or request.headers.get("X-Api-Key") or ""
         given = given.removeprefix("Bearer ")
         if given != key:
-            return _error(401, "Invalid API Key")
+            return error_response(401, "Invalid API Key")
         return await handler(request)
 
     # --- state endpoints --------------------------------------------------------------------
@@ -185,11 +185,11 @@ class Sim:
     async def _slots(self, request: web.Request) -> web.Response:
         faults = self.config.faults
         if faults.no_slots:
-            return _error(501, _NO_SLOTS)
+            return error_response(501, _NO_SLOTS)
         if faults.slots_delay > 0:
             await asyncio.sleep(faults.slots_delay)
         if request.query.get("fail_on_no_slot") and self.table.idle == 0:
-            return _error(503, "no slot available")
+            return error_response(503, "no slot available")
         return _json(responses.slots(self.table, self.config.identity))
 
     async def _props(self, request: web.Request) -> web.Response:
@@ -205,7 +205,7 @@ class Sim:
 
     async def _metrics(self, request: web.Request) -> web.Response:
         if not self.config.metrics:
-            return _error(501, _NO_METRICS)
+            return error_response(501, _NO_METRICS)
         counters = self.counters()
         lines = []
         for name, kind, value in (
@@ -319,7 +319,7 @@ class Sim:
     def _failure(self) -> web.Response | None:
         rate = self.config.faults.fail_rate
         if rate > 0 and self._random.random() < rate:
-            return _error(500, "simulated failure (rower sim --fail-rate)")
+            return error_response(500, "simulated failure (rower sim --fail-rate)")
         return None
 
 
@@ -330,15 +330,6 @@ class _ContextExceeded(BadRequest):
 def _json(body: Any, status: int = 200) -> web.Response:
     return web.Response(
         body=msgspec.json.encode(body),
-        status=status,
-        content_type="application/json",
-        charset="utf-8",
-    )
-
-
-def _error(status: int, message: str, error_type: str | None = None) -> web.Response:
-    return web.Response(
-        body=error_body(status, message, error_type),
         status=status,
         content_type="application/json",
         charset="utf-8",

@@ -1,4 +1,4 @@
-"""HTTP answers for errors the balancer itself makes, in llama.cpp's error shape."""
+"""HTTP error answers in llama.cpp's shape, made by the balancer and by `rower sim`."""
 
 from __future__ import annotations
 
@@ -21,5 +21,6 @@ def error_response(
         status=status,
         body=error_body(status, message, error_type),
         content_type="application/json",
+        charset="utf-8",
         headers=headers,
     )
