@@ -129,7 +129,7 @@ def main() -> int:
         print()
         print(f"""
 Try it:
-  curl http://127.0.0.1:{proxy}/v1/chat/completions \
+  curl http://127.0.0.1:{proxy}/v1/chat/completions \\
     -d '{{"messages":[{{"role":"user","content":"hi"}}]}}'
   web dashboard:      http://127.0.0.1:{management}/dashboard
   terminal dashboard: .venv/bin/rower dashboard --management-addr 127.0.0.1:{management}
