@@ -77,14 +77,6 @@ async def fleet() -> AsyncIterator[Fleet]:
         await started.close()
 
 
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    server = Receiver()
-    await server.start()
-    yield server
-    await server.stop()
-
-
 def latest_where(receiver: Receiver, check: Callable[[StatusUpdate], bool]) -> Callable[[], bool]:
     return lambda: receiver.latest is not None and check(receiver.latest)
 

@@ -5,29 +5,12 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import AsyncIterator
 
 import pytest
 from aiohttp import web
 
 from tests.integration.agent.peers import FakeLlama, Receiver, Site, eventually
 from tests.processes import Process, free_port, rower
-
-
-@pytest.fixture
-async def llama() -> AsyncIterator[FakeLlama]:
-    server = FakeLlama()
-    await server.start()
-    yield server
-    await server.stop()
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    server = Receiver()
-    await server.start()
-    yield server
-    await server.stop()
 
 
 async def exited(process: Process, *, within: float = 5.0) -> int:

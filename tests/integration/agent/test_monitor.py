@@ -17,14 +17,6 @@ from tests.processes import free_port
 
 
 @pytest.fixture
-async def llama() -> AsyncIterator[FakeLlama]:
-    server = FakeLlama()
-    await server.start()
-    yield server
-    await server.stop()
-
-
-@pytest.fixture
 async def session() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as client:
         yield client

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -16,22 +15,6 @@ from rower.agent.reporter import Reporter
 from rower.status import StatusUpdate
 from tests.integration.agent.peers import FakeLlama, Receiver, eventually
 from tests.processes import free_port
-
-
-@pytest.fixture
-async def llama() -> AsyncIterator[FakeLlama]:
-    server = FakeLlama()
-    await server.start()
-    yield server
-    await server.stop()
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    server = Receiver()
-    await server.start()
-    yield server
-    await server.stop()
 
 
 class Running:
