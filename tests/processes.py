@@ -27,6 +27,22 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+class LoopbackServer:
+    """A server listening on 127.0.0.1 at `port`: a `rower sim` or a real llama-server."""
+
+    port: int
+
+    @property
+    def addr(self) -> str:
+        """`host:port`, as Rower's flags take it."""
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        """Base URL without a trailing slash."""
+        return f"http://{self.addr}"
+
+
 class Process:
     """A child process whose stdout+stderr go to a temporary file, readable as `output`."""
 

@@ -4,21 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 
-from tests.integration.fleet import Fleet, Sim, get_json, until
-from tests.processes import Process, free_port, rower
+from tests.integration.fleet import Fleet, Sim, until
+from tests.processes import Process
 
 CLIENT_DEADLINE = 20.0
 """No request of a test may take longer than this: past it, it hangs."""
-
-
-def fleet_view(fleet: Fleet) -> dict[str, Any]:
-    return dict(get_json(fleet.management + "/api/v1/agents"))
 
 
 async def settled(
@@ -37,7 +33,7 @@ async def settled(
     expected_agents = len(live) if agents is None else agents
 
     def balancer_idle() -> bool:
-        view = fleet_view(fleet)
+        view = fleet.agents_view()
         return view["requests_in_flight"] == 0 and view["requests_buffered"] == 0
 
     await until(balancer_idle, within=within, what="balancer: nothing in flight or buffered")
@@ -49,13 +45,13 @@ async def settled(
         )
 
     def agents_listed() -> bool:
-        view = fleet_view(fleet)
+        view = fleet.agents_view()
         return len(view["agents"]) == expected_agents and all(
             a["slots_taken"] == 0 for a in view["agents"]
         )
 
     await until(agents_listed, within=within, what=f"exactly {expected_agents} agents listed")
-    addresses = [a["status"]["external_llamacpp_addr"] for a in fleet_view(fleet)["agents"]]
+    addresses = [a["status"]["external_llamacpp_addr"] for a in fleet.agents_view()["agents"]]
     assert len(addresses) == len(set(addresses)), f"a server is listed twice: {addresses}"
 
 
@@ -104,52 +100,6 @@ async def stream_completion(
         if outcomes is not None:
             outcomes.error(type(error).__name__)
         return 0, str(error).encode()
-
-
-def start_sim_at(
-    fleet: Fleet,
-    port: int | None = None,
-    *,
-    slots: int = 1,
-    speed: int = 200,
-    flags: Sequence[str] = (),
-    ready: Sequence[int] = (200,),
-) -> Sim:
-    """Start a `rower sim` on a given port (to restart one where its agent expects it).
-
-    `ready` are the `/health` statuses that count as started (503 for a loading one).
-    """
-    port = port or free_port()
-    process = rower(
-        "sim",
-        "--addr",
-        f"127.0.0.1:{port}",
-        "--slots",
-        str(slots),
-        "--decode-tokens-per-second",
-        str(speed),
-        *flags,
-    )
-    fleet.processes.append(process)
-    sim = Sim(process, port)
-    process.wait_http(sim.url + "/health", statuses=ready)
-    fleet.sims.append(sim)
-    return sim
-
-
-def restart_balancer(fleet: Fleet, *flags: str) -> Process:
-    """Start a balancer on the fleet's existing ports (after the old one went away)."""
-    process = rower(
-        "balancer",
-        "--management-addr",
-        f"127.0.0.1:{fleet.management_port}",
-        "--reverseproxy-addr",
-        f"127.0.0.1:{fleet.proxy_port}",
-        *flags,
-    )
-    fleet.processes.append(process)
-    process.wait_http(fleet.management + "/health")
-    return process
 
 
 def freeze(process: Process) -> None:

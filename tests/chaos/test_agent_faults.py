@@ -7,12 +7,8 @@ import signal
 
 import aiohttp
 
-from tests.chaos.invariants import bounded, fleet_view, freeze, settled, stream_completion, thaw
+from tests.chaos.invariants import bounded, freeze, settled, stream_completion, thaw
 from tests.integration.fleet import Fleet, until
-
-
-def by_address(fleet: Fleet) -> dict[str, dict[str, object]]:
-    return {a["status"]["external_llamacpp_addr"]: a for a in fleet_view(fleet)["agents"]}
 
 
 async def test_killed_agent_leaves_and_its_replacement_counts_the_running_request(
@@ -26,12 +22,12 @@ async def test_killed_agent_leaves_and_its_replacement_counts_the_running_reques
         stream = asyncio.create_task(stream_completion(session, fleet.proxy, n_predict=60))
         await until(lambda: sim.slots_processing() == 1, what="request running")
         agent.kill()
-        await until(lambda: not fleet_view(fleet)["agents"], within=3, what="agent removed")
-        assert fleet_view(fleet)["requests_in_flight"] == 1
+        await until(lambda: not fleet.agents_view()["agents"], within=3, what="agent removed")
+        assert fleet.agents_view()["requests_in_flight"] == 1
         fleet.agent(sim)
         fleet.wait_agents(1)
         # The new agent inherits the request: one slot taken, one free, not two free.
-        (entry,) = fleet_view(fleet)["agents"]
+        (entry,) = fleet.agents_view()["agents"]
         assert entry["slots_taken"] == 1
         assert entry["slots_free"] == 1
         status, body = await bounded(stream)
@@ -45,24 +41,24 @@ async def test_frozen_agent_goes_stale_and_a_new_agent_supersedes_it(fleet: Flee
     sim = fleet.sim(slots=2)
     old = fleet.agent(sim, interval_ms=100)
     fleet.wait_agents(1)
-    (first,) = fleet_view(fleet)["agents"]
+    (first,) = fleet.agents_view()["agents"]
     freeze(old)
     # Its TCP stream stays open: only the missed intervals (3 x 100 ms) give it away.
-    await until(lambda: fleet_view(fleet)["agents"][0]["is_stale"], within=3, what="stale")
-    assert not fleet_view(fleet)["agents"][0]["is_usable"]
+    await until(lambda: fleet.agents_view()["agents"][0]["is_stale"], within=3, what="stale")
+    assert not fleet.agents_view()["agents"][0]["is_usable"]
     fleet.agent(sim, interval_ms=100)
     await until(
-        lambda: [a["agent_id"] for a in fleet_view(fleet)["agents"]] != [first["agent_id"]],
+        lambda: [a["agent_id"] for a in fleet.agents_view()["agents"]] != [first["agent_id"]],
         within=5,
         what="new agent took over",
     )
-    (entry,) = fleet_view(fleet)["agents"]
+    (entry,) = fleet.agents_view()["agents"]
     assert entry["is_usable"]
     assert entry["status"]["slots_total"] == 2
     # The old agent wakes up and reports again: still one entry, the newest agent's.
     thaw(old)
     await asyncio.sleep(0.5)
-    assert [a["agent_id"] for a in fleet_view(fleet)["agents"]] == [entry["agent_id"]]
+    assert [a["agent_id"] for a in fleet.agents_view()["agents"]] == [entry["agent_id"]]
     async with aiohttp.ClientSession() as session:
         results = await bounded(
             asyncio.gather(*(stream_completion(session, fleet.proxy) for _ in range(4)))
@@ -71,7 +67,7 @@ async def test_frozen_agent_goes_stale_and_a_new_agent_supersedes_it(fleet: Flee
     # The old agent leaves: the newer one stays.
     old.stop()
     await asyncio.sleep(0.3)
-    assert [a["agent_id"] for a in fleet_view(fleet)["agents"]] == [entry["agent_id"]]
+    assert [a["agent_id"] for a in fleet.agents_view()["agents"]] == [entry["agent_id"]]
     await settled(fleet)
 
 
@@ -88,11 +84,11 @@ async def test_sigterm_drains_the_agent_then_it_leaves(fleet: Fleet) -> None:
         agent.signal(signal.SIGTERM)
 
         def reported_draining() -> bool:
-            entry = by_address(fleet).get(draining.addr)
+            entry = fleet.agents_by_addr().get(draining.addr)
             return entry is not None and bool(entry["status"]["is_draining"])  # type: ignore[index]
 
         await until(reported_draining, within=3, what="agent reports draining")
-        entry = by_address(fleet)[draining.addr]
+        entry = fleet.agents_by_addr()[draining.addr]
         assert not entry["is_usable"]
         # New work goes elsewhere while the running request finishes.
         status, _ = await bounded(stream_completion(session, fleet.proxy, n_predict=3))
@@ -104,7 +100,7 @@ async def test_sigterm_drains_the_agent_then_it_leaves(fleet: Fleet) -> None:
         assert b'"stop":true' in body
     await until(lambda: agent.popen.poll() is not None, within=3, what="agent exits")
     assert agent.popen.returncode == 0
-    await until(lambda: draining.addr not in by_address(fleet), within=2, what="unregistered")
+    await until(lambda: draining.addr not in fleet.agents_by_addr(), within=2, what="unregistered")
     await settled(fleet, sims=[other])
 
 
@@ -113,7 +109,7 @@ async def test_drain_endpoint_needs_the_token_and_stops_new_work(fleet: Fleet) -
     drained, other = fleet.sim(slots=2, speed=30), fleet.sim(slots=2)
     fleet.agent(drained, flags=["--management-token", "s3cret"])
     fleet.wait_agents(1)
-    agent_id = fleet_view(fleet)["agents"][0]["agent_id"]
+    agent_id = fleet.agents_view()["agents"][0]["agent_id"]
     url = f"{fleet.management}/api/v1/agents/{agent_id}/drain"
     async with aiohttp.ClientSession() as session:
         stream = asyncio.create_task(stream_completion(session, fleet.proxy, n_predict=40))
@@ -124,7 +120,7 @@ async def test_drain_endpoint_needs_the_token_and_stops_new_work(fleet: Fleet) -
             async with session.post(url, headers=headers) as answer:
                 assert answer.status == 401
                 assert (await answer.json())["error"]["code"] == 401
-        assert by_address(fleet)[drained.addr]["is_usable"]
+        assert fleet.agents_by_addr()[drained.addr]["is_usable"]
         auth = {"Authorization": "Bearer s3cret"}
         async with session.post(
             f"{fleet.management}/api/v1/agents/nobody/drain", headers=auth
@@ -133,7 +129,7 @@ async def test_drain_endpoint_needs_the_token_and_stops_new_work(fleet: Fleet) -
         async with session.post(url, headers=auth) as answer:
             assert answer.status == 200
             assert await answer.json() == {"agent_id": agent_id, "is_draining": True}
-        entry = by_address(fleet)[drained.addr]
+        entry = fleet.agents_by_addr()[drained.addr]
         assert entry["status"]["is_draining"]  # type: ignore[index]
         assert not entry["is_usable"]
         results = await bounded(

@@ -11,8 +11,6 @@ import aiohttp
 from tests.chaos.invariants import (
     Outcomes,
     bounded,
-    fleet_view,
-    restart_balancer,
     settled,
     stream_completion,
 )
@@ -32,7 +30,7 @@ async def test_sigterm_finishes_streams_answers_the_buffer_and_refuses_new_work(
         waiting = asyncio.create_task(
             session.post(fleet.proxy + "/completion", json={"prompt": "w"})
         )
-        await until(lambda: fleet_view(fleet)["requests_buffered"] == 1, what="one waits")
+        await until(lambda: fleet.agents_view()["requests_buffered"] == 1, what="one waits")
         balancer.signal(signal.SIGTERM)
         answer = await bounded(waiting)
         assert answer.status == 503
@@ -98,8 +96,8 @@ async def test_balancer_killed_under_load_comes_back_and_agents_re_register(
         balancer.kill()
         killed = time.monotonic()
         await asyncio.sleep(0.3)
-        restart_balancer(fleet)
-        await until(lambda: len(fleet_view(fleet)["agents"]) == 2, within=3, what="agents back")
+        fleet.balancer()
+        await until(lambda: len(fleet.agents_view()["agents"]) == 2, within=3, what="agents back")
         assert time.monotonic() - killed < 2.5
         served_before = outcomes.statuses.get(200, 0)
         await until(

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 
-from tests.chaos.invariants import fleet_view, settled
+from tests.chaos.invariants import settled
 from tests.integration.fleet import Fleet
 from tests.processes import free_port
 
@@ -94,7 +94,7 @@ async def test_limits_answer_clear_4xx_and_the_process_lives_on(fleet: Fleet) ->
         ) as answer:
             assert answer.status == 429
             assert "--max-agents" in error_of(await answer.read())["message"]  # type: ignore[operator]
-        assert len(fleet_view(fleet)["agents"]) == 1
+        assert len(fleet.agents_view()["agents"]) == 1
 
     # Header field, request line, and header count limits, on both listeners.
     long_header = b"X-Big: " + b"h" * 3000 + b"\r\n"

@@ -23,7 +23,6 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from tests.chaos.invariants import fleet_view
 from tests.integration.fleet import Fleet
 
 TOKEN = "fuzz-token"
@@ -74,7 +73,7 @@ def test_management_api_never_fails_on_any_input(management_api: Any, mode: Gene
 
 def test_fuzzing_left_no_state_behind(fuzzed_fleet: Fleet) -> None:
     assert fuzzed_fleet.processes[0].popen.poll() is None
-    view = fleet_view(fuzzed_fleet)
+    view = fuzzed_fleet.agents_view()
     assert view["agents"] == []
     assert view["requests_in_flight"] == 0
     assert view["requests_buffered"] == 0

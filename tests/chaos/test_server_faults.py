@@ -13,10 +13,8 @@ import aiohttp
 
 from tests.chaos.invariants import (
     bounded,
-    fleet_view,
     freeze,
     settled,
-    start_sim_at,
     stream_completion,
     thaw,
 )
@@ -42,7 +40,7 @@ async def test_frozen_server_is_avoided_and_its_streams_finish_when_it_thaws(
         fleet.agent(other)
 
         def frozen_unusable() -> bool:
-            agents = {a["status"]["external_llamacpp_addr"]: a for a in fleet_view(fleet)["agents"]}
+            agents = fleet.agents_by_addr()
             return frozen.addr in agents and not agents[frozen.addr]["is_usable"]
 
         await until(frozen_unusable, within=6, what="frozen server marked unusable")
@@ -66,7 +64,7 @@ async def test_slow_and_hanging_slots_endpoints_never_stall_the_proxy(fleet: Fle
     fleet.agent(hanging, interval_ms=1000)
 
     def registered() -> bool:
-        agents = {a["status"]["external_llamacpp_addr"]: a for a in fleet_view(fleet)["agents"]}
+        agents = fleet.agents_by_addr()
         return (
             agents.get(slow.addr, {}).get("is_usable", False)
             and hanging.addr in agents
@@ -91,10 +89,10 @@ async def test_slow_and_hanging_slots_endpoints_never_stall_the_proxy(fleet: Fle
 
 async def test_loading_server_is_used_once_ready_without_any_restart(fleet: Fleet) -> None:
     fleet.balancer()
-    loading = start_sim_at(fleet, flags=["--loading-ms", "3000"], ready=(503,))
+    loading = fleet.sim(flags=["--loading-ms", "3000"], ready=(503,))
     fleet.agent(loading)
     fleet.wait_agents(1, usable=False)
-    agent = fleet_view(fleet)["agents"][0]
+    agent = fleet.agents_view()["agents"][0]
     assert agent["status"]["error"] == "Llama.cpp is loading the model"
     assert not agent["is_usable"]
     async with aiohttp.ClientSession() as session:

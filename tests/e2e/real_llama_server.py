@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
-from tests.processes import Process, free_port
+from tests.processes import LoopbackServer, Process, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -59,7 +59,7 @@ def configured_artifacts() -> LlamaCppArtifacts:
 
 
 @dataclass(frozen=True)
-class LlamaServer:
+class LlamaServer(LoopbackServer):
     """A running llama-server on loopback."""
 
     process: Process
@@ -67,16 +67,6 @@ class LlamaServer:
     slots: int
     ctx: int
     startup_seconds: float
-
-    @property
-    def addr(self) -> str:
-        """`host:port`, as Rower's flags take it."""
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def url(self) -> str:
-        """Base URL without a trailing slash."""
-        return f"http://{self.addr}"
 
 
 LlamaServerFactory = Callable[..., LlamaServer]

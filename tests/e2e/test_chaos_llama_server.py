@@ -12,7 +12,7 @@ import signal
 import aiohttp
 import pytest
 
-from tests.chaos.invariants import bounded, fleet_view, freeze, settled, thaw
+from tests.chaos.invariants import bounded, freeze, settled, thaw
 from tests.e2e.real_llama_server import LlamaServer, LlamaServerFactory
 from tests.integration.fleet import Fleet, Sim, until
 
@@ -47,7 +47,7 @@ async def test_killed_mid_stream_ends_the_stream_and_work_moves_on(
         with pytest.raises(aiohttp.ClientPayloadError):
             await bounded(answer.content.read(), "the cut stream")
         answer.close()
-        await until(lambda: fleet_view(fleet)["requests_in_flight"] == 0, what="released")
+        await until(lambda: fleet.agents_view()["requests_in_flight"] == 0, what="released")
         async with session.post(fleet.proxy + "/completion", json=SHORT) as again:
             assert again.status == 200
             assert (await again.json())["tokens_predicted"] == 8
@@ -71,7 +71,7 @@ async def test_frozen_server_with_requests_in_flight(
         fleet.agent(other)
 
         def frozen_unusable() -> bool:
-            agents = {a["status"]["external_llamacpp_addr"]: a for a in fleet_view(fleet)["agents"]}
+            agents = fleet.agents_by_addr()
             return frozen.addr in agents and not agents[frozen.addr]["is_usable"]
 
         await until(frozen_unusable, within=8, what="frozen server reported unusable")
@@ -101,6 +101,6 @@ async def test_refused_connection_is_retried_on_another_server(
     ):
         assert answer.status == 200
         assert (await answer.json())["tokens_predicted"] == 8
-    entry = {a["status"]["external_llamacpp_addr"]: a for a in fleet_view(fleet)["agents"]}
+    entry = fleet.agents_by_addr()
     assert entry[gone.addr]["quarantined_until"] is not None
     await settled(fleet, sims=[alive], agents=2)

@@ -11,9 +11,9 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
-from tests.processes import Process, free_port, rower
+from tests.processes import LoopbackServer, Process, free_port, rower
 
 
 def get_json(url: str, timeout: float = 5.0) -> Any:
@@ -59,30 +59,12 @@ OBSERVABILITY = ("--metrics-endpoint-enable", "--management-dashboard-enable")
 """Balancer flags for the metrics endpoint and the web dashboard."""
 
 
-class Server(Protocol):
-    """Anything an agent can watch: a `rower sim` or a real llama-server."""
-
-    @property
-    def addr(self) -> str: ...
-
-    @property
-    def port(self) -> int: ...
-
-
 @dataclass
-class Sim:
+class Sim(LoopbackServer):
     """One `rower sim` process."""
 
     process: Process
     port: int
-
-    @property
-    def addr(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.addr}"
 
     def slots_processing(self) -> int:
         return sum(slot["is_processing"] for slot in get_json(self.url + "/slots"))
@@ -133,8 +115,18 @@ class Fleet:
         process.wait_http(self.management + "/health")
         return process
 
-    def sim(self, *, slots: int = 1, speed: int = 200, flags: Sequence[str] = ()) -> Sim:
-        """Start a `rower sim` with `slots` slots decoding `speed` tokens/s."""
+    def sim(
+        self,
+        *,
+        slots: int = 1,
+        speed: int = 200,
+        flags: Sequence[str] = (),
+        ready: Sequence[int] = (200,),
+    ) -> Sim:
+        """Start a `rower sim` with `slots` slots decoding `speed` tokens/s.
+
+        `ready` are the `/health` statuses that count as started (503 for a loading one).
+        """
         port = free_port()
         process = rower(
             "sim",
@@ -148,13 +140,13 @@ class Fleet:
         )
         self.processes.append(process)
         sim = Sim(process, port)
-        process.wait_http(sim.url + "/health")
+        process.wait_http(sim.url + "/health", statuses=ready)
         self.sims.append(sim)
         return sim
 
     def agent(
         self,
-        sim: Server,
+        sim: LoopbackServer,
         *,
         name: str | None = None,
         interval_ms: int = 100,
@@ -191,6 +183,10 @@ class Fleet:
 
     def agents_view(self) -> dict[str, Any]:
         return dict(get_json(self.management + "/api/v1/agents"))
+
+    def agents_by_addr(self) -> dict[str, dict[str, Any]]:
+        """The balancer's agent entries by the server address each reports."""
+        return {a["status"]["external_llamacpp_addr"]: a for a in self.agents_view()["agents"]}
 
     def agent_names(self) -> list[str]:
         """Names of the agents the balancer lists now."""

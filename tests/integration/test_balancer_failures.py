@@ -65,7 +65,7 @@ async def test_refused_connection_quarantines_and_retries_elsewhere(fleet: Fleet
             async with session.post(fleet.proxy + "/completion", json={"prompt": "x"}) as answer:
                 assert answer.status == 200
     assert healthy.counters()["requests_total"] == 3
-    agents = {a["status"]["external_llamacpp_addr"]: a for a in fleet.agents_view()["agents"]}
+    agents = fleet.agents_by_addr()
     assert agents[doomed.addr]["quarantined_until"] is not None
     assert not agents[doomed.addr]["is_usable"]
     assert agents[healthy.addr]["is_usable"]
