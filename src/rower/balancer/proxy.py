@@ -3,7 +3,8 @@
 A handler reads like: classify the path -> ask the slot gate for an upstream -> relay bytes both
 ways as they arrive -> give the slot back. The listener runs with `handler_cancellation=True`, so
 a client that goes away cancels the handler: leaving the upstream `async with` then closes the
-upstream connection, and llama-server stops generating and frees the slot.
+upstream connection. llama-server then stops a streamed generation at its next token; a
+non-streamed one runs to its end, which is why such a slot is given back as "abandoned".
 """
 
 from __future__ import annotations
