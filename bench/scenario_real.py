@@ -46,24 +46,21 @@ def tools(*, build: bool = True) -> tuple[Path, Path] | None:
 
         server, model = llamacpp_cache.llama_server_path(), llamacpp_cache.tiny_model_path()
         return (server, model) if server.is_file() and model.is_file() else None
+
+    def last_line_of(script: str, timeout: float) -> Path:
+        printed = subprocess.run(
+            [sys.executable, str(root / "scripts" / script)],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=timeout,
+        ).stdout.strip()
+        return Path(printed.splitlines()[-1])
+
     try:
-        server = subprocess.run(
-            [sys.executable, str(root / "scripts/build_llama_server.py")],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=1800,
-        ).stdout.strip()
-        model = subprocess.run(
-            [sys.executable, str(root / "scripts/make_tiny_model.py")],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=600,
-        ).stdout.strip()
+        return last_line_of("build_llama_server.py", 1800), last_line_of("make_tiny_model.py", 600)
     except (subprocess.SubprocessError, OSError):
         return None
-    return Path(server.splitlines()[-1]), Path(model.splitlines()[-1])
 
 
 def _metric(text: str, name: str) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Generator, Iterator
 
 import pytest
@@ -27,3 +28,12 @@ def fleet(request: pytest.FixtureRequest) -> Iterator[Fleet]:
     if report is not None and report.failed:
         print(fleet.outputs())
     fleet.close()
+
+
+@pytest.fixture
+def statsd_socket() -> Iterator[socket.socket]:
+    """A UDP socket on 127.0.0.1 to receive StatsD datagrams (5 s read timeout)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.settimeout(5)
+        yield sock

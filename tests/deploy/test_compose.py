@@ -12,12 +12,10 @@ import re
 import socket
 import time
 import urllib.request
-from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
 from rower.addresses import Address
@@ -205,14 +203,6 @@ def eventually_agents(management: str, count: int) -> list[dict[str, Any]]:
             return agents
         time.sleep(0.05)
     raise AssertionError(f"expected {count} usable agents, got {agents}")
-
-
-@pytest.fixture
-def statsd_socket() -> Iterator[socket.socket]:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.settimeout(5)
-        yield sock
 
 
 def test_the_compose_topology_runs_as_processes(statsd_socket: socket.socket) -> None:

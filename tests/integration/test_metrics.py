@@ -7,9 +7,7 @@ import signal
 import socket
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.fleet import OBSERVABILITY, Fleet, eventually
@@ -48,14 +46,6 @@ def get(url: str) -> int:
             return answer.status
     except urllib.error.HTTPError as error:
         return error.code
-
-
-@pytest.fixture
-def statsd_socket() -> Iterator[socket.socket]:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.settimeout(5)
-        yield sock
 
 
 def test_metrics_after_real_traffic(fleet: Fleet, statsd_socket: socket.socket) -> None:
