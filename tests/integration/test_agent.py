@@ -19,8 +19,11 @@ from tests.processes import Process, free_port, rower
 INTERVAL_MS = 100
 
 
-class Fleet:
-    """Starts `rower sim` and `rower agent` processes; stops them all at the end."""
+class AgentRig:
+    """`rower sim` and `rower agent` processes reporting to test receivers; stopped at the end.
+
+    Not `tests.integration.fleet.Fleet`: no balancer here, the agent reports to `Receiver`s.
+    """
 
     def __init__(self) -> None:
         self.processes: list[Process] = []
@@ -65,8 +68,8 @@ class Fleet:
 
 
 @pytest.fixture
-async def fleet() -> AsyncIterator[Fleet]:
-    started = Fleet()
+async def rig() -> AsyncIterator[AgentRig]:
+    started = AgentRig()
     try:
         yield started
     except BaseException:
@@ -81,9 +84,9 @@ def latest_where(receiver: Receiver, check: Callable[[StatusUpdate], bool]) -> C
     return lambda: receiver.latest is not None and check(receiver.latest)
 
 
-async def test_healthy_sim_reports_its_idle_slots(fleet: Fleet, receiver: Receiver) -> None:
-    _, sim = fleet.sim()
-    fleet.agent(sim, receiver.addr, extra=("--name", "gpu-1"))
+async def test_healthy_sim_reports_its_idle_slots(rig: AgentRig, receiver: Receiver) -> None:
+    _, sim = rig.sim()
+    rig.agent(sim, receiver.addr, extra=("--name", "gpu-1"))
     await eventually(lambda: len(receiver.lines) >= 1, timeout=10)
     status = receiver.statuses[0]
     assert status.error is None
@@ -96,10 +99,10 @@ async def test_healthy_sim_reports_its_idle_slots(fleet: Fleet, receiver: Receiv
 
 
 async def test_processing_is_reported_while_a_request_runs(
-    fleet: Fleet, receiver: Receiver
+    rig: AgentRig, receiver: Receiver
 ) -> None:
-    _, sim = fleet.sim("--decode-tokens-per-second", "50")
-    fleet.agent(sim, receiver.addr)
+    _, sim = rig.sim("--decode-tokens-per-second", "50")
+    rig.agent(sim, receiver.addr)
     await eventually(latest_where(receiver, lambda s: s.slots_idle == 2), timeout=10)
     async with aiohttp.ClientSession() as client:
         started = time.monotonic()
@@ -120,9 +123,9 @@ async def test_processing_is_reported_while_a_request_runs(
     await eventually(latest_where(receiver, lambda s: s.slots_idle == 2), timeout=3)
 
 
-async def test_no_slots_endpoint(fleet: Fleet, receiver: Receiver) -> None:
-    _, sim = fleet.sim("--no-slots")
-    fleet.agent(sim, receiver.addr)
+async def test_no_slots_endpoint(rig: AgentRig, receiver: Receiver) -> None:
+    _, sim = rig.sim("--no-slots")
+    rig.agent(sim, receiver.addr)
     await eventually(lambda: len(receiver.lines) >= 1, timeout=10)
     status = receiver.statuses[0]
     assert status.is_slots_endpoint_enabled is False
@@ -130,13 +133,13 @@ async def test_no_slots_endpoint(fleet: Fleet, receiver: Receiver) -> None:
     assert (status.slots_idle, status.slots_processing) == (0, 0)
 
 
-async def test_api_key(fleet: Fleet, receiver: Receiver) -> None:
-    _, sim = fleet.sim("--api-key", "right")
+async def test_api_key(rig: AgentRig, receiver: Receiver) -> None:
+    _, sim = rig.sim("--api-key", "right")
     wrong = Receiver()
     await wrong.start()
     try:
-        fleet.agent(sim, wrong.addr, extra=("--llamacpp-api-key", "wrong"))
-        fleet.agent(sim, receiver.addr, extra=("--local-llamacpp-api-key", "right"))
+        rig.agent(sim, wrong.addr, extra=("--llamacpp-api-key", "wrong"))
+        rig.agent(sim, receiver.addr, extra=("--local-llamacpp-api-key", "right"))
         await eventually(lambda: wrong.lines and receiver.lines, timeout=10)
         assert wrong.statuses[0].is_authorized is False
         assert wrong.statuses[0].error == "Unauthorized"
@@ -145,13 +148,13 @@ async def test_api_key(fleet: Fleet, receiver: Receiver) -> None:
         assert receiver.statuses[0].slots_idle == 2
         assert receiver.statuses[0].model == "sim-7b"
     finally:
-        await fleet.stop()
+        await rig.stop()
         await wrong.stop()
 
 
-async def test_killed_server_is_a_connect_error(fleet: Fleet, receiver: Receiver) -> None:
-    process, sim = fleet.sim()
-    fleet.agent(sim, receiver.addr)
+async def test_killed_server_is_a_connect_error(rig: AgentRig, receiver: Receiver) -> None:
+    process, sim = rig.sim()
+    rig.agent(sim, receiver.addr)
     await eventually(latest_where(receiver, lambda s: s.slots_idle == 2), timeout=10)
     process.kill()
     await eventually(latest_where(receiver, lambda s: bool(s.is_connect_error)), timeout=3)
@@ -160,12 +163,12 @@ async def test_killed_server_is_a_connect_error(fleet: Fleet, receiver: Receiver
     assert receiver.latest.slots_idle == 0
 
 
-async def test_loading_model(fleet: Fleet, receiver: Receiver) -> None:
+async def test_loading_model(rig: AgentRig, receiver: Receiver) -> None:
     # The agent polls first, so it sees the sim's whole loading phase however slow starts are.
     sim = f"127.0.0.1:{free_port()}"
-    fleet.agent(sim, receiver.addr)
+    rig.agent(sim, receiver.addr)
     await eventually(latest_where(receiver, lambda s: bool(s.is_connect_error)), timeout=15)
-    fleet.sim("--loading-ms", "1500", ready=(200, 503), addr=sim)
+    rig.sim("--loading-ms", "1500", ready=(200, 503), addr=sim)
     await eventually(
         latest_where(receiver, lambda s: s.error == "Llama.cpp is loading the model"), timeout=5
     )
@@ -175,24 +178,24 @@ async def test_loading_model(fleet: Fleet, receiver: Receiver) -> None:
     assert receiver.latest.model == "sim-7b"
 
 
-async def test_two_balancers_both_receive(fleet: Fleet, receiver: Receiver) -> None:
-    _, sim = fleet.sim()
+async def test_two_balancers_both_receive(rig: AgentRig, receiver: Receiver) -> None:
+    _, sim = rig.sim()
     other = Receiver()
     await other.start()
     try:
-        fleet.agent(sim, receiver.addr, other.addr)
+        rig.agent(sim, receiver.addr, other.addr)
         await eventually(lambda: len(receiver.lines) >= 3 and len(other.lines) >= 3, timeout=10)
         assert receiver.lines[0].agent_id == other.lines[0].agent_id
     finally:
-        await fleet.stop()
+        await rig.stop()
         await other.stop()
 
 
-async def test_receiver_down_then_up(fleet: Fleet) -> None:
-    _, sim = fleet.sim()
+async def test_receiver_down_then_up(rig: AgentRig) -> None:
+    _, sim = rig.sim()
     receiver = Receiver()
     await receiver.start()
-    fleet.agent(sim, receiver.addr)
+    rig.agent(sim, receiver.addr)
     await eventually(lambda: len(receiver.lines) >= 2, timeout=10)
     await receiver.stop()
     await asyncio.sleep(1.5)
@@ -205,26 +208,26 @@ async def test_receiver_down_then_up(fleet: Fleet) -> None:
         assert back.lines[0].agent_id == receiver.lines[0].agent_id
         assert back.statuses[0].slots_idle == 2
     finally:
-        await fleet.stop()
+        await rig.stop()
         await back.stop()
 
 
-async def test_rejected_token_is_logged_and_retried(fleet: Fleet) -> None:
-    _, sim = fleet.sim()
+async def test_rejected_token_is_logged_and_retried(rig: AgentRig) -> None:
+    _, sim = rig.sim()
     receiver = Receiver(token="balancer-secret")
     await receiver.start()
-    agent = fleet.agent(sim, receiver.addr, extra=("--management-token", "agent-secret"))
+    agent = rig.agent(sim, receiver.addr, extra=("--management-token", "agent-secret"))
     try:
         await eventually(lambda: receiver.rejected >= 3, timeout=5)
-        await fleet.stop()
+        await rig.stop()
         assert "the balancer rejected the management token" in agent.output
         assert not receiver.lines
     finally:
         await receiver.stop()
 
 
-async def test_management_addr_from_environment(receiver: Receiver, fleet: Fleet) -> None:
-    _, sim = fleet.sim()
+async def test_management_addr_from_environment(receiver: Receiver, rig: AgentRig) -> None:
+    _, sim = rig.sim()
     agent = rower(
         "agent",
         env={
@@ -233,6 +236,6 @@ async def test_management_addr_from_environment(receiver: Receiver, fleet: Fleet
             "ROWER_MONITORING_INTERVAL": str(INTERVAL_MS),
         },
     )
-    fleet.processes.append(agent)
+    rig.processes.append(agent)
     await eventually(lambda: len(receiver.lines) >= 2, timeout=10)
     assert receiver.statuses[-1].monitoring_interval_ms == INTERVAL_MS
