@@ -98,8 +98,12 @@ def run(
     duration: float | None = None,
     policy_kinds: set[str] | None = None,
     build: bool = True,
+    generation: Lengths = GENERATION,
 ) -> dict[str, Any]:
-    """Run the policies on real llama-servers; returns (and writes) the results."""
+    """Run the policies on real llama-servers; returns (and writes) the results.
+
+    `generation` (tokens per request) is shorter in the smoke test, to keep it to seconds.
+    """
     found = tools(build=build)
     if found is None:
         results: dict[str, Any] = {"scenario": "real", "skipped": "llama-server or model missing"}
@@ -128,7 +132,7 @@ def run(
         for port in ports:
             _wait_healthy(port)
         tokens_per_second = calibrate(ports)
-        mean_generation = _mean(GENERATION)
+        mean_generation = _mean(generation)
         cap = tokens_per_second / mean_generation
 
         def counters() -> dict[str, float]:
@@ -155,7 +159,7 @@ def run(
                         duration=duration,
                         seed=2000 + index,
                         prompt=PROMPT,
-                        generation=GENERATION,
+                        generation=generation,
                         extra=EXTRA,
                     )
                     result = run_load(

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import pytest
+from bench.scheduling import Lengths
 
 from bench import report, scenario_proxy, scenario_real, scenario_scale, scenario_sim
 
@@ -34,8 +35,14 @@ def test_real_scheduling(tmp_path: Path) -> None:
         if os.environ.get("CI") or os.environ.get("ROWER_REQUIRE_LLAMA_SERVER") == "1":
             pytest.fail(message, pytrace=False)
         pytest.skip(message)
+    short = Lengths(median=32, sigma=0.3, low=8, high=64)
     results = scenario_real.run(
-        tmp_path, loads=(0.5,), duration=1.5, policy_kinds={"rower"}, build=False
+        tmp_path,
+        loads=(0.5,),
+        duration=1.5,
+        policy_kinds={"rower"},
+        build=False,
+        generation=short,
     )
     assert all(run["ok"] == run["requests"] for run in results["runs"])
 
