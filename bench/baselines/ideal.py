@@ -56,7 +56,9 @@ def application(slots: dict[str, int]) -> web.Application:
 
     async def start(app: web.Application) -> None:
         holder["session"] = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=2.0),
+            # A new connection per request, as Rower's proxy: kept-alive ones to llama-server
+            # fail now and then with "Server disconnected".
+            connector=aiohttp.TCPConnector(limit=0, force_close=True),
             timeout=aiohttp.ClientTimeout(total=None),
             auto_decompress=False,
         )
