@@ -178,12 +178,19 @@ class Fleet:
     Args:
         max_buffered: most requests that may wait at once; 0 means never wait.
         slot_accounting: how free slots are counted between reports.
+        max_agents: most agents registered at once (a newcomer for a known server replaces
+            its agent, so it is always admitted); None for no limit.
     """
 
     def __init__(
-        self, *, max_buffered: int, slot_accounting: SlotAccounting = SlotAccounting.ROWER
+        self,
+        *,
+        max_buffered: int,
+        slot_accounting: SlotAccounting = SlotAccounting.ROWER,
+        max_agents: int | None = None,
     ) -> None:
         self.max_buffered = max_buffered
+        self.max_agents = max_agents
         self.slot_accounting = slot_accounting
         self.upstreams: dict[str, Upstream] = {}
         self._waiting: OrderedDict[int, None] = OrderedDict()
@@ -193,6 +200,8 @@ class Fleet:
         self._superseded: dict[str, bool] = {}
         """Agents replaced by a newer agent for the same address (their reports are ignored),
         and whether an operator had drained them."""
+        self.superseded_by_last_report: list[str] = []
+        """Agents the last `report` replaced (for the caller to log)."""
         self._dispatch_counter = itertools.count(1)
         self._registrations = itertools.count(1)
         self._index = UpstreamIndex(self.upstreams)
@@ -221,6 +230,14 @@ class Fleet:
         """The agent id a dispatched request is counted against."""
         upstream = self._assigned.get(request_id)
         return upstream.agent_id if upstream is not None else None
+
+    def admits(self, agent_id: str, address: str) -> bool:
+        """Whether a report from `agent_id` for `address` may register it (`max_agents`)."""
+        if self.max_agents is None or agent_id in self.upstreams:
+            return True
+        if len(self.upstreams) < self.max_agents:
+            return True
+        return any(u.address == address for u in self.upstreams.values())
 
     def is_superseded(self, agent_id: str) -> bool:
         """Whether a newer agent took over `agent_id`'s llama-server."""
@@ -261,6 +278,7 @@ class Fleet:
 
         The report of a superseded agent changes nothing while its successor is registered.
         """
+        self.superseded_by_last_report = []
         if agent_id in self._superseded:
             address = status.external_llamacpp_addr
             if any(u.address == address for u in self.upstreams.values()):
@@ -436,6 +454,7 @@ class Fleet:
                 continue
             del self.upstreams[other.agent_id]
             self._superseded[other.agent_id] = other.drain_requested
+            self.superseded_by_last_report.append(other.agent_id)
             self._take_over(newest, other)
 
     def _adopt_departed(self, upstream: Upstream) -> None:

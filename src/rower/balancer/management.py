@@ -124,7 +124,7 @@ class ManagementApi:
                 except msgspec.DecodeError as error:
                     return self._bad_line(agent_id, f"status update is not JSON: {error}")
                 if not registered:
-                    if self._fleet_is_full(agent_id, status.external_llamacpp_addr):
+                    if not self.gate.fleet.admits(agent_id, status.external_llamacpp_addr):
                         limit = self.settings.max_agents
                         log.warning("refused agent %s: %d agents registered", agent_id, limit)
                         return error_response(
@@ -146,16 +146,8 @@ class ManagementApi:
                 self.gate.remove_agent(agent_id)
 
     def _report(self, agent_id: str, status: StatusUpdate) -> None:
-        fleet = self.gate.fleet
-        known = fleet.upstreams.get(agent_id)
-        unmoved = known is not None and known.address == status.external_llamacpp_addr
-        if unmoved or fleet.is_superseded(agent_id):
-            # Supersedes nobody (only a newcomer or a moved agent can): skip copying the fleet.
-            self.gate.report(agent_id, status)
-            return
-        before = set(fleet.upstreams)
         self.gate.report(agent_id, status)
-        for old in before - set(fleet.upstreams):
+        for old in self.gate.fleet.superseded_by_last_report:
             log.warning(
                 "agent %s now speaks for %s; agent %s, which did too, is ignored until its "
                 "stream ends",
@@ -163,13 +155,6 @@ class ManagementApi:
                 status.external_llamacpp_addr,
                 old,
             )
-
-    def _fleet_is_full(self, agent_id: str, address: str) -> bool:
-        upstreams = self.gate.fleet.upstreams
-        if len(upstreams) < self.settings.max_agents or agent_id in upstreams:
-            return False
-        # A newcomer for a known server replaces its agent instead of adding one.
-        return not any(u.address == address for u in upstreams.values())
 
     def _bad_line(self, agent_id: str, message: str, *, status: int = 400) -> web.Response:
         log.warning("closing the status stream of agent %s: %s", agent_id, message)

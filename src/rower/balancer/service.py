@@ -38,6 +38,7 @@ class Balancer:
         self.fleet = Fleet(
             max_buffered=settings.max_buffered_requests,
             slot_accounting=settings.slot_accounting,
+            max_agents=settings.max_agents,
         )
         self.gate = SlotGate(self.fleet, buffer_timeout=settings.buffered_request_timeout)
         self.publisher = FleetPublisher(self.gate)
