@@ -63,7 +63,7 @@ fi
 stamp=.venv/.rower-setup-stamp
 wanted=$(cat pyproject.toml requirements/constraints.txt | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
-    say "installing rower[dev] into .venv"
+    say "installing rower[dev,bench] into .venv"
     .venv/bin/python -m pip install --disable-pip-version-check --quiet \
         -c requirements/constraints.txt -e '.[dev,bench]'
     echo "$wanted" >"$stamp"
