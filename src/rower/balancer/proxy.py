@@ -149,7 +149,7 @@ class ReverseProxy:
     async def _relay_anywhere(self, request: web.Request) -> web.StreamResponse:
         started = asyncio.get_running_loop().time()
         for _ in range(MAX_ATTEMPTS):
-            upstream = self.gate.fleet.pick_any(self.gate.clock())
+            upstream = self.gate.any_upstream()
             if upstream is None:
                 message = "No llama.cpp server is registered and healthy; start an agent"
                 self._report(request, 503, None, started, None, message)

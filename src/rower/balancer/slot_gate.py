@@ -11,7 +11,7 @@ import itertools
 import time
 from collections.abc import Callable
 
-from rower.balancer.fleet import Buffered, Dispatch, Fleet, Rejected, RejectReason
+from rower.balancer.fleet import Buffered, Dispatch, Fleet, Rejected, RejectReason, Upstream
 from rower.status import StatusUpdate
 
 
@@ -106,6 +106,10 @@ class SlotGate:
         known = self.fleet.drain(agent_id)
         self._touch()
         return known
+
+    def any_upstream(self) -> Upstream | None:
+        """An upstream for a request that takes no slot; such requests never wait."""
+        return self.fleet.pick_any(self.clock())
 
     def release(self, request_id: int, *, abandoned: bool = False) -> None:
         """The request finished or failed (or, `abandoned`, its client left mid-generation)."""
