@@ -23,6 +23,14 @@ class SlotStatus(msgspec.Struct, frozen=True):
     id: NonNegative
     is_processing: bool
     n_ctx: NonNegative = 0
+    # Progress of the task the slot holds (or last held), for routing that waits for a slot.
+    id_task: NonNegative | None = None
+    """llama-server's task id: grows for the server's whole life, so a smaller one means a
+    restart (the balancer then forgets what it sent there)."""
+    n_decoded: NonNegative | None = None
+    """Tokens generated so far by the slot's task."""
+    n_remain: Annotated[int, msgspec.Meta(ge=-1)] | None = None
+    """Tokens the task may still generate; -1 when it has no limit."""
 
 
 class StatusUpdate(msgspec.Struct, frozen=True):
