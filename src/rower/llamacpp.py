@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 
 ERROR_TYPES = {
@@ -25,6 +27,13 @@ class LlamaSlot(msgspec.Struct, frozen=True):
     id: int
     is_processing: bool
     n_ctx: int = 0
+    # Untyped on purpose: progress is a hint for routing, and a build that changes its shape
+    # must not make a healthy server unusable. `rower.agent.llamacpp_probe` reads them.
+    id_task: Any = None
+    """The task the slot holds or last held; absent on a slot that never had one."""
+    next_token: Any = None
+    """`[{has_next_token, has_new_line, n_remain, n_decoded}]` in this build, the same object
+    without the list in older ones."""
 
 
 class LlamaProps(msgspec.Struct, frozen=True):

@@ -85,7 +85,15 @@ statuses = st.builds(
     sequence=st.integers(0, 2**62),
     is_draining=st.booleans(),
     slots=st.lists(
-        st.builds(SlotStatus, st.integers(0, 512), st.booleans(), st.integers(0, 10**6)),
+        st.builds(
+            SlotStatus,
+            st.integers(0, 512),
+            st.booleans(),
+            st.integers(0, 10**6),
+            id_task=st.none() | st.integers(0, 2**63 - 1),
+            n_decoded=st.none() | st.integers(0, 2**31),
+            n_remain=st.none() | st.integers(-1, 2**31),
+        ),
         max_size=8,
     ),
 )
@@ -97,9 +105,20 @@ def test_every_status_an_agent_can_send_reads_back_the_same(status: StatusUpdate
     assert status_decoder.decode(json_encoder.encode(status)) == status
 
 
+next_token_objects = st.dictionaries(
+    st.sampled_from(["has_next_token", "n_remain", "n_decoded"]) | st.text(max_size=5),
+    json_values | st.integers(-(2**70), 2**70),
+    max_size=4,
+)
 slot_objects = st.fixed_dictionaries(
     {"id": st.integers(-(2**40), 2**40), "is_processing": st.booleans()},
-    optional={"n_ctx": st.integers(-(2**40), 2**40), "speculative": st.booleans()},
+    optional={
+        "n_ctx": st.integers(-(2**40), 2**40),
+        "speculative": st.booleans(),
+        "id_task": json_values | st.integers(-(2**70), 2**70),
+        # This build's one-element list, older builds' object, or anything else.
+        "next_token": st.lists(next_token_objects, max_size=2) | next_token_objects | json_values,
+    },
 )
 slot_bodies = (
     st.binary(max_size=200)
@@ -128,6 +147,10 @@ def test_any_slots_answer_maps_to_a_status_the_balancer_accepts(
         assert status_code == 200
         assert status.slots_idle + status.slots_processing == status.slots_total
         assert status.slots_total == len(status.slots)
+        for slot in status.slots:
+            assert slot.id_task is None or slot.id_task >= 0
+            assert slot.n_decoded is None or slot.n_decoded >= 0
+            assert slot.n_remain is None or slot.n_remain >= -1
     else:
         assert (status.slots_idle, status.slots_processing) == (0, 0)
 

@@ -12,13 +12,18 @@ are SPEC section 2's table:
   flags that depend on a status are null, because nothing is known about them;
 - a 503 or a transport failure while `/health` says the model is loading is reported as loading;
 - any issue means 0 idle and 0 processing slots, so no balancer sends work there.
+
+Each slot's progress (`id_task`, and `n_decoded`/`n_remain` from `next_token`) is passed on
+when it is there and well-formed, and left out otherwise: it is a hint for routing, so a build
+that shapes it differently loses the hint, not the server.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 
@@ -172,7 +177,49 @@ def _decode_slots(body: bytes) -> list[SlotStatus] | str:
         # A balancer rejects the whole status line if a count is negative.
         if slot.id < 0 or slot.n_ctx < 0:
             return f"slot {slot.id} has a negative id or n_ctx"
-    return [SlotStatus(slot.id, slot.is_processing, slot.n_ctx) for slot in decoded]
+    return [_slot_status(slot) for slot in decoded]
+
+
+_MAX_COUNT = 2**63 - 1
+"""Largest count a status line carries (msgspec encodes ints as 64-bit)."""
+
+
+def _count(value: Any, *, least: int = 0) -> int | None:
+    """`value` if it is an integer from `least` to `_MAX_COUNT`, else None."""
+    if isinstance(value, int) and not isinstance(value, bool) and least <= value <= _MAX_COUNT:
+        return value
+    return None
+
+
+def _slot_status(slot: LlamaSlot) -> SlotStatus:
+    next_token = slot.next_token
+    if isinstance(next_token, list) and len(next_token) == 1:
+        next_token = next_token[0]
+    if not isinstance(next_token, dict):
+        next_token = {}
+    return SlotStatus(
+        slot.id,
+        slot.is_processing,
+        slot.n_ctx,
+        id_task=_count(slot.id_task),
+        n_decoded=_count(next_token.get("n_decoded")),
+        n_remain=_count(next_token.get("n_remain"), least=-1),
+    )
+
+
+def restarted(before: Sequence[SlotStatus], now: Sequence[SlotStatus]) -> bool:
+    """Whether llama-server restarted between two healthy polls that saw these slots.
+
+    Task ids only grow while a server runs, so a slot whose task id went back, or that had a
+    task and now has none, belongs to a new process (a restart, or a model reload in router
+    mode), which may serve another model with the same number of slots.
+    """
+    tasks = {slot.id: slot.id_task for slot in before if slot.id_task is not None}
+    for slot in now:
+        previous = tasks.get(slot.id)
+        if previous is not None and (slot.id_task is None or slot.id_task < previous):
+            return True
+    return False
 
 
 def _clip(text: str | None) -> str | None:

@@ -2,9 +2,10 @@
 
 This module only does the HTTP exchanges and turns them (or their failure) into the values of
 `llamacpp_probe`, which decides what they mean. `/props` (model, number of slots) is read at
-start, after a failed poll and when the number of slots changed, because it rarely changes and a
-restarted server may run another model. `/health` is read only when `/slots` failed, to tell a
-server that is loading its model apart from one that is broken.
+start, after a failed poll, when the number of slots changed and when the slots' task ids say
+the server restarted between two polls, because it rarely changes and a restarted server may
+run another model. `/health` is read only when `/slots` failed, to tell a server that is
+loading its model apart from one that is broken.
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ from rower.agent.llamacpp_probe import (
     SlotsFailure,
     SlotsOutcome,
     TransportFailure,
+    restarted,
     status_from_poll,
 )
 from rower.llamacpp import props_decoder
-from rower.status import StatusUpdate
+from rower.status import SlotStatus, StatusUpdate
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +68,7 @@ class Monitor:
         self._facts = ServerFacts()
         self._needs_props = True
         self._sequence = 0
+        self._last_slots: list[SlotStatus] = []
         self.slots_url = local_addr.url("/slots")
         self.draining = False
         """The agent is stopping: every status says `is_draining`."""
@@ -108,10 +111,21 @@ class Monitor:
             sequence=self._sequence,
             is_draining=self.draining,
         )
-        if status.error is None and status.slots_total != self._facts.total_slots:
-            # Another number of slots: the server restarted, maybe with another model.
-            await self._read_props()
-            status = msgspec.structs.replace(status, model=self._facts.model)
+        if status.error is None:
+            if status.slots_total != self._facts.total_slots:
+                # Another number of slots: the server restarted, maybe with another model.
+                await self._read_props()
+                status = msgspec.structs.replace(status, model=self._facts.model)
+            elif restarted(self._last_slots, status.slots):
+                logger.info(
+                    "llama-server at %s restarted (its task ids began again)", self._local_addr
+                )
+                await self._read_props()
+                status = msgspec.structs.replace(status, model=self._facts.model)
+            self._last_slots = status.slots
+        else:
+            # `/props` is read again at the next poll anyway.
+            self._last_slots = []
         self._needs_props = status.error is not None
         return status
 

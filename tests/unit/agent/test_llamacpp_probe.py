@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import msgspec
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rower.agent.llamacpp_probe import (
@@ -17,6 +17,7 @@ from rower.agent.llamacpp_probe import (
     SlotsFailure,
     SlotsOutcome,
     TransportFailure,
+    restarted,
     status_from_poll,
 )
 from rower.status import SlotStatus, StatusUpdate, json_encoder, status_decoder
@@ -92,7 +93,81 @@ def test_idle_server_is_healthy_with_every_slot_idle() -> None:
 def test_processing_slots_are_counted_and_extra_keys_ignored() -> None:
     status = poll(SlotsAnswer(200, BUSY_SLOT))
     assert (status.slots_idle, status.slots_processing, status.slots_total) == (1, 1, 2)
-    assert status.slots == [SlotStatus(0, True, 2048), SlotStatus(1, False, 2048)]
+    assert status.slots == [
+        SlotStatus(0, True, 2048, id_task=7, n_decoded=100, n_remain=1800),
+        SlotStatus(1, False, 2048),
+    ]
+
+
+def one_slot(**keys: object) -> bytes:
+    return msgspec.json.encode([{"id": 0, "is_processing": True, "n_ctx": 512, **keys}])
+
+
+def progress(**keys: object) -> tuple[int | None, int | None, int | None]:
+    """`(id_task, n_decoded, n_remain)` the agent reports for one slot with these keys."""
+    status = poll(SlotsAnswer(200, one_slot(**keys)))
+    assert status.error is None, status.error
+    (slot,) = status.slots
+    return slot.id_task, slot.n_decoded, slot.n_remain
+
+
+def test_progress_of_this_build_is_a_one_element_list() -> None:
+    next_token = [{"has_next_token": True, "has_new_line": False, "n_remain": 5, "n_decoded": 3}]
+    assert progress(id_task=12, next_token=next_token) == (12, 3, 5)
+
+
+def test_progress_of_older_builds_is_an_object() -> None:
+    next_token = {"has_next_token": True, "n_remain": 40, "n_decoded": 0, "stopped_eos": False}
+    assert progress(id_task=0, next_token=next_token) == (0, 0, 40)
+
+
+def test_unlimited_generation_keeps_n_remain_minus_one() -> None:
+    assert progress(id_task=3, next_token=[{"n_remain": -1, "n_decoded": 77}]) == (3, 77, -1)
+
+
+def test_slot_that_never_had_a_task_has_no_progress() -> None:
+    assert progress() == (None, None, None)
+
+
+@pytest.mark.parametrize(
+    "next_token",
+    [
+        None,
+        "soon",
+        7,
+        [],
+        [1],
+        [{"n_remain": 1, "n_decoded": 1}, {"n_remain": 2, "n_decoded": 2}],
+        [{"n_remain": "5", "n_decoded": 1.5}],
+        [{"n_remain": True, "n_decoded": False}],
+        [{"n_remain": -2, "n_decoded": -1}],
+        [{"n_remain": 2**64, "n_decoded": 2**63}],
+    ],
+)
+def test_malformed_progress_is_left_out_and_the_server_stays_healthy(next_token: object) -> None:
+    _, n_decoded, n_remain = progress(id_task=1, next_token=next_token)
+    assert (n_decoded, n_remain) == (None, None)
+
+
+@pytest.mark.parametrize("id_task", [-1, "7", 1.0, True, None, [7]])
+def test_malformed_task_id_is_left_out(id_task: object) -> None:
+    assert progress(id_task=id_task, next_token=[{"n_remain": 1, "n_decoded": 2}]) == (None, 2, 1)
+
+
+def slot_with_task(slot_id: int, id_task: int | None) -> SlotStatus:
+    return SlotStatus(slot_id, False, 512, id_task=id_task)
+
+
+def test_restart_is_seen_when_a_task_id_goes_back_or_vanishes() -> None:
+    before = [slot_with_task(0, 40), slot_with_task(1, None)]
+    assert not restarted(before, [slot_with_task(0, 40), slot_with_task(1, None)])
+    assert not restarted(before, [slot_with_task(0, 41), slot_with_task(1, 42)])
+    assert restarted(before, [slot_with_task(0, 3), slot_with_task(1, None)])
+    assert restarted(before, [slot_with_task(0, None), slot_with_task(1, None)])
+    # Nothing known before (first poll, or after an error): nothing to compare.
+    assert not restarted([], [slot_with_task(0, 0)])
+    # A slot that is gone tells nothing by itself (the slot count says it).
+    assert not restarted(before, [slot_with_task(1, 5)])
 
 
 def test_slot_count_comes_from_slots_not_props_when_healthy() -> None:
@@ -268,16 +343,31 @@ def test_random_non_json_body_is_a_deserialize_error(body: bytes) -> None:
     assert (status.slots_idle, status.slots_processing) == (0, 0)
 
 
+progress_values = st.integers() | st.none() | st.booleans() | st.text(max_size=3) | st.floats()
+next_tokens = st.fixed_dictionaries(
+    {}, optional={"n_remain": progress_values, "n_decoded": progress_values}
+)
 slot_dicts = st.fixed_dictionaries(
     {
         "id": st.integers(min_value=0, max_value=1000),
         "is_processing": st.booleans(),
         "n_ctx": st.integers(min_value=0, max_value=1 << 20),
     },
-    optional={"speculative": st.booleans(), "id_task": st.integers()},
+    optional={
+        "speculative": st.booleans(),
+        "id_task": progress_values,
+        "next_token": next_tokens | st.lists(next_tokens, max_size=2) | progress_values,
+    },
 )
 
 
+def well_formed(value: object, least: int = 0) -> int | None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and least <= value < 2**63
+    return value if ok else None  # type: ignore[return-value]
+
+
+# No deadline: on a machine busy with builds one example of 64 slots can take 200 ms.
+@settings(deadline=None)
 @given(st.lists(slot_dicts, max_size=64))
 def test_counts_add_up_for_any_list_of_slots(slots: list[dict[str, object]]) -> None:
     status = poll(SlotsAnswer(200, msgspec.json.encode(slots)))
@@ -286,6 +376,14 @@ def test_counts_add_up_for_any_list_of_slots(slots: list[dict[str, object]]) -> 
     assert status.slots_processing == busy
     assert status.slots_idle == len(slots) - busy
     assert status.slots_total == len(slots) == len(status.slots)
+    for sent, seen in zip(slots, status.slots, strict=True):
+        assert seen.id_task == well_formed(sent.get("id_task"))
+        next_token = sent.get("next_token")
+        if isinstance(next_token, list):
+            next_token = next_token[0] if len(next_token) == 1 else None
+        progress = next_token if isinstance(next_token, dict) else {}
+        assert seen.n_decoded == well_formed(progress.get("n_decoded"))
+        assert seen.n_remain == well_formed(progress.get("n_remain"), least=-1)
 
 
 outcomes = st.one_of(
