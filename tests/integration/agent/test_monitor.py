@@ -72,6 +72,24 @@ async def test_props_reread_when_slot_count_changes(
     assert llama.state.props_requests == 2
 
 
+async def test_props_reread_when_task_ids_say_the_server_restarted(
+    llama: FakeLlama, session: aiohttp.ClientSession
+) -> None:
+    progress = [{"has_next_token": False, "has_new_line": False, "n_remain": 0, "n_decoded": 9}]
+    llama.state.slots[0].update(id_task=41, next_token=progress)
+    monitor = monitor_for(session, llama.addr)
+    slot = (await monitor.poll_once()).slots[0]
+    assert (slot.id_task, slot.n_decoded, slot.n_remain) == (41, 9, 0)
+    assert (await monitor.poll_once()).model == "tiny-llama.gguf"
+    assert llama.state.props_requests == 1
+    # Restarted between two polls, same slot count, another model.
+    llama.state.slots[0].update(id_task=0)
+    llama.state.model_path = "/m/other.gguf"
+    status = await monitor.poll_once()
+    assert (status.error, status.model, status.slots[0].id_task) == (None, "other.gguf", 0)
+    assert llama.state.props_requests == 2
+
+
 async def test_props_reread_after_failed_poll(
     llama: FakeLlama, session: aiohttp.ClientSession
 ) -> None:
