@@ -174,3 +174,75 @@ def test_requests_beyond_the_slots_wait_and_all_succeed(
         assert status == 200, answer
         assert answer["id_slot"] == 0
         assert answer["timings"]["predicted_n"] == 400
+
+
+def test_slots_show_task_id_and_progress_as_the_agent_reads_them(
+    llama_server: LlamaServerFactory,
+) -> None:
+    server = llama_server(slots=2)
+    (never_used, *_) = slots(server)
+    assert "id_task" not in never_used
+    assert "next_token" not in never_used
+    stream = open_stream(server, {"prompt": "Once upon a time", **LONG_GENERATION})
+    try:
+        busy = next(slot for slot in slots(server) if slot["is_processing"])
+    finally:
+        stream.close()
+    assert isinstance(busy["id_task"], int)
+    assert busy["id_task"] >= 0
+    # This build: a one-element list (older builds sent the object itself).
+    (progress,) = busy["next_token"]
+    assert set(progress) >= {"has_next_token", "has_new_line", "n_remain", "n_decoded"}
+    assert progress["has_next_token"] is True
+    assert isinstance(progress["n_decoded"], int)
+    assert isinstance(progress["n_remain"], int)
+    assert progress["n_decoded"] + progress["n_remain"] == LONG_GENERATION["n_predict"]
+    wait_until(lambda: not any(slot["is_processing"] for slot in slots(server)), timeout=5)
+
+    # A finished task's id stays on its slot and task ids grow, but its progress is reset.
+    status, body = request(f"{server.url}/completion", {"prompt": "Hi", "n_predict": 3})
+    assert status == 200, body
+    done = next(slot for slot in slots(server) if slot["id"] == body["id_slot"])
+    assert done["is_processing"] is False
+    assert done["id_task"] > busy["id_task"]
+    assert done["next_token"][0]["has_next_token"] is False
+    assert (done["next_token"][0]["n_decoded"], done["next_token"][0]["n_remain"]) == (0, -1)
+    assert (done["n_prompt_tokens_processed"], done["n_prompt_tokens_cache"]) == (0, 0)
+    # The prompt text is shown only with --slots-debug.
+    assert "prompt" not in done
+    assert "generated" not in done
+    stream = open_stream(server, {"prompt": "Forever", "n_predict": -1, "ignore_eos": True})
+    try:
+        unlimited = next(slot for slot in slots(server) if slot["is_processing"])
+    finally:
+        stream.close()
+    assert unlimited["next_token"][0]["n_remain"] == -1
+
+
+ALPHA = "alpha bravo charlie delta " * 60
+BRAVO = "xray yankee zulu whiskey " * 60
+
+
+@pytest.mark.parametrize("cache_ram_mib", [0, 8])
+def test_a_prompt_pushed_out_of_its_slot_comes_back_from_the_host_ram_cache(
+    llama_server: LlamaServerFactory, cache_ram_mib: int
+) -> None:
+    # The rules `rower sim --cache-ram-tokens` models (docs/sim.md): a slot taken by a
+    # dissimilar prompt first saves what it held to host RAM; a later prompt that shares most
+    # of a saved state gets it restored into its slot.
+    server = llama_server(slots=1, extra_args=["--cache-ram", str(cache_ram_mib)])
+
+    def cached(prompt: str) -> tuple[int, int]:
+        status, body = request(
+            f"{server.url}/completion", {"prompt": prompt, "n_predict": 4, "ignore_eos": True}
+        )
+        assert status == 200, body
+        return body["timings"]["cache_n"], body["timings"]["prompt_n"]
+
+    assert cached(ALPHA)[0] == 0
+    assert cached(BRAVO)[0] <= 1  # only BOS in common
+    cache_n, prompt_n = cached(ALPHA + " echo foxtrot")
+    if cache_ram_mib:
+        assert cache_n >= 0.9 * (cache_n + prompt_n), (cache_n, prompt_n)
+    else:
+        assert cache_n <= 1, (cache_n, prompt_n)
