@@ -125,6 +125,37 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="most agents registered at once; a new one beyond gets 429 (default: 1024)",
     )
     parser.add_argument(
+        "--request-body-timeout",
+        type=milliseconds,
+        default=30000,
+        metavar="MS",
+        help="longest time a client may take to send its whole request body; slower gets 408 "
+        "(the body is read before a slot is taken) (default: 30000)",
+    )
+    parser.add_argument(
+        "--routing",
+        choices=("cache-aware", "least-busy"),
+        default="cache-aware",
+        help="cache-aware: a conversation goes back to the server holding its prefix while that "
+        "server has a free slot; least-busy: most free slots first (default: cache-aware)",
+    )
+    parser.add_argument(
+        "--prompt-cache-contexts",
+        type=positive,
+        default=8,
+        metavar="N",
+        help="slot contexts' worth of prompts one llama-server is assumed to keep, in its slots "
+        "and its --cache-ram; bounds what the balancer remembers sending it (default: 8)",
+    )
+    parser.add_argument(
+        "--prefix-memory-entries",
+        type=positive,
+        default=500_000,
+        metavar="N",
+        help="most prefix entries remembered over the whole fleet, about two per conversation "
+        "(default: 500000)",
+    )
+    parser.add_argument(
         "--slot-accounting",
         choices=("rower", "paddler"),
         default="rower",
@@ -134,7 +165,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run `rower balancer`."""
-    from rower.balancer.fleet import SlotAccounting
+    from rower.balancer.fleet import Routing, SlotAccounting
     from rower.balancer.service import serve
     from rower.balancer.settings import BalancerSettings
     from rower.logs import configure_logging
@@ -161,5 +192,9 @@ def run(args: argparse.Namespace) -> int:
         max_header_bytes=args.max_header_bytes,
         max_status_line_bytes=args.max_status_line_bytes,
         max_agents=args.max_agents,
+        request_body_timeout=args.request_body_timeout / 1000,
+        routing=Routing(args.routing),
+        prompt_cache_contexts=args.prompt_cache_contexts,
+        prefix_memory_entries=args.prefix_memory_entries,
     )
     return run_async(serve(settings))

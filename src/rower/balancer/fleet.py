@@ -46,11 +46,31 @@ from dataclasses import dataclass, field
 
 import msgspec
 
+from rower.balancer.affinity import BLOCK_BYTES
+from rower.balancer.cache_routing import Affinity, pick_cached
+from rower.balancer.prefix_memory import DEFAULT_MAX_ENTRIES, PrefixMemory
+from rower.balancer.request_needs import RequestNeeds
 from rower.balancer.upstream_index import UpstreamIndex
 from rower.status import AgentView, StatusUpdate, SystemTime
 
 STALE_AFTER_INTERVALS = 3
 """An agent that has not reported for this many of its intervals is not used."""
+
+BYTES_PER_TOKEN = 4
+"""About what one token of English text is in bytes: turns slot context into prefix blocks."""
+
+DEFAULT_SLOT_CONTEXT = 4096
+"""Tokens per slot assumed when an agent does not say (older agents send no `n_ctx`)."""
+
+
+class Routing(enum.Enum):
+    """How the fleet picks among upstreams with a free slot (`--routing`)."""
+
+    CACHE_AWARE = "cache-aware"
+    """Back to the server holding the request's prefix while it has a free slot
+    (`cache_routing`)."""
+    LEAST_BUSY = "least-busy"
+    """Most free slots, fewest busy, least recently used (`upstream_index`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +80,10 @@ class Dispatch:
     request_id: int
     agent_id: str
     upstream: str
+    affinity: Affinity | None = None
+    """What the cache-aware pick did (None: the request had no prefix, or least-busy routing)."""
+    matched_blocks: int = 0
+    """Blocks of the request's prefix this balancer had sent that upstream before."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +146,34 @@ class Upstream:
     """An operator drained this upstream; the agent's reports do not undo it."""
     registered: int = 0
     """When it joined the fleet (a counter): the last tie-break of `Fleet.pick`."""
+    highest_task: int = -1
+    """The largest llama-server task id its reports showed (-1: none yet)."""
+
+    def restarted(self, status: StatusUpdate) -> bool:
+        """Whether `status` shows a llama-server that lost its prompt cache since the last one.
+
+        Task ids grow for a llama-server's whole life and a slot that served a task shows its
+        id: a smaller one, or none where there was one, means the server restarted. Another
+        model or another slot count means it was reloaded or replaced.
+        """
+        if status.has_issue:
+            return False
+        old = self.status
+        if old.model and status.model and old.model != status.model:
+            return True
+        if old.slots_total and status.slots_total and old.slots_total != status.slots_total:
+            return True
+        if self.highest_task < 0:
+            return False
+        tasks = [slot.id_task for slot in status.slots if slot.id_task is not None]
+        return not tasks or max(tasks) < self.highest_task
+
+    @property
+    def prefix_capacity_blocks(self) -> int:
+        """Prefix blocks the server is assumed to hold per slot context it keeps."""
+        context = sum(slot.n_ctx for slot in self.status.slots)
+        context = context or self.slots_total * DEFAULT_SLOT_CONTEXT
+        return max(1, context * BYTES_PER_TOKEN // BLOCK_BYTES)
 
     @property
     def address(self) -> str:
@@ -180,6 +232,11 @@ class Fleet:
         slot_accounting: how free slots are counted between reports.
         max_agents: most agents registered at once (a newcomer for a known server replaces
             its agent, so it is always admitted); None for no limit.
+        routing: how a request's upstream is picked among those with a free slot.
+        prompt_cache_contexts: how many slot contexts' worth of prompts one llama-server is
+            assumed to keep (its slots plus its host-RAM prompt cache, `--cache-ram`): bounds
+            the memory of what was sent to it.
+        prefix_memory_entries: most entries in the memory of prefixes, over all servers.
     """
 
     def __init__(
@@ -188,12 +245,21 @@ class Fleet:
         max_buffered: int,
         slot_accounting: SlotAccounting = SlotAccounting.ROWER,
         max_agents: int | None = None,
+        routing: Routing = Routing.CACHE_AWARE,
+        prompt_cache_contexts: int = 8,
+        prefix_memory_entries: int = DEFAULT_MAX_ENTRIES,
     ) -> None:
         self.max_buffered = max_buffered
+        self.routing = routing
+        self.prompt_cache_contexts = prompt_cache_contexts
+        self.prefixes = PrefixMemory(max_entries=prefix_memory_entries)
         self.max_agents = max_agents
         self.slot_accounting = slot_accounting
         self.upstreams: dict[str, Upstream] = {}
-        self._waiting: OrderedDict[int, None] = OrderedDict()
+        self._waiting: OrderedDict[int, RequestNeeds | None] = OrderedDict()
+        """Waiting requests, first come first; with what they need."""
+        self._by_address: dict[str, Upstream] = {}
+        """The registered upstream of each llama-server address (one: see supersede)."""
         self._assigned: dict[int, Upstream] = {}
         self._departed: dict[str, Upstream] = {}
         """Upstreams whose agent left while requests still ran there, by address."""
@@ -285,8 +351,14 @@ class Fleet:
                 return []
         drained = self._superseded.pop(agent_id, False)
         upstream = self.upstreams.get(agent_id)
+        address = status.external_llamacpp_addr
+        known = self._by_address.get(address) or self._departed.get(address)
+        if known is not None and known.restarted(status):
+            self.prefixes.forget(address)
         # Only a newcomer or an agent whose address changed can collide with another agent.
-        collides = upstream is None or upstream.address != status.external_llamacpp_addr
+        collides = upstream is None or upstream.address != address
+        if upstream is not None and collides and self._by_address.get(upstream.address) is upstream:
+            del self._by_address[upstream.address]
         if upstream is None:
             upstream = Upstream(
                 agent_id,
@@ -302,6 +374,11 @@ class Fleet:
         upstream.status = status
         if collides:
             self._supersede_others(upstream)
+            self._by_address[address] = upstream
+        if not status.has_issue:
+            upstream.highest_task = max(
+                (slot.id_task for slot in status.slots if slot.id_task is not None), default=-1
+            )
         upstream.last_seen = now
         upstream.last_update_wall = wall
         upstream.was_stale = False
@@ -331,6 +408,8 @@ class Fleet:
         upstream = self.upstreams.pop(agent_id, None)
         if upstream is None:
             return
+        if self._by_address.get(upstream.address) is upstream:
+            del self._by_address[upstream.address]
         if upstream.in_flight or upstream.abandoned:
             self._departed[upstream.address] = upstream
         self.revision += 1
@@ -345,25 +424,49 @@ class Fleet:
             self.revision += 1
         return True
 
-    def request_slot(self, request_id: int, now: float, *, retry: bool = False) -> Decision:
+    def request_slot(
+        self,
+        request_id: int,
+        now: float,
+        *,
+        needs: RequestNeeds | None = None,
+        retry: bool = False,
+    ) -> Decision:
         """A request wants a slot: dispatch it, buffer it, or reject it.
 
-        A retried request (its upstream refused the connection) goes to the head of the buffer:
-        it has waited longest.
+        `needs` is what the proxy read from the request (its prefix steers the cache-aware
+        pick). A retried request (its upstream refused the connection) goes to the head of the
+        buffer: it has waited longest.
         """
         if request_id in self._waiting or request_id in self._assigned:
             raise ValueError(f"request {request_id} already holds or awaits a slot")
         if not self._waiting:
             upstream = self.pick(now)
             if upstream is not None:
-                dispatch = self._assign(request_id, upstream)
+                affinity, blocks = None, 0
+                if self._routes_by_cache(needs):
+                    assert needs is not None
+                    choice = pick_cached(
+                        needs,
+                        self.prefixes,
+                        self._by_address,
+                        upstream,
+                        lambda: (u for u in self.upstreams.values() if u.slots_free(now) > 0),
+                        now,
+                    )
+                    upstream, affinity, blocks = (
+                        choice.upstream,
+                        choice.affinity,
+                        choice.matched_blocks,
+                    )
+                dispatch = self._assign(request_id, upstream, needs, affinity, blocks)
                 self._index.update(upstream, now)
                 return dispatch
         if self.max_buffered == 0:
             return Rejected(request_id, RejectReason.BUFFER_DISABLED)
         if len(self._waiting) >= self.max_buffered and not retry:
             return Rejected(request_id, RejectReason.BUFFER_FULL)
-        self._waiting[request_id] = None
+        self._waiting[request_id] = needs
         if retry:
             self._waiting.move_to_end(request_id, last=False)
         self.revision += 1
@@ -433,15 +536,33 @@ class Fleet:
 
     # Internals.
 
-    def _assign(self, request_id: int, upstream: Upstream) -> Dispatch:
+    def _routes_by_cache(self, needs: RequestNeeds | None) -> bool:
+        return self.routing is Routing.CACHE_AWARE and needs is not None and bool(needs.prefix)
+
+    def _assign(
+        self,
+        request_id: int,
+        upstream: Upstream,
+        needs: RequestNeeds | None = None,
+        affinity: Affinity | None = None,
+        matched_blocks: int = 0,
+    ) -> Dispatch:
         # The caller tells the index (`report` and `release` once, after draining the buffer).
+        if self._routes_by_cache(needs):
+            assert needs is not None
+            self.prefixes.record(
+                upstream.address,
+                needs.prefix,
+                shared_blocks=needs.shared_blocks,
+                capacity_blocks=upstream.prefix_capacity_blocks * self.prompt_cache_contexts,
+            )
         upstream.in_flight.add(request_id)
         upstream.taken_since_report += 1
         upstream.recent.add(request_id)
         upstream.last_dispatch = next(self._dispatch_counter)
         self._assigned[request_id] = upstream
         self.revision += 1
-        return Dispatch(request_id, upstream.agent_id, upstream.address)
+        return Dispatch(request_id, upstream.agent_id, upstream.address, affinity, matched_blocks)
 
     def _supersede_others(self, newest: Upstream) -> None:
         """Drop every other upstream for `newest`'s address; `newest` inherits its requests.
@@ -480,9 +601,22 @@ class Fleet:
         if self.upstreams.get(touched.agent_id) is not touched:
             return dispatched
         while self._waiting and touched.slots_free(now) > 0:
-            request_id, _ = self._waiting.popitem(last=False)
-            dispatched.append(self._assign(request_id, touched))
+            request_id, needs = self._waiting.popitem(last=False)
+            affinity, blocks = None, 0
+            if self._routes_by_cache(needs):
+                assert needs is not None
+                affinity, blocks = self._affinity_of_buffered(needs, touched)
+            dispatched.append(self._assign(request_id, touched, needs, affinity, blocks))
         return dispatched
+
+    def _affinity_of_buffered(self, needs: RequestNeeds, taker: Upstream) -> tuple[Affinity, int]:
+        """What sending a buffered request to the first upstream that freed a slot amounts to."""
+        best = next(self.prefixes.matches(needs.prefix), None)
+        if best is None:
+            return Affinity.MISS, 0
+        if best[0] == taker.address:
+            return Affinity.HIT, best[1]
+        return Affinity.SPILL_BUSY, self.prefixes.matched(taker.address, needs.prefix)
 
     def _view(self, upstream: Upstream, now: float) -> AgentView:
         status = upstream.status

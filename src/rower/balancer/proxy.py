@@ -1,24 +1,30 @@
 """The public side: every request is relayed to a llama-server chosen by the fleet core.
 
-A handler reads like: classify the path -> ask the slot gate for an upstream -> relay bytes both
-ways as they arrive -> give the slot back. The listener runs with `handler_cancellation=True`, so
-a client that goes away cancels the handler: leaving the upstream `async with` then closes the
-upstream connection. llama-server then stops a streamed generation at its next token; a
-non-streamed one runs to its end, which is why such a slot is given back as "abandoned".
+A handler reads like: read the whole body (bounded in size and time) -> turn it into what the
+request needs (`request_needs`) -> ask the slot gate for an upstream -> relay the answer as it
+arrives -> give the slot back. The body is read before a slot is asked for, so a client that
+stalls mid-body holds nothing; it goes upstream unchanged.
+
+The listener runs with `handler_cancellation=True`, so a client that goes away cancels the
+handler: leaving the upstream `async with` then closes the upstream connection. llama-server then
+stops a streamed generation at its next token; a non-streamed one runs to its end, which is why
+such a slot is given back as "abandoned".
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from rower.balancer.paths import is_slots_endpoint, takes_slot
+from rower.balancer.fleet import Dispatch
+from rower.balancer.paths import is_slots_endpoint
+from rower.balancer.request_needs import BadRequest, RequestNeeds, read_needs
 from rower.balancer.settings import BalancerSettings
 from rower.balancer.slot_gate import SlotGate, SlotUnavailable
 from rower.http_errors import error_response
@@ -39,13 +45,17 @@ HOP_BY_HOP = frozenset(
     }
 )
 
+_NEEDS = "rower.needs"
+_DISPATCH = "rower.dispatch"
+"""Where a request keeps what it needs and where it went, for its outcome."""
+
 MAX_ATTEMPTS = 3
 """Upstreams tried for one request when they refuse connections."""
 
 SMALL_BODY = 64 * 1024
-"""Bodies of known length up to this size are relayed whole: headers and body go out in one
-write each way, where relaying them as a stream costs three (headers, body, end) plus the
-stream's machinery; most of the proxy's CPU per small request is those writes."""
+"""Answers of known length up to this size are relayed whole: headers and body go out in one
+write, where relaying them as a stream costs three (headers, body, end) plus the stream's
+machinery; most of the proxy's CPU per small request is those writes."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +69,8 @@ class ProxyOutcome:
     seconds_to_first_byte: float | None
     seconds_total: float
     error: str | None = None
+    needs: RequestNeeds | None = None
+    dispatch: Dispatch | None = None
 
 
 OutcomeListener = Callable[[ProxyOutcome], None]
@@ -113,26 +125,60 @@ class ReverseProxy:
         if self.gate.closing:
             message = "The balancer is shutting down; retry on another balancer or in a moment"
             return error_response(503, message, headers={"Retry-After": "1"})
-        if takes_slot(request.path):
-            return await self._relay_on_slot(request)
-        return await self._relay_anywhere(request)
+        started = asyncio.get_running_loop().time()
+        try:
+            body = await self._read_body(request)
+        except BodyTooLarge:
+            return self._body_too_large(request)
+        except TimeoutError:
+            return self._body_too_slow(request, started)
+        try:
+            needs = request[_NEEDS] = read_needs(request.path, body)
+        except BadRequest as error:
+            self._report(request, 400, None, started, None, error.message)
+            return error_response(400, error.message, error_type="invalid_request_error")
+        if needs.takes_slot:
+            return await self._relay_on_slot(request, body, needs, started)
+        return await self._relay_anywhere(request, body, needs, started)
 
-    async def _relay_on_slot(self, request: web.Request) -> web.StreamResponse:
+    async def _read_body(self, request: web.Request) -> bytes:
+        """The whole request body, within `--max-request-body-bytes` and the read deadline."""
+        if not request.body_exists:
+            return b""
+        limit = self.settings.max_request_body_bytes
+        async with asyncio.timeout(self.settings.request_body_timeout):
+            if request.content_length is not None:
+                return await request.read()
+            # Chunked: the size is known only once it has all arrived.
+            chunks: list[bytes] = []
+            seen = 0
+            async for chunk in request.content.iter_any():
+                seen += len(chunk)
+                if seen > limit:
+                    raise BodyTooLarge
+                chunks.append(chunk)
+            return b"".join(chunks)
+
+    async def _relay_on_slot(
+        self, request: web.Request, body: bytes, needs: RequestNeeds, started: float
+    ) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
-        started = loop.time()
         request_id = self.gate.new_request_id()
         retry = False
         for _ in range(MAX_ATTEMPTS):
             try:
-                dispatch = await self.gate.acquire(request_id, retry=retry)
+                dispatch = await self.gate.acquire(request_id, needs=needs, retry=retry)
             except SlotUnavailable as error:
                 headers = {"Retry-After": str(error.retry_after)} if error.retry_after else None
                 self._report(request, error.status, None, started, None, error.message)
                 return error_response(error.status, error.message, headers=headers)
+            request[_DISPATCH] = dispatch
             waited = loop.time() - started
             progress = _Progress()
             try:
-                return await self._forward(request, dispatch.upstream, started, waited, progress)
+                return await self._forward(
+                    request, body, dispatch.upstream, started, waited, progress
+                )
             except UpstreamRefused:
                 log.warning("llama-server at %s refused the connection", dispatch.upstream)
                 self.gate.refused(request_id)
@@ -146,8 +192,9 @@ class ReverseProxy:
                 self.gate.release(request_id)
         return self._unreachable(request, started)
 
-    async def _relay_anywhere(self, request: web.Request) -> web.StreamResponse:
-        started = asyncio.get_running_loop().time()
+    async def _relay_anywhere(
+        self, request: web.Request, body: bytes, needs: RequestNeeds, started: float
+    ) -> web.StreamResponse:
         for _ in range(MAX_ATTEMPTS):
             upstream = self.gate.any_upstream()
             if upstream is None:
@@ -155,7 +202,7 @@ class ReverseProxy:
                 self._report(request, 503, None, started, None, message)
                 return error_response(503, message)
             try:
-                return await self._forward(request, upstream.address, started, 0.0)
+                return await self._forward(request, body, upstream.address, started, 0.0)
             except UpstreamRefused:
                 log.warning("llama-server at %s refused the connection", upstream.address)
                 self.gate.quarantine(upstream.agent_id)
@@ -169,6 +216,7 @@ class ReverseProxy:
     async def _forward(
         self,
         request: web.Request,
+        body: bytes,
         upstream: str,
         started: float,
         waited: float,
@@ -177,24 +225,15 @@ class ReverseProxy:
         loop = asyncio.get_running_loop()
         url = f"http://{upstream}{request.rel_url}"
         headers = self._upstream_headers(request, upstream)
-        body: object = None
-        counted: _CountedBody | None = None
-        if request.body_exists:
-            if request.content_length is None:
-                # Chunked: the size is known only while relaying.
-                counted = _CountedBody(request, self.settings.max_request_body_bytes)
-                body = counted.chunks()
-            elif request.content_length <= SMALL_BODY:
-                body = await request.read()
-            else:
-                body = request.content
         try:
             upstream_response = await self.session.request(
-                request.method, url, headers=headers, data=body, allow_redirects=False
+                request.method,
+                url,
+                headers=headers,
+                data=body if request.body_exists else None,
+                allow_redirects=False,
             )
         except Exception as error:
-            if counted is not None and counted.too_large:
-                return self._body_too_large(request)
             if isinstance(error, aiohttp.ClientConnectorError):
                 if isinstance(error.os_error, ConnectionRefusedError):
                     raise UpstreamRefused from error
@@ -202,9 +241,6 @@ class ReverseProxy:
             if isinstance(error, aiohttp.ClientError | TimeoutError):
                 return self._upstream_failed(request, upstream, started, waited, error)
             raise
-        if counted is not None and counted.too_large:
-            upstream_response.close()
-            return self._body_too_large(request)
         async with upstream_response:
             first_byte = loop.time() - started
             if _is_small(request, upstream_response):
@@ -284,6 +320,21 @@ class ReverseProxy:
         self._report(request, 502, upstream, started, None, message, waited)
         return error_response(502, message)
 
+    def _body_too_slow(self, request: web.Request, started: float) -> web.Response:
+        timeout = self.settings.request_body_timeout
+        message = (
+            f"The request body did not arrive within {timeout:g} s; send it at once, "
+            "or raise --request-body-timeout"
+        )
+        log.warning(
+            "refused a %s %s from %s: body too slow", request.method, request.path, request.remote
+        )
+        self._report(request, 408, None, started, None, message)
+        response = error_response(408, message, error_type="invalid_request_error")
+        # The rest of the body may still come: the connection cannot carry another request.
+        response.force_close()
+        return response
+
     def _body_too_large(self, request: web.Request) -> web.Response:
         limit = self.settings.max_request_body_bytes
         message = (
@@ -323,7 +374,17 @@ class ReverseProxy:
             return
         total = asyncio.get_running_loop().time() - started
         self.on_outcome(
-            ProxyOutcome(request.path, status, upstream, waited, first_byte, total, error)
+            ProxyOutcome(
+                request.path,
+                status,
+                upstream,
+                waited,
+                first_byte,
+                total,
+                error,
+                request.get(_NEEDS),
+                request.get(_DISPATCH),
+            )
         )
 
 
@@ -338,26 +399,8 @@ def _is_small(request: web.Request, upstream_response: aiohttp.ClientResponse) -
     )
 
 
-class _CountedBody:
-    """A chunked request body relayed as it arrives, cut off past `limit` bytes."""
-
-    def __init__(self, request: web.Request, limit: int) -> None:
-        self._request = request
-        self._limit = limit
-        self.too_large = False
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        seen = 0
-        async for chunk in self._request.content.iter_any():
-            seen += len(chunk)
-            if seen > self._limit:
-                self.too_large = True
-                raise BodyTooLarge
-            yield chunk
-
-
 class BodyTooLarge(Exception):
-    """The request body grew past `--max-request-body-bytes` while it was relayed."""
+    """The request body grew past `--max-request-body-bytes` while it was read."""
 
 
 @dataclass(slots=True)

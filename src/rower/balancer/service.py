@@ -39,6 +39,9 @@ class Balancer:
             max_buffered=settings.max_buffered_requests,
             slot_accounting=settings.slot_accounting,
             max_agents=settings.max_agents,
+            routing=settings.routing,
+            prompt_cache_contexts=settings.prompt_cache_contexts,
+            prefix_memory_entries=settings.prefix_memory_entries,
         )
         self.gate = SlotGate(self.fleet, buffer_timeout=settings.buffered_request_timeout)
         self.publisher = FleetPublisher(self.gate)

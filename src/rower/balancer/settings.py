@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from rower.addresses import Address
-from rower.balancer.fleet import SlotAccounting
+from rower.balancer.fleet import Routing, SlotAccounting
+from rower.balancer.prefix_memory import DEFAULT_MAX_ENTRIES
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,3 +33,8 @@ class BalancerSettings:
     max_header_bytes: int = 8190
     max_status_line_bytes: int = 1024 * 1024
     max_agents: int = 1024
+    request_body_timeout: float = 30.0
+    # Routing (docs/routing.md).
+    routing: Routing = Routing.CACHE_AWARE
+    prompt_cache_contexts: int = 8
+    prefix_memory_entries: int = DEFAULT_MAX_ENTRIES

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 
 from rower.balancer.fleet import Buffered, Dispatch, Fleet, Rejected, RejectReason, Upstream
+from rower.balancer.request_needs import RequestNeeds
 from rower.status import StatusUpdate
 
 
@@ -58,15 +59,19 @@ class SlotGate:
         """A fresh id for a request that will ask for a slot."""
         return next(self._ids)
 
-    async def acquire(self, request_id: int, *, retry: bool = False) -> Dispatch:
+    async def acquire(
+        self, request_id: int, *, needs: RequestNeeds | None = None, retry: bool = False
+    ) -> Dispatch:
         """Wait for a slot for `request_id`; raises `SlotUnavailable` when there is none.
+
+        `needs` is what the request needs (read by the proxy); it steers the pick.
 
         If the caller is cancelled (its client left) or times out, the request leaves the
         buffer, or gives its slot back if one was granted at that very moment.
         """
         if self.closing:
             raise _shutting_down()
-        decision = self.fleet.request_slot(request_id, self.clock(), retry=retry)
+        decision = self.fleet.request_slot(request_id, self.clock(), needs=needs, retry=retry)
         self._touch()
         if isinstance(decision, Dispatch):
             return decision

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from rower.balancer.fleet import Buffered, Dispatch, Fleet, Rejected
+from rower.balancer.request_needs import RequestNeeds
 from rower.balancer.upstream_index import pick_key
 from rower.status import StatusUpdate
 
@@ -144,10 +145,16 @@ class FleetMachine(RuleBasedStateMachine):
         self.now += seconds
         self.fleet.time_passed(self.now)
 
-    @rule()
-    def request_arrives(self) -> None:
+    @rule(conversation=st.none() | st.integers(0, 3), turn=st.integers(1, 6))
+    def request_arrives(self, conversation: int | None, turn: int) -> None:
+        # Cache-aware routing (the default) on a few conversations, whose turns grow, and on
+        # requests without a prefix: it must keep every invariant of the slot accounting.
         self.next_id += 1
-        decision = self.fleet.request_slot(self.next_id, self.now)
+        needs = None
+        if conversation is not None:
+            prefix = tuple(conversation * 100 + block for block in range(turn))
+            needs = RequestNeeds("/completion", takes_slot=True, prefix=prefix, shared_blocks=1)
+        decision = self.fleet.request_slot(self.next_id, self.now, needs=needs)
         if isinstance(decision, Dispatch):
             assert not self.waiting, "a request overtook the buffer"
             self._check_target(decision)

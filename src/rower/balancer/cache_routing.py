@@ -1,0 +1,105 @@
+"""The cache-aware pick: send a conversation back to the server that holds its prefix.
+
+The rule (docs/routing.md says it for operators):
+
+1. Only usable upstreams with a free slot are candidates; the slot truth comes first.
+2. Among them, the one this balancer last sent the longest head of the request's prefix to
+   (`PrefixMemory.matches`) wins, unless it is much busier than the least busy candidate: its
+   busy fraction may exceed the least busy one's by at most `SPREAD` (the load-spread guard).
+3. A request that matches nothing (a new conversation) goes to one of the least busy candidates
+   (busy fraction within `SPREAD` of the least), chosen by rendezvous hashing of its first
+   block with each address: balancers fed by the same agents make the same choice, and new
+   conversations spread evenly.
+4. A request without a prefix (short prompts, embeddings) takes the least-busy pick.
+
+Every choice says what it was (`Affinity`), for metrics.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import xxhash
+
+from rower.balancer.prefix_memory import PrefixMemory
+from rower.balancer.request_needs import RequestNeeds
+
+if TYPE_CHECKING:
+    from rower.balancer.fleet import Upstream
+
+SPREAD = 0.5
+"""How much busier (in busy slots over all slots) a server holding a request's prefix may be
+than the least busy one and still get it. With 2-slot servers any free slot qualifies; with 8
+slots a server 4 slots busier than the least busy loses its conversations to it."""
+
+
+class Affinity(enum.Enum):
+    """What the cache-aware pick did with one request."""
+
+    HIT = "hit"
+    """Sent to the server holding the longest head of its prefix."""
+    MISS = "miss"
+    """No server was sent a head of it: a new conversation (or one this balancer forgot)."""
+    SPILL_BUSY = "spill_busy"
+    """The server holding its longest head had no free slot."""
+    SPILL_LOAD = "spill_load"
+    """The server holding its longest head was too much busier than the least busy one."""
+    SPILL_UNUSABLE = "spill_unusable"
+    """The server holding its longest head is stale, draining, quarantined or failing."""
+
+
+@dataclass(frozen=True, slots=True)
+class CachePick:
+    """Where a request goes, why, and how many of its blocks that server was sent before."""
+
+    upstream: Upstream
+    affinity: Affinity
+    matched_blocks: int = 0
+
+
+def busy_fraction(upstream: Upstream) -> float:
+    """Busy slots over all slots (1.0 for a server with no slots)."""
+    total = upstream.slots_total
+    return upstream.slots_processing / total if total else 1.0
+
+
+def pick_cached(
+    needs: RequestNeeds,
+    memory: PrefixMemory,
+    by_address: Mapping[str, Upstream],
+    least_busy: Upstream,
+    candidates: Callable[[], Iterable[Upstream]],
+    now: float,
+) -> CachePick:
+    """The cache-aware choice for `needs` (which has a prefix), given the least-busy pick.
+
+    `candidates` lists the usable upstreams with a free slot (called only for new
+    conversations).
+    """
+    floor = busy_fraction(least_busy)
+    longest: Affinity | None = None
+    for address, blocks in memory.matches(needs.prefix):
+        upstream = by_address.get(address)
+        if upstream is None:
+            continue
+        if not upstream.is_usable(now):
+            longest = longest or Affinity.SPILL_UNUSABLE
+            continue
+        if upstream.slots_free(now) <= 0:
+            longest = longest or Affinity.SPILL_BUSY
+            continue
+        if busy_fraction(upstream) - floor > SPREAD:
+            return CachePick(least_busy, longest or Affinity.SPILL_LOAD)
+        return CachePick(upstream, longest or Affinity.HIT, blocks)
+    if longest is not None:
+        return CachePick(least_busy, longest)
+    seed = needs.prefix[0]
+    best = max(
+        (u for u in candidates() if busy_fraction(u) - floor <= SPREAD),
+        key=lambda u: xxhash.xxh3_64_intdigest(u.address.encode(), seed),
+        default=least_busy,
+    )
+    return CachePick(best, Affinity.MISS)

@@ -1,0 +1,125 @@
+"""The fleet's memory of prefixes: which conversation heads this balancer sent to which server.
+
+Per llama-server (by address), a bounded LRU of affinity keys (`affinity.chain`). Not every
+block of every request is remembered: a request's chain ends in its *leaf* (its last whole
+block), and the next turn of the same conversation contains that leaf at the same position, so
+the leaf alone finds it. One more entry, the *shared* checkpoint (the last block of the tools
+and system prompt), lets a new conversation find a server that already holds the system prompt
+it shares with others. A leaf that a longer leaf of the same conversation on the same server
+extends is dropped: the server's cache holds the prefix once. So a conversation costs about two
+entries, whatever its length (measured: bench/results/REPORT.md, "prefix memory").
+
+What a server can hold bounds its LRU: `capacity_blocks` (its slots' context plus what its
+host-RAM prompt cache keeps, an estimate given by the caller), counted in the blocks of the leaves
+it remembers. A global bound on entries caps the memory of the whole fleet: each server gets an
+equal share of it.
+
+`holder` answers "where did this prefix go last": one dict from block hash to address, so a
+lookup costs one dict access per block of the request, however large the fleet.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from rower.balancer.affinity import Chain
+
+DEFAULT_MAX_ENTRIES = 500_000
+"""Entries in the whole fleet's memory: about 250,000 conversations (~190 bytes an entry)."""
+
+
+@dataclass(slots=True)
+class _ServerPrefixes:
+    entries: OrderedDict[int, int] = field(default_factory=OrderedDict)
+    """Block hash -> its weight (the blocks of a leaf; 0 for a checkpoint), oldest first."""
+    weight: int = 0
+
+
+class PrefixMemory:
+    """What was sent where, bounded per server and in all.
+
+    Args:
+        max_entries: most entries over all servers.
+    """
+
+    def __init__(self, *, max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
+        self.max_entries = max_entries
+        self._servers: dict[str, _ServerPrefixes] = {}
+        self._holder: dict[int, str] = {}
+
+    def __len__(self) -> int:
+        return sum(len(server.entries) for server in self._servers.values())
+
+    def matches(self, prefix: Chain) -> Iterator[tuple[str, int]]:
+        """Servers that were sent a head of `prefix`: (address, blocks matched), longest first.
+
+        Each address comes once, with its longest match.
+        """
+        seen: set[str] = set()
+        holder = self._holder
+        for position in range(len(prefix) - 1, -1, -1):
+            address = holder.get(prefix[position])
+            if address is not None and address not in seen:
+                seen.add(address)
+                yield address, position + 1
+
+    def matched(self, address: str, prefix: Chain) -> int:
+        """Blocks of `prefix` that `address` was sent (0 when none)."""
+        server = self._servers.get(address)
+        if server is None:
+            return 0
+        entries = server.entries
+        for position in range(len(prefix) - 1, -1, -1):
+            if prefix[position] in entries:
+                return position + 1
+        return 0
+
+    def record(
+        self, address: str, prefix: Chain, *, shared_blocks: int, capacity_blocks: int
+    ) -> None:
+        """`prefix` was sent to `address`, a server that holds about `capacity_blocks`."""
+        if not prefix:
+            return
+        server = self._servers.get(address)
+        if server is None:
+            server = self._servers[address] = _ServerPrefixes()
+        entries = server.entries
+        # The conversation's previous turn here (a shorter leaf of this chain) is now inside
+        # this one: keep one of them.
+        for position in range(len(prefix) - 2, -1, -1):
+            weight = entries.get(prefix[position])
+            if weight is not None:
+                if weight:
+                    self._drop(address, server, prefix[position])
+                break
+        if 0 < shared_blocks < len(prefix):
+            self._put(address, server, prefix[shared_blocks - 1], 0)
+        self._put(address, server, prefix[-1], len(prefix))
+        share = max(1, self.max_entries // len(self._servers))
+        while entries and (server.weight > capacity_blocks or len(entries) > share):
+            self._drop(address, server, next(iter(entries)))
+
+    def forget(self, address: str) -> None:
+        """The server at `address` restarted, reloaded or changed model: its cache is gone."""
+        server = self._servers.pop(address, None)
+        if server is None:
+            return
+        for key in server.entries:
+            if self._holder.get(key) == address:
+                del self._holder[key]
+
+    def _put(self, address: str, server: _ServerPrefixes, key: int, weight: int) -> None:
+        old = server.entries.pop(key, None)
+        if old is not None:
+            server.weight -= old
+            weight = max(weight, old)
+        server.entries[key] = weight
+        server.weight += weight
+        self._holder[key] = address
+
+    def _drop(self, address: str, server: _ServerPrefixes, key: int) -> None:
+        server.weight -= server.entries.pop(key)
+        if self._holder.get(key) == address:
+            del self._holder[key]

@@ -1,0 +1,90 @@
+"""What a proxied request needs from the fleet, read from its path and its whole body.
+
+The proxy reads the body before it asks for a slot (a slot is never held while a body is still
+arriving) and hands the result of `read_needs` to the fleet core with the slot request. This
+module is pure: bytes in, a small frozen value out, or `BadRequest` with a message for the
+client. The body itself goes upstream unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from rower.balancer.affinity import BLOCK_BYTES, Chain, chain, conversation_head
+from rower.balancer.paths import INFERENCE_PATHS, is_slots_endpoint, normalize
+
+_decode = msgspec.json.decode
+
+
+@dataclass(frozen=True, slots=True)
+class RequestNeeds:
+    """What routing knows about one request.
+
+    Attributes:
+        path: the normalized path (`/v1/chat/completions`).
+        takes_slot: whether it runs on a llama-server slot (and so may wait for one).
+        streaming: whether the client asked for a server-sent event stream.
+        model: the `model` the body names, if any.
+        prefix: the affinity key (`affinity.chain`); empty when the prompt is too short or the
+            path reuses no prompt.
+        shared_blocks: how many of `prefix`'s blocks are the part conversations often share
+            (tools and system prompt).
+    """
+
+    path: str
+    takes_slot: bool
+    streaming: bool = False
+    model: str | None = None
+    prefix: Chain = ()
+    shared_blocks: int = 0
+
+    @property
+    def is_slots_endpoint(self) -> bool:
+        """Whether the request reaches llama-server's `/slots`."""
+        return is_slots_endpoint(self.path)
+
+
+class BadRequest(Exception):
+    """The body cannot be what the path expects; the message tells the client what to send."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+def read_needs(path: str, body: bytes) -> RequestNeeds:
+    """What a request to `path` (as received, not yet normalized) with `body` needs.
+
+    Raises:
+        BadRequest: an inference request whose body is not a JSON object.
+    """
+    normal = normalize(path)
+    if normal not in INFERENCE_PATHS:
+        return RequestNeeds(normal, takes_slot=False)
+    if not body.strip():
+        # llama-server answers this itself (an error naming the missing field).
+        return RequestNeeds(normal, takes_slot=True)
+    try:
+        document: Any = _decode(body)
+    except msgspec.DecodeError as error:
+        raise BadRequest(
+            f"The request body is not valid JSON ({error}); send a JSON object"
+        ) from None
+    if not isinstance(document, dict):
+        raise BadRequest(
+            f"The request body is JSON {type(document).__name__}, not an object; send a JSON object"
+        )
+    model = document.get("model")
+    model = model if isinstance(model, str) and model else None
+    head = conversation_head(normal, document)
+    return RequestNeeds(
+        normal,
+        takes_slot=True,
+        streaming=document.get("stream") is True,
+        model=model,
+        prefix=chain(model, head.text),
+        shared_blocks=head.shared // BLOCK_BYTES,
+    )
