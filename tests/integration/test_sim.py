@@ -262,6 +262,63 @@ async def test_slots_show_a_running_generation(sim: str, http: aiohttp.ClientSes
     await wait_slots(http, sim, 0)
 
 
+async def test_finished_slot_keeps_its_task_id_and_resets_its_progress(
+    sim: str, http: aiohttp.ClientSession
+) -> None:
+    # As llama-server (tests/e2e/test_llama_server_facts.py).
+    status, answer = await post_json(
+        http, f"{sim}/completion", {"prompt": "Hi", "n_predict": 3, "id_slot": 0}
+    )
+    assert status == 200, answer
+    _, slots = await get_json(http, f"{sim}/slots")
+    done = slots[0]
+    assert done["is_processing"] is False
+    assert isinstance(done["id_task"], int)
+    assert done["next_token"] == [
+        {"has_next_token": False, "has_new_line": False, "n_remain": -1, "n_decoded": 0}
+    ]
+    assert (done["n_prompt_tokens_processed"], done["n_prompt_tokens_cache"]) == (0, 0)
+    assert done["n_prompt_tokens"] == answer["tokens_evaluated"] + 3
+    assert "prompt" not in done  # llama-server shows it only with --slots-debug
+    body = {"prompt": "Forever", "n_predict": -1, "stream": True, "id_slot": 0}
+    async with http.post(f"{sim}/completion", json=body) as response:
+        await response.content.readuntil(b"\n\n")
+        _, slots = await get_json(http, f"{sim}/slots")
+    assert slots[0]["id_task"] > done["id_task"]
+    assert slots[0]["next_token"][0]["n_remain"] == -1
+    await wait_slots(http, sim, 0)
+
+
+ALPHA = "alpha bravo charlie delta " * 60
+BRAVO = "xray yankee zulu whiskey " * 60
+
+
+async def completion_timings(http: aiohttp.ClientSession, base: str, prompt: str) -> dict[str, int]:
+    status, answer = await post_json(http, f"{base}/completion", {"prompt": prompt, "n_predict": 4})
+    assert status == 200, answer
+    return dict(answer["timings"])
+
+
+@pytest.mark.parametrize("cache_ram_tokens", [0, 10_000])
+async def test_host_ram_cache_brings_back_a_prompt_pushed_out_of_its_slot(
+    http: aiohttp.ClientSession, cache_ram_tokens: int
+) -> None:
+    # The sequence tests/e2e/test_llama_server_facts.py runs on llama-server --cache-ram.
+    flags = ("--slots", "1", "--cache-ram-tokens", str(cache_ram_tokens), *FAST)
+    for base in start_sim(*flags):
+        assert (await completion_timings(http, base, ALPHA))["cache_n"] == 0
+        assert (await completion_timings(http, base, BRAVO))["cache_n"] <= 1
+        again = await completion_timings(http, base, ALPHA + " echo foxtrot")
+        sim_counters = await counters(http, base)
+    if cache_ram_tokens:
+        assert again["cache_n"] >= 0.9 * (again["cache_n"] + again["prompt_n"]), again
+        assert sim_counters["cache_restores"] == 1
+        assert 0 < sim_counters["cache_tokens"] <= cache_ram_tokens
+    else:
+        assert again["cache_n"] <= 1, again
+        assert (sim_counters["cache_saves"], sim_counters["cache_tokens"]) == (0, 0)
+
+
 async def test_fail_on_no_slot(sim: str, http: aiohttp.ClientSession) -> None:
     body = {"prompt": "fill", "n_predict": 100_000, "stream": True}
     async with (

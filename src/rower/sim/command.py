@@ -102,6 +102,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="answer 503 'Loading model' on every endpoint for this long after start (default: 0)",
     )
     parser.add_argument(
+        "--cache-ram-tokens",
+        type=non_negative,
+        default=0,
+        metavar="N",
+        help="host-RAM prompt cache of at most N tokens, as llama-server's --cache-ram "
+        "(MiB there: N = MiB x 2^20 / the model's KV bytes per token); 0 = none (default: 0)",
+    )
+    parser.add_argument(
         "--metrics",
         action="store_true",
         help="serve Prometheus text at /metrics (else 501, as llama-server without --metrics)",
@@ -154,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         loading_seconds=args.loading_ms / 1000,
         default_n_predict=args.n_predict,
+        cache_ram_tokens=args.cache_ram_tokens,
         metrics=args.metrics,
         faults=Faults(
             no_slots=args.no_slots,

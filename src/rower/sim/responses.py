@@ -259,27 +259,40 @@ def _slot(slot: Slot, identity: Identity) -> Json:
         "speculative": False,
         "is_processing": slot.is_processing,
     }
-    task = slot.task or slot.last_task
+    task = slot.task
     if task is None:
+        last = slot.last_task
+        if last is None:
+            return answer
+        # llama-server resets a slot's progress when its task ends; the task id stays.
+        answer.update(
+            {
+                "id_task": last.id,
+                "n_prompt_tokens": len(slot.cached),
+                "n_prompt_tokens_processed": 0,
+                "n_prompt_tokens_cache": 0,
+                "params": dict(last.params),
+                "next_token": [
+                    {"has_next_token": False, "has_new_line": False, "n_remain": -1, "n_decoded": 0}
+                ],
+            }
+        )
         return answer
-    n_remain = max(task.n_predict - task.n_decoded, 0) if task.n_predict >= 0 else -1
     answer.update(
         {
             "id_task": task.id,
-            "n_prompt_tokens": len(task.prompt) + task.n_decoded,
+            "n_prompt_tokens": task.cache_n + task.prompt_n + task.n_decoded,
             "n_prompt_tokens_processed": task.prompt_n,
             "n_prompt_tokens_cache": task.cache_n,
             "params": dict(task.params),
             "next_token": [
                 {
-                    "has_next_token": slot.is_processing,
+                    "has_next_token": True,
                     "has_new_line": any("\n" in piece for piece in task.generated),
-                    "n_remain": n_remain,
+                    "n_remain": task.n_remain,
                     "n_decoded": task.n_decoded,
                 }
             ],
-            "prompt": "".join(task.prompt),
-            "generated": "".join(task.generated),
         }
     )
     return answer

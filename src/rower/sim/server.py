@@ -70,6 +70,7 @@ class SimConfig:
         api_key: required bearer token on every endpoint but `/health`, or None.
         loading_seconds: how long every endpoint answers 503 "Loading model" after start.
         default_n_predict: tokens generated when a request does not say.
+        cache_ram_tokens: bound of the host-RAM prompt cache in tokens; 0 = none.
         metrics: serve Prometheus text at `/metrics` (else 501, as llama-server).
         faults: fault switches.
     """
@@ -79,6 +80,7 @@ class SimConfig:
     api_key: str | None = None
     loading_seconds: float = 0.0
     default_n_predict: int = 16
+    cache_ram_tokens: int = 0
     metrics: bool = False
     faults: Faults = field(default_factory=Faults)
 
@@ -88,7 +90,9 @@ class Sim:
 
     def __init__(self, config: SimConfig) -> None:
         self.config = config
-        self.table = SlotTable(config.identity.total_slots)
+        self.table = SlotTable(
+            config.identity.total_slots, cache_ram_tokens=config.cache_ram_tokens
+        )
         self.engine = Engine(self.table, config.speed)
         self._random = random.Random(0)
         self._ready_at = 0.0
@@ -133,6 +137,9 @@ class Sim:
             "tokens_prompt": counters.tokens_prompt,
             "tokens_cached": counters.tokens_cached,
             "tokens_predicted": counters.tokens_predicted,
+            "cache_saves": counters.cache_saves,
+            "cache_restores": counters.cache_restores,
+            "cache_tokens": self.table.cache.n_tokens if self.table.cache else 0,
         }
 
     # --- middlewares ------------------------------------------------------------------------
@@ -276,7 +283,7 @@ class Sim:
                 return failure
             prompt = tuple(piece for pieces in inputs for piece in pieces)
             self._check_context(prompt)
-            task = Task(self.table.new_task_id(), prompt, n_predict=0)
+            task = Task(self.table.new_task_id(), prompt, n_predict=0, completion=False)
             identity = self.config.identity
             async with self.engine.hold(task) as run:
                 if self.config.faults.hang:
@@ -305,6 +312,7 @@ class Sim:
             generation.prompt,
             id_slot=generation.id_slot,
             n_predict=n_predict,
+            limited=generation.n_predict >= 0,
             params=generation.params,
         )
 
