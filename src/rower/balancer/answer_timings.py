@@ -1,0 +1,80 @@
+"""How much of a prompt llama-server found in its cache, read from its own answer.
+
+llama-server's completion and chat answers carry `timings` with `prompt_n` (prompt tokens it
+evaluated) and `cache_n` (prompt tokens it reused from its KV cache): in the body of a
+non-streamed answer, and in the last event of a streamed one. The proxy hands this module the
+body, or the tail of the stream, and counts what it finds; it is the operator's view of the
+prompt-cache reuse that cache-aware routing is for. Pure: bytes in, numbers out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import msgspec
+
+STREAM_TAIL_READS = 4
+"""Reads of a streamed answer kept to find its last `timings`: the final event holds them, and
+it comes in one read or a few (then `data: [DONE]`). Keeping reads, not bytes, costs nothing per
+token."""
+
+_MARKER = b'"timings"'
+
+
+class _Timings(msgspec.Struct):
+    prompt_n: int = 0
+    cache_n: int = 0
+
+
+class _Answer(msgspec.Struct):
+    timings: _Timings | None = None
+
+
+_decode = msgspec.json.Decoder(_Answer).decode
+
+
+@dataclass(frozen=True, slots=True)
+class PromptTokens:
+    """Prompt tokens of one answer: `cached` of them were reused, `evaluated` computed."""
+
+    evaluated: int
+    cached: int
+
+    @property
+    def total(self) -> int:
+        """All prompt tokens of the request."""
+        return self.evaluated + self.cached
+
+
+def from_body(body: bytes) -> PromptTokens | None:
+    """The prompt tokens a non-streamed JSON answer reports, if it has `timings`."""
+    if _MARKER not in body:
+        return None
+    try:
+        timings = _decode(body).timings
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    return _tokens(timings)
+
+
+def from_stream_tail(tail: bytes) -> PromptTokens | None:
+    """The prompt tokens in the last event with `timings` of a server-sent event stream."""
+    at = tail.rfind(_MARKER)
+    if at < 0:
+        return None
+    start = tail.rfind(b"data:", 0, at)
+    if start < 0:
+        return None
+    end = tail.find(b"\n", at)
+    event = tail[start + 5 : end if end >= 0 else len(tail)]
+    try:
+        timings = _decode(event).timings
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    return _tokens(timings)
+
+
+def _tokens(timings: _Timings | None) -> PromptTokens | None:
+    if timings is None or timings.prompt_n < 0 or timings.cache_n < 0:
+        return None
+    return PromptTokens(timings.prompt_n, timings.cache_n)
