@@ -42,6 +42,8 @@ def scheduling_table(data: dict[str, Any]) -> list[str]:
         if over is None:
             over = run.get("peak_deferred")
             over = "-" if over is None else f"peak {over:.0f}"
+            if run.get("deferred_samples_missed"):
+                over += f" ({run['deferred_samples_missed']} samples missed)"
         else:
             over = f"{over:.0f}"
         lines.append(

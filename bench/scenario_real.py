@@ -67,7 +67,8 @@ def _metric(text: str, name: str) -> float:
     for line in text.splitlines():
         if line.startswith(name + " ") or line.startswith(name + "{"):
             return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    # Not 0: a server without the metric (no --metrics, another build) has not shown "none".
+    raise ValueError(f"no {name} in llama-server's /metrics")
 
 
 def calibrate(ports: list[int], n_predict: int = 300) -> float:

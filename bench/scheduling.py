@@ -8,7 +8,6 @@ gets the same workloads (same seed), on the same servers.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import random
@@ -233,13 +232,18 @@ def run_load(
     before = counters()
     cpu_before = {name: sum(_cpu(p) for p in pids) for name, pids in watch_pids.items()}
     busy_before = procs.machine_busy_seconds()
-    peak = [0.0]
+    deferred: list[float] = []
+    missed: list[str] = []
     stop_sampling = threading.Event()
 
     def sample() -> None:
+        # A sample that fails is counted, not read as 0: a busy server that cannot answer
+        # /metrics in time is exactly when requests may be deferred.
         while sampler is not None and not stop_sampling.wait(0.1):
-            with contextlib.suppress(OSError):
-                peak[0] = max(peak[0], sampler())
+            try:
+                deferred.append(sampler())
+            except OSError as error:
+                missed.append(str(error))
 
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
@@ -266,7 +270,12 @@ def run_load(
     cpu["loadgen"] = cpu_loadgen / wall
     cpu["machine"] = (busy_after[0] - busy_before[0]) / max(1e-9, busy_after[1] - busy_before[1])
     records = json.loads(out.read_text())["records"] if out.exists() else []
-    return summarize(records, requests, before, after, cpu, peak[0] if sampler else None)
+    result = summarize(records, requests, before, after, cpu, max(deferred, default=None))
+    if sampler is not None:
+        result["deferred_samples_missed"] = len(missed)
+        if missed:
+            print(f"{len(missed)} samples of deferred requests failed, e.g. {missed[0]}")
+    return result
 
 
 def _cpu(pid: int) -> float:

@@ -2,7 +2,8 @@
 
 `StatusUpdate` is one NDJSON line of the agent -> balancer stream; `AgentView` and `FleetView`
 are what the management API and its SSE stream answer. Field names are Paddler's, so scripts
-written against Paddler 1.x keep working; Rower's additions come after them.
+written against Paddler 1.x keep working; Rower's additions come after them. `decode_status`
+and `checked_status` are the balancer's gate for status lines: what they refuse is never acted on.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import time
 from typing import Annotated
 
 import msgspec
+
+from rower.addresses import Address, AddressError
 
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]

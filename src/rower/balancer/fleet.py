@@ -148,6 +148,9 @@ class Upstream:
     """When it joined the fleet (a counter): the last tie-break of `Fleet.pick`."""
     highest_task: int = -1
     """The largest llama-server task id its reports showed (-1: none yet)."""
+    prompt_tokens_evaluated: int = 0
+    prompt_tokens_cached: int = 0
+    """Prompt tokens of its answers to this balancer, computed and reused (for the views)."""
 
     def restarted(self, status: StatusUpdate) -> bool:
         """Whether `status` shows a llama-server that lost its prompt cache since the last one.
@@ -513,6 +516,13 @@ class Fleet:
             self.quarantine(upstream.agent_id, wall)
         return self.release(request_id, now)
 
+    def answered(self, agent_id: str, evaluated: int, cached: int) -> None:
+        """An answer from `agent_id`'s llama-server said how much of its prompt was cached."""
+        upstream = self.upstreams.get(agent_id)
+        if upstream is not None:
+            upstream.prompt_tokens_evaluated += evaluated
+            upstream.prompt_tokens_cached += cached
+
     def quarantine(self, agent_id: str, wall: float) -> None:
         """Stop using an upstream that refused a connection until its agent reports it healthy."""
         upstream = self.upstreams.get(agent_id)
@@ -620,9 +630,18 @@ class Fleet:
 
     def _view(self, upstream: Upstream, now: float) -> AgentView:
         status = upstream.status
+        unusable = {
+            "issue": status.has_issue,
+            "stale": upstream.is_stale(now),
+            "quarantined": upstream.quarantined,
+            "draining": upstream.is_draining,
+        }
+        reasons = [reason for reason, applies in unusable.items() if applies]
         if not status.has_issue:
+            # Slots nothing may be sent to are not idle capacity (autoscalers sum them).
             processing = upstream.slots_processing
-            status = _with_counts(status, upstream.slots_total - processing, processing)
+            idle = 0 if reasons else upstream.slots_total - processing
+            status = _with_counts(status, idle, processing)
         if upstream.drain_requested and not status.is_draining:
             status = msgspec.structs.replace(status, is_draining=True)
         until = upstream.quarantined_until_wall if upstream.quarantined else None
@@ -636,6 +655,9 @@ class Fleet:
             is_usable=upstream.is_usable(now),
             is_stale=upstream.is_stale(now),
             slots_free=upstream.slots_free(now),
+            unusable_reasons=reasons,
+            prompt_tokens_evaluated=upstream.prompt_tokens_evaluated,
+            prompt_tokens_cached=upstream.prompt_tokens_cached,
         )
 
 

@@ -10,7 +10,7 @@ alone.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -20,6 +20,7 @@ from prometheus_client.registry import Collector
 
 from rower.balancer.fleet_stream import FleetPublisher
 from rower.balancer.fleet_totals import FleetTotals
+from rower.balancer.http_limits import ListenerStats
 from rower.balancer.paths import path_class, takes_slot
 from rower.balancer.proxy import ProxyOutcome
 
@@ -32,11 +33,14 @@ AGENT_LABELS = ("agent_id", "agent_name")
 class FleetCollector(Collector):
     """The fleet's gauges, computed from the publisher's view at each scrape."""
 
-    def __init__(self, publisher: FleetPublisher) -> None:
+    def __init__(
+        self, publisher: FleetPublisher, listeners: Mapping[str, ListenerStats] | None = None
+    ) -> None:
         self.publisher = publisher
+        self.listeners = dict(listeners or {})
 
     def collect(self) -> Iterator[Metric]:
-        """Yield the fleet-wide and per-agent metric families."""
+        """Yield the fleet-wide, per-listener and per-agent metric families."""
         view = self.publisher.view()
         totals = FleetTotals.of(view)
         yield GaugeMetricFamily(
@@ -62,7 +66,8 @@ class FleetCollector(Collector):
             "Times an upstream was quarantined after refusing a connection",
             self.publisher.gate.fleet.quarantines,
         )
-        families = {
+        yield from self._listener_families()
+        families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
             "idle": GaugeMetricFamily(
                 "rower_agent_slots_idle",
                 "Idle slots of one agent's llama-server",
@@ -82,6 +87,18 @@ class FleetCollector(Collector):
                 "not quarantined), else 0",
                 labels=AGENT_LABELS,
             ),
+            "evaluated": CounterMetricFamily(
+                "rower_agent_prompt_tokens_evaluated",
+                "Prompt tokens the agent's llama-server computed for this balancer's requests "
+                "(timings.prompt_n of its answers)",
+                labels=AGENT_LABELS,
+            ),
+            "cached": CounterMetricFamily(
+                "rower_agent_prompt_tokens_cached",
+                "Prompt tokens the agent's llama-server reused from its prompt cache for them "
+                "(timings.cache_n); reuse = cached / (cached + evaluated)",
+                labels=AGENT_LABELS,
+            ),
         }
         for agent in view.agents:
             labels = [agent.agent_id, agent.status.agent_name or ""]
@@ -91,15 +108,38 @@ class FleetCollector(Collector):
             families["processing"].add_metric(labels, status.slots_processing)
             families["total"].add_metric(labels, total)
             families["usable"].add_metric(labels, 1 if agent.is_usable else 0)
+            families["evaluated"].add_metric(labels, agent.prompt_tokens_evaluated)
+            families["cached"].add_metric(labels, agent.prompt_tokens_cached)
         yield from families.values()
+
+    def _listener_families(self) -> Iterator[Metric]:
+        connections = GaugeMetricFamily(
+            "rower_client_connections",
+            "Client connections open on a listener (agents' included on the management one)",
+            labels=["listener"],
+        )
+        refusals = CounterMetricFamily(
+            "rower_client_refusals",
+            "Connections and requests a listener refused: malformed, framing, header_too_large, "
+            "header_timeout, over_capacity",
+            labels=["listener", "reason"],
+        )
+        for name, stats in self.listeners.items():
+            connections.add_metric([name], stats.connections)
+            for reason, count in sorted(stats.refused.items()):
+                refusals.add_metric([name, reason], count)
+        yield connections
+        yield refusals
 
 
 class BalancerMetrics:
     """The balancer's Prometheus registry; `observe` is the reverse proxy's outcome listener."""
 
-    def __init__(self, publisher: FleetPublisher) -> None:
+    def __init__(
+        self, publisher: FleetPublisher, *, listeners: Mapping[str, ListenerStats] | None = None
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.registry.register(FleetCollector(publisher))
+        self.registry.register(FleetCollector(publisher, listeners))
         self.requests = Counter(
             "rower_proxied_requests",
             "Requests answered by the reverse proxy, by path class and HTTP status",
@@ -136,6 +176,15 @@ class BalancerMetrics:
             "Requests answered 504: no slot became free within --buffered-request-timeout",
             registry=self.registry,
         )
+        self.affinity = Counter(
+            "rower_affinity_requests",
+            "Requests routed with a prompt prefix (--routing cache-aware), by what the pick did: "
+            "hit (to the server holding its longest head), miss (no server had it), "
+            "spill_busy / spill_load / spill_unusable (that server was full, too much busier "
+            "than the least busy one, or not usable)",
+            ["outcome"],
+            registry=self.registry,
+        )
         self.upstream_errors = Counter(
             "rower_upstream_errors",
             "Requests that failed at llama-server: refused, unreachable, or broken mid-response",
@@ -146,6 +195,8 @@ class BalancerMetrics:
         """Count one proxied request."""
         path = path_class(outcome.path)
         self.requests.labels(path, str(outcome.status)).inc()
+        if outcome.dispatch is not None and outcome.dispatch.affinity is not None:
+            self.affinity.labels(outcome.dispatch.affinity.value).inc()
         self.duration.labels(path).observe(outcome.seconds_total)
         if outcome.seconds_to_first_byte is not None:
             self.time_to_first_byte.labels(path).observe(outcome.seconds_to_first_byte)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -22,6 +23,12 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
+from rower.balancer.answer_timings import (
+    STREAM_TAIL_READS,
+    PromptTokens,
+    from_body,
+    from_stream_tail,
+)
 from rower.balancer.fleet import Dispatch
 from rower.balancer.paths import is_slots_endpoint
 from rower.balancer.request_needs import BadRequest, RequestNeeds, read_needs
@@ -256,9 +263,13 @@ class ReverseProxy:
             await response.prepare(request)
             if progress is not None:
                 progress.streaming = upstream_response.content_type == "text/event-stream"
+            # The last event carries the answer's timings: keep the stream's last few reads.
+            tail: deque[bytes] = deque(maxlen=STREAM_TAIL_READS)
             try:
                 async for chunk in upstream_response.content.iter_any():
                     await response.write(chunk)
+                    tail.append(chunk)
+                self._count_prompt(request, from_stream_tail(b"".join(tail)))
             except (aiohttp.ClientError, TimeoutError) as error:
                 # Headers are gone already: all that is left is to end the client's stream.
                 log.warning("llama-server at %s failed mid-response: %s", upstream, error)
@@ -291,6 +302,7 @@ class ReverseProxy:
             body = await upstream_response.read()
         except (aiohttp.ClientError, TimeoutError) as error:
             return self._upstream_failed(request, upstream, started, waited, error)
+        self._count_prompt(request, from_body(body))
         headers = CIMultiDict(
             (name, value)
             for name, value in upstream_response.headers.items()
@@ -359,6 +371,11 @@ class ReverseProxy:
             previous = request.headers.get("X-Forwarded-For")
             headers["X-Forwarded-For"] = f"{previous}, {peer}" if previous else peer
         return headers
+
+    def _count_prompt(self, request: web.Request, tokens: PromptTokens | None) -> None:
+        dispatch: Dispatch | None = request.get(_DISPATCH)
+        if tokens is not None and dispatch is not None:
+            self.gate.answered(dispatch.agent_id, tokens.evaluated, tokens.cached)
 
     def _report(
         self,

@@ -126,6 +126,10 @@ class SlotGate:
         self._deliver(self.fleet.refused(request_id, self.clock(), self.wall_clock()))
         self._touch()
 
+    def answered(self, agent_id: str, evaluated: int, cached: int) -> None:
+        """An answer said how many prompt tokens its llama-server computed and reused."""
+        self.fleet.answered(agent_id, evaluated, cached)
+
     def quarantine(self, agent_id: str) -> None:
         """An upstream refused a connection outside of any slot (a request that needs none)."""
         self.fleet.quarantine(agent_id, self.wall_clock())
