@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
+from collections.abc import Callable
 
 
 class JsonFormatter(logging.Formatter):
@@ -36,3 +38,58 @@ def configure_logging(level: str, log_format: str) -> None:
     root.setLevel(level.upper())
     # aiohttp logs every request at info; that is the proxy's hot path.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+class Throttle:
+    """Lets one log line of each kind through per `period` seconds and counts the others.
+
+    Whoever reaches a listener can make the balancer log (a malformed request, a wrong token, a
+    refused status line): without a bound, a client could fill the disk. Kinds are a fixed set
+    named in the code, never taken from the input, so the table stays small.
+
+    Args:
+        period: least time between two lines of one kind, in seconds.
+        clock: monotonic clock, in seconds.
+    """
+
+    def __init__(self, period: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.period = period
+        self._clock = clock
+        self._quiet_until: dict[str, float] = {}
+        self._held_back: dict[str, int] = {}
+
+    def admit(self, kind: str) -> int | None:
+        """None if a line of `kind` must not be logged now, else how many were held back since."""
+        now = self._clock()
+        if now < self._quiet_until.get(kind, -math.inf):
+            self._held_back[kind] = self._held_back.get(kind, 0) + 1
+            return None
+        self._quiet_until[kind] = now + self.period
+        return self._held_back.pop(kind, 0)
+
+
+THROTTLE = Throttle()
+"""The process's throttle for log lines that outside input can cause."""
+
+
+def log_throttled(
+    logger: logging.Logger,
+    level: int,
+    kind: str,
+    message: str,
+    *args: object,
+    throttle: Throttle = THROTTLE,
+    exc_info: bool = False,
+) -> None:
+    """`logger.log(level, message, *args)` unless a line of `kind` was logged a moment ago.
+
+    The next line that gets through says how many of its kind were left out. `exc_info` adds
+    the exception being handled, as `logger.exception` does.
+    """
+    held_back = throttle.admit(f"{logger.name}:{kind}")
+    if held_back is None:
+        return
+    if held_back:
+        message += " (and %d more like it in the last %g s, not logged)"
+        args = (*args, held_back, throttle.period)
+    logger.log(level, message, *args, exc_info=exc_info)

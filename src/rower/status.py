@@ -100,6 +100,14 @@ class AgentView(msgspec.Struct, frozen=True):
     is_usable: bool
     is_stale: bool
     slots_free: int
+    unusable_reasons: list[str] = msgspec.field(default_factory=list)
+    """Why no request goes there now, in this order: `issue` (the agent reports one), `stale`
+    (reports stopped), `quarantined` (refused a connection), `draining`. Empty when usable; an
+    unusable agent's `status.slots_idle` is 0, so idle sums are the capacity requests can use."""
+    prompt_tokens_evaluated: int = 0
+    """Prompt tokens its llama-server computed for this balancer's requests (`timings.prompt_n`)."""
+    prompt_tokens_cached: int = 0
+    """Prompt tokens it reused from its prompt cache for them (`timings.cache_n`)."""
 
 
 class FleetView(msgspec.Struct, frozen=True):
@@ -114,3 +122,66 @@ class FleetView(msgspec.Struct, frozen=True):
 status_decoder = msgspec.json.Decoder(StatusUpdate)
 fleet_decoder = msgspec.json.Decoder(FleetView)
 json_encoder = msgspec.json.Encoder()
+
+
+class StatusRefused(ValueError):
+    """A status line the balancer does not take; the message says what was refused and why."""
+
+
+def decode_status(line: bytes) -> StatusUpdate:
+    """One NDJSON status line, decoded.
+
+    Raises:
+        StatusRefused: the line is not UTF-8, not JSON, or not a `StatusUpdate`.
+    """
+    try:
+        return status_decoder.decode(line)
+    except msgspec.ValidationError as error:
+        raise StatusRefused(f"invalid status update: {error}") from None
+    except msgspec.DecodeError as error:
+        raise StatusRefused(f"status update is not JSON: {error}") from None
+    except UnicodeDecodeError as error:
+        # msgspec checks UTF-8 inside strings, and says so with this error.
+        raise StatusRefused(f"status update is not UTF-8: a string has {error.reason}") from None
+
+
+def checked_status(status: StatusUpdate, *, max_slots: int) -> StatusUpdate:
+    """`status` with its address in canonical form, if a balancer may act on it.
+
+    The address must be `HOST:PORT` and nothing else (it becomes the URL the proxy connects
+    to), and the slot counts must be at most `max_slots` and agree with each other (they become
+    capacity that the proxy fills and that autoscalers read).
+
+    Raises:
+        StatusRefused: naming the field and what is wrong with it.
+    """
+    try:
+        address = Address.parse(status.external_llamacpp_addr)
+    except AddressError as error:
+        raise StatusRefused(f"external_llamacpp_addr refused: {error}") from None
+    if address.is_unspecified:
+        raise StatusRefused(
+            f"external_llamacpp_addr refused: {address} means every local address and none to "
+            "connect to; report the address balancers reach llama-server at "
+            "(--external-llamacpp-addr)"
+        )
+    counts = {
+        "slots_total": status.slots_total,
+        "slots_idle + slots_processing": status.slots_idle + status.slots_processing,
+        "the slots list": len(status.slots),
+    }
+    for what, count in counts.items():
+        if count > max_slots:
+            raise StatusRefused(
+                f"{what} is {count}: a balancer takes at most {max_slots} slots per agent "
+                "(its --max-slots-per-agent)"
+            )
+    if status.slots_total and counts["slots_idle + slots_processing"] > status.slots_total:
+        raise StatusRefused(
+            f"slots_idle + slots_processing ({counts['slots_idle + slots_processing']}) is more "
+            f"than slots_total ({status.slots_total})"
+        )
+    canonical = str(address)
+    if canonical == status.external_llamacpp_addr:
+        return status
+    return msgspec.structs.replace(status, external_llamacpp_addr=canonical)

@@ -155,7 +155,13 @@ def test_any_slots_answer_maps_to_a_status_the_balancer_accepts(
         assert (status.slots_idle, status.slots_processing) == (0, 0)
 
 
-hosts = st.from_regex(r"\A[a-z0-9]([a-z0-9.-]{0,20}[a-z0-9])?\Z") | st.ip_addresses(v=4).map(str)
+# Host names as `Address.parse` keeps them: lower-case labels of letters, digits and inner '-',
+# the last one not a number (which would make the name an IPv4 address).
+LABEL = r"[a-z0-9]([a-z0-9-]{0,8}[a-z0-9])?"
+hosts = (
+    st.from_regex(rf"\A({LABEL}\.){{0,3}}[a-z]([a-z0-9-]{{0,8}}[a-z0-9])?\Z")
+    | st.ip_addresses(v=4).map(str)
+)
 
 
 @bounded

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from rower.cli import address, milliseconds, non_negative, positive
 
@@ -156,6 +157,43 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "(default: 500000)",
     )
     parser.add_argument(
+        "--request-header-timeout",
+        type=milliseconds,
+        default=10000,
+        metavar="MS",
+        help="longest time from a request's first byte to the end of its headers, on both "
+        "listeners; slower gets 408 and the connection is closed (default: 10000)",
+    )
+    parser.add_argument(
+        "--idle-connection-timeout",
+        type=milliseconds,
+        default=15000,
+        metavar="MS",
+        help="a client connection with no request under way is closed after this long, on "
+        "both listeners (default: 15000)",
+    )
+    parser.add_argument(
+        "--max-client-connections",
+        type=positive,
+        default=4096,
+        metavar="N",
+        help="most open connections on the reverse-proxy listener (the management listener: N "
+        "plus --max-agents); one more gets 503 and is closed (default: 4096)",
+    )
+    parser.add_argument(
+        "--max-slots-per-agent",
+        type=positive,
+        default=1024,
+        metavar="N",
+        help="most slots one agent may report; a status line with more gets 400 (default: 1024)",
+    )
+    parser.add_argument(
+        "--management-token-guards-reads",
+        action="store_true",
+        help="the management token is needed to read the fleet too (/api/v1/agents, its "
+        "stream, metrics); /health and the dashboard's page stay open",
+    )
+    parser.add_argument(
         "--slot-accounting",
         choices=("rower", "paddler"),
         default="rower",
@@ -196,5 +234,17 @@ def run(args: argparse.Namespace) -> int:
         routing=Routing(args.routing),
         prompt_cache_contexts=args.prompt_cache_contexts,
         prefix_memory_entries=args.prefix_memory_entries,
+        request_header_timeout=args.request_header_timeout / 1000,
+        idle_connection_timeout=args.idle_connection_timeout / 1000,
+        max_client_connections=args.max_client_connections,
+        max_slots_per_agent=args.max_slots_per_agent,
+        management_token_guards_reads=args.management_token_guards_reads,
     )
+    if settings.management_token_guards_reads and settings.management_token is None:
+        print(
+            "rower balancer: --management-token-guards-reads needs --management-token: "
+            "give both, or leave reads open",
+            file=sys.stderr,
+        )
+        return 2
     return run_async(serve(settings))

@@ -41,6 +41,11 @@ async def _to_dashboard(request: web.Request) -> web.StreamResponse:
     raise web.HTTPFound("/dashboard")
 
 
+def dashboard_paths() -> list[str]:
+    """Every path the dashboard's files are served at."""
+    return ["/dashboard", "/dashboard/", *(f"/dashboard/{name}" for name in FILES)]
+
+
 def add_dashboard_routes(app: web.Application) -> None:
     """Serve the dashboard on the management application."""
     app.router.add_get("/dashboard", _file_handler("index.html", FILES["index.html"]))

@@ -1,7 +1,11 @@
 """The management side: agents stream their status in, operators read the fleet out.
 
 Handlers parse and validate, hand the result to the slot gate (and so the fleet core), and
-answer. Nothing here decides where requests go.
+answer. Nothing here decides where requests go. A status line is acted on only once it is
+known to be sound: UTF-8 JSON of the right shape (`status.decode_status`), an address that is
+`HOST:PORT` and no more with slot counts in bounds (`status.checked_status`), and an address
+that is not one of the balancer's own listeners (`own_listeners`). Anything else ends the
+stream with a 400 that names what was refused, and nothing is registered.
 """
 
 from __future__ import annotations
@@ -13,15 +17,18 @@ import re
 from collections.abc import Awaitable, Callable
 from importlib import resources
 
-import msgspec
 from aiohttp import web
 from aiohttp.http_exceptions import LineTooLong
 
+from rower.addresses import Address
+from rower.balancer.dashboard_web import dashboard_paths
 from rower.balancer.fleet_stream import FleetPublisher
+from rower.balancer.own_listeners import OwnListeners
 from rower.balancer.settings import BalancerSettings
 from rower.balancer.slot_gate import SlotGate
 from rower.http_errors import error_response
-from rower.status import StatusUpdate, status_decoder
+from rower.logs import log_throttled
+from rower.status import StatusRefused, StatusUpdate, checked_status, decode_status
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +38,9 @@ UNAUTHORIZED = (
     "Unauthorized: this balancer requires a management token; send "
     "'Authorization: Bearer TOKEN' with the balancer's --management-token"
 )
+OPEN_READS = frozenset({"/health", "/api/v1/openapi.json", *dashboard_paths()})
+"""What anyone may read when the token guards reads: liveness, the API's description and the
+dashboard's own files (which hold no fleet data; the page asks for the token)."""
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -69,9 +79,9 @@ def is_authorized(request: web.Request, token: str | None) -> bool:
         return True
     given = request.headers.get("Authorization", "")
     scheme, _, value = given.partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(
-        value.strip().encode(), token.encode()
-    )
+    # Header bytes that are not UTF-8 arrive as surrogate escapes: compare the bytes as sent.
+    sent = value.strip().encode("utf-8", "surrogateescape")
+    return scheme.lower() == "bearer" and hmac.compare_digest(sent, token.encode())
 
 
 class ManagementApi:
@@ -84,24 +94,43 @@ class ManagementApi:
         self.publisher = publisher
         self.settings = settings
         self.streams = AgentStreams()
+        self.own_listeners = OwnListeners(
+            {
+                "reverse-proxy listener": settings.reverseproxy_addr,
+                "management listener": settings.management_addr,
+            }
+        )
         self.openapi = resources.files("rower.balancer").joinpath("openapi.json").read_bytes()
 
     async def agent_status_update(self, request: web.Request) -> web.StreamResponse:
         """`POST /api/v1/agent_status_update/{agent_id}`: an endless NDJSON stream of status."""
         agent_id = request.match_info["agent_id"]
         if not AGENT_ID.match(agent_id):
-            return error_response(
-                400, "agent id must be 1-128 letters, digits, '-', '_' or '.' (agents use a UUID)"
+            return _closing(
+                error_response(
+                    400,
+                    "agent id must be 1-128 letters, digits, '-', '_' or '.' (agents use a UUID)",
+                )
             )
         if not is_authorized(request, self.settings.management_token):
-            log.warning("rejected a status stream for agent %s: wrong or missing token", agent_id)
-            return error_response(
-                401,
-                "Unauthorized: this balancer requires a management token; start the agent with "
-                "the same --management-token as the balancer",
+            log_throttled(
+                log,
+                logging.WARNING,
+                "status stream unauthorized",
+                "rejected a status stream for agent %s from %s: wrong or missing token",
+                agent_id,
+                request.remote,
+            )
+            return _closing(
+                error_response(
+                    401,
+                    "Unauthorized: this balancer requires a management token; start the agent "
+                    "with the same --management-token as the balancer",
+                )
             )
         token = self.streams.claim(agent_id)
         registered = False
+        vetted_address: str | None = None
         max_line = self.settings.max_status_line_bytes
         try:
             while True:
@@ -109,6 +138,7 @@ class ManagementApi:
                     line = await request.content.readline(max_line_length=max_line)
                 except LineTooLong:
                     return self._bad_line(
+                        request,
                         agent_id,
                         f"a status line is over {max_line} bytes (--max-status-line-bytes)",
                         status=413,
@@ -118,19 +148,40 @@ class ManagementApi:
                 if not line.strip():
                     continue
                 try:
-                    status = status_decoder.decode(line)
-                except msgspec.ValidationError as error:
-                    return self._bad_line(agent_id, f"invalid status update: {error}")
-                except msgspec.DecodeError as error:
-                    return self._bad_line(agent_id, f"status update is not JSON: {error}")
+                    status = checked_status(
+                        decode_status(line), max_slots=self.settings.max_slots_per_agent
+                    )
+                except StatusRefused as error:
+                    return self._bad_line(request, agent_id, str(error))
+                if status.external_llamacpp_addr != vetted_address:
+                    owner = await self.own_listeners.owner_of(
+                        Address.parse(status.external_llamacpp_addr)
+                    )
+                    if owner is not None:
+                        return self._bad_line(
+                            request,
+                            agent_id,
+                            f"external_llamacpp_addr refused: {status.external_llamacpp_addr} is "
+                            f"this balancer's own {owner}; report the address of llama-server",
+                        )
+                    vetted_address = status.external_llamacpp_addr
                 if not registered:
                     if not self.gate.fleet.admits(agent_id, status.external_llamacpp_addr):
                         limit = self.settings.max_agents
-                        log.warning("refused agent %s: %d agents registered", agent_id, limit)
-                        return error_response(
-                            429,
-                            f"This balancer already has {limit} agents (--max-agents)",
-                            headers={"Retry-After": "1"},
+                        log_throttled(
+                            log,
+                            logging.WARNING,
+                            "too many agents",
+                            "refused agent %s: %d agents registered (--max-agents)",
+                            agent_id,
+                            limit,
+                        )
+                        return _closing(
+                            error_response(
+                                429,
+                                f"This balancer already has {limit} agents (--max-agents)",
+                                headers={"Retry-After": "1"},
+                            )
                         )
                     log.info(
                         "agent %s (%s) registered for %s",
@@ -156,16 +207,32 @@ class ManagementApi:
                 old,
             )
 
-    def _bad_line(self, agent_id: str, message: str, *, status: int = 400) -> web.Response:
-        log.warning("closing the status stream of agent %s: %s", agent_id, message)
-        return error_response(
-            status, message + "; one StatusUpdate JSON object per line is expected"
+    def _bad_line(
+        self, request: web.Request, agent_id: str, message: str, *, status: int = 400
+    ) -> web.Response:
+        log_throttled(
+            log,
+            logging.WARNING,
+            "status line refused",
+            "closing the status stream of agent %s from %s: %s",
+            agent_id,
+            request.remote,
+            message,
+        )
+        return _closing(
+            error_response(status, message + "; one StatusUpdate JSON object per line is expected")
         )
 
     async def drain_agent(self, request: web.Request) -> web.Response:
         """`POST /api/v1/agents/{agent_id}/drain`: send the agent nothing new from now on."""
         if not is_authorized(request, self.settings.management_token):
-            log.warning("rejected a drain request: wrong or missing token")
+            log_throttled(
+                log,
+                logging.WARNING,
+                "drain unauthorized",
+                "rejected a drain request from %s: wrong or missing token",
+                request.remote,
+            )
             return error_response(401, UNAUTHORIZED)
         agent_id = request.match_info["agent_id"]
         if not AGENT_ID.match(agent_id) or not self.gate.drain(agent_id):
@@ -229,6 +296,46 @@ def cors_middleware(
     return cors
 
 
+def read_guard(token: str) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """Let only holders of the token read the fleet (`--management-token-guards-reads`).
+
+    Every GET and HEAD needs the token except `OPEN_READS`; what changes state (status streams,
+    drains) checks the token in its own handler, always.
+    """
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if (
+            request.method in ("GET", "HEAD")
+            and request.path not in OPEN_READS
+            and not is_authorized(request, token)
+        ):
+            log_throttled(
+                log,
+                logging.WARNING,
+                "read unauthorized",
+                "refused a read of %s from %s: wrong or missing token",
+                request.path,
+                request.remote,
+            )
+            return error_response(
+                401,
+                "Unauthorized: this balancer lets only holders of its management token read the "
+                "fleet (--management-token-guards-reads); send 'Authorization: Bearer TOKEN'",
+                headers={"WWW-Authenticate": 'Bearer realm="rower"'},
+            )
+        return await handler(request)
+
+    return guard
+
+
+def _closing(response: web.Response) -> web.Response:
+    # The request body (a status stream) is not read to its end: the connection cannot carry
+    # another request.
+    response.force_close()
+    return response
+
+
 @web.middleware
 async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """aiohttp's own 404/405 answers, and a bug's 500, in the JSON error shape of the rest."""
@@ -239,7 +346,15 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
             raise
         return error_response(error.status, f"{error.reason}: {request.method} {request.path}")
     except Exception:
-        log.exception("unexpected error answering %s %s", request.method, request.path)
+        log_throttled(
+            log,
+            logging.ERROR,
+            "unexpected error",
+            "unexpected error answering %s %s",
+            request.method,
+            request.path,
+            exc_info=True,
+        )
         return error_response(500, "Internal error in the balancer; its log has the details")
 
 
@@ -248,10 +363,10 @@ def management_app(
 ) -> web.Application:
     """The management application: agents in, fleet out."""
     api = ManagementApi(gate, publisher, settings)
-    app = web.Application(
-        middlewares=[cors_middleware(settings.management_cors_allowed_hosts), json_errors],
-        client_max_size=1024 * 1024,
-    )
+    middlewares = [cors_middleware(settings.management_cors_allowed_hosts)]
+    if settings.management_token_guards_reads and settings.management_token is not None:
+        middlewares.append(read_guard(settings.management_token))
+    app = web.Application(middlewares=[*middlewares, json_errors], client_max_size=1024 * 1024)
     app[gate_key] = gate
     app[publisher_key] = publisher
     app[settings_key] = settings

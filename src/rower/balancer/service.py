@@ -14,7 +14,12 @@ from rower.balancer.dashboard_web import add_dashboard_routes
 from rower.balancer.fleet import Fleet
 from rower.balancer.fleet_stream import FleetPublisher
 from rower.balancer.fleet_totals import FleetTotals
-from rower.balancer.http_limits import LimitedAppRunner
+from rower.balancer.http_limits import (
+    LimitedAppRunner,
+    ListenerLimits,
+    ListenerStats,
+    raise_open_file_limit,
+)
 from rower.balancer.management import management_app
 from rower.balancer.metrics import BalancerMetrics, add_metrics_routes
 from rower.balancer.proxy import ReverseProxy, proxy_app, upstream_session
@@ -46,8 +51,13 @@ class Balancer:
         self.gate = SlotGate(self.fleet, buffer_timeout=settings.buffered_request_timeout)
         self.publisher = FleetPublisher(self.gate)
         self.management = management_app(self.gate, self.publisher, settings)
+        self.listener_stats = {"reverse-proxy": ListenerStats(), "management": ListenerStats()}
         # Observability (metrics.py, statsd.py, dashboard_web.py): routes before start.
-        self.metrics = BalancerMetrics(self.publisher) if settings.metrics_endpoint_enable else None
+        self.metrics = (
+            BalancerMetrics(self.publisher, listeners=self.listener_stats)
+            if settings.metrics_endpoint_enable
+            else None
+        )
         if self.metrics is not None:
             add_metrics_routes(self.management, self.metrics)
         if settings.management_dashboard_enable:
@@ -80,13 +90,16 @@ class Balancer:
                 totals=lambda: FleetTotals.of(self.publisher.view()),
             )
             self._tasks.append(asyncio.create_task(statsd.run(), name="statsd reporter"))
-        for app, address in (
-            (self.management, self.settings.management_addr),
-            (proxy, self.settings.reverseproxy_addr),
+        limits = listener_limits(self.settings)
+        raise_open_file_limit(sum(limit.max_connections for limit in limits.values()) + 256)
+        for app, address, name in (
+            (self.management, self.settings.management_addr, "management"),
+            (proxy, self.settings.reverseproxy_addr, "reverse-proxy"),
         ):
             runner = LimitedAppRunner(
                 app,
-                max_header_bytes=self.settings.max_header_bytes,
+                limits=limits[name],
+                stats=self.listener_stats[name],
                 handler_cancellation=True,
                 access_log=None,
                 # Handlers still running when a listener closes are cut after this; the proxy's
@@ -140,6 +153,28 @@ class Balancer:
                 await task
         for runner in reversed(self._runners):
             await runner.cleanup()
+
+
+def listener_limits(settings: BalancerSettings) -> dict[str, ListenerLimits]:
+    """What each listener allows a client connection (docs/reliability.md).
+
+    Every agent holds one connection to the management listener for as long as it runs, so
+    that listener takes `--max-agents` more than the cap.
+    """
+    connections = {
+        "reverse-proxy": settings.max_client_connections,
+        "management": settings.max_client_connections + settings.max_agents,
+    }
+    return {
+        name: ListenerLimits(
+            name=name,
+            max_header_bytes=settings.max_header_bytes,
+            header_timeout=settings.request_header_timeout,
+            idle_timeout=settings.idle_connection_timeout,
+            max_connections=most,
+        )
+        for name, most in connections.items()
+    }
 
 
 def tune_garbage_collector() -> None:

@@ -38,3 +38,9 @@ class BalancerSettings:
     routing: Routing = Routing.CACHE_AWARE
     prompt_cache_contexts: int = 8
     prefix_memory_entries: int = DEFAULT_MAX_ENTRIES
+    # Hostile clients and agents (docs/reliability.md).
+    request_header_timeout: float = 10.0
+    idle_connection_timeout: float = 15.0
+    max_client_connections: int = 4096
+    max_slots_per_agent: int = 1024
+    management_token_guards_reads: bool = False
