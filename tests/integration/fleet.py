@@ -202,8 +202,12 @@ class Fleet:
         eventually(ready, what=f"{count} agents registered")
 
     def in_flight(self) -> int:
-        """Requests the balancer counts as running on its upstreams."""
-        return sum(a["slots_taken"] for a in self.agents_view()["agents"])
+        """Requests the balancer counts as running on its upstreams.
+
+        The fleet's own count, not a sum over the agents listed: a request whose agent left
+        is still in flight, and a sum would read it as 0.
+        """
+        return int(self.agents_view()["requests_in_flight"])
 
     def close(self) -> None:
         for process in reversed(self.processes):

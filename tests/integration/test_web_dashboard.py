@@ -7,7 +7,6 @@ missing Chromium fails the test instead of skipping it.
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import os
 import shutil
@@ -86,16 +85,20 @@ def test_dashboard_follows_the_fleet_live(fleet: Fleet, page: object) -> None:
 
     # A long streaming request through the proxy makes a slot busy.
     first_chunk = threading.Event()
+    cut: list[BaseException] = []
 
     def stream() -> None:
-        # The stream is cut when the balancer stops at the end of the test.
-        with contextlib.suppress(OSError, http.client.HTTPException):
+        # The stream is cut when the balancer stops at the end of the test; a cut before the
+        # first chunk is kept for the failure message.
+        try:
             for _ in stream_completion(fleet.proxy, tokens=200):
                 first_chunk.set()
+        except (OSError, http.client.HTTPException) as error:
+            cut.append(error)
 
     streamer = threading.Thread(target=stream, daemon=True)
     streamer.start()
-    assert first_chunk.wait(15)
+    assert first_chunk.wait(15), f"no chunk of the stream within 15 s: {cut or 'no error'}"
     expect(page.locator("#total-processing")).to_have_text("1 / 6")
     expect(page.locator("#agents tbody tr .processing", has_text="1")).to_have_count(1)
     expect(page.locator("#chart path.series.busy")).to_have_count(1)
