@@ -210,12 +210,6 @@ async def test_conversation_spills_when_its_server_is_full_and_stays_where_it_we
     assert [sim.counters()["requests_deferred"] for sim in sims] == [0, 0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 9: a new conversation goes where the load policy says; the balancer sends one "
-    "that shares only the system prompt to the server holding it while that server has a free "
-    "slot (cache_routing.py's shared checkpoint and SPREAD)",
-)
 async def test_conversations_sharing_a_long_system_prompt_do_not_all_go_to_one_server(
     fleet: Fleet,
 ) -> None:

@@ -24,6 +24,9 @@ _MARKER = b'"timings"'
 class _Timings(msgspec.Struct):
     prompt_n: int = 0
     cache_n: int = 0
+    prompt_ms: float = 0.0
+    predicted_n: int = 0
+    predicted_ms: float = 0.0
 
 
 class _Answer(msgspec.Struct):
@@ -34,11 +37,22 @@ _decode = msgspec.json.Decoder(_Answer).decode
 
 
 @dataclass(frozen=True, slots=True)
-class PromptTokens:
-    """Prompt tokens of one answer: `cached` of them were reused, `evaluated` computed."""
+class AnswerTimings:
+    """What one answer's `timings` say.
+
+    Attributes:
+        evaluated: prompt tokens computed (`prompt_n`).
+        cached: prompt tokens reused from the cache (`cache_n`).
+        prompt_seconds: time spent computing them.
+        generated: tokens generated (`predicted_n`).
+        generation_seconds: time spent generating them.
+    """
 
     evaluated: int
     cached: int
+    prompt_seconds: float = 0.0
+    generated: int = 0
+    generation_seconds: float = 0.0
 
     @property
     def total(self) -> int:
@@ -46,7 +60,7 @@ class PromptTokens:
         return self.evaluated + self.cached
 
 
-def from_body(body: bytes) -> PromptTokens | None:
+def from_body(body: bytes) -> AnswerTimings | None:
     """The prompt tokens a non-streamed JSON answer reports, if it has `timings`."""
     if _MARKER not in body:
         return None
@@ -57,7 +71,7 @@ def from_body(body: bytes) -> PromptTokens | None:
     return _tokens(timings)
 
 
-def from_stream_tail(tail: bytes) -> PromptTokens | None:
+def from_stream_tail(tail: bytes) -> AnswerTimings | None:
     """The prompt tokens in the last event with `timings` of a server-sent event stream."""
     at = tail.rfind(_MARKER)
     if at < 0:
@@ -74,7 +88,13 @@ def from_stream_tail(tail: bytes) -> PromptTokens | None:
     return _tokens(timings)
 
 
-def _tokens(timings: _Timings | None) -> PromptTokens | None:
-    if timings is None or timings.prompt_n < 0 or timings.cache_n < 0:
+def _tokens(timings: _Timings | None) -> AnswerTimings | None:
+    if timings is None or min(timings.prompt_n, timings.cache_n, timings.predicted_n) < 0:
         return None
-    return PromptTokens(timings.prompt_n, timings.cache_n)
+    return AnswerTimings(
+        timings.prompt_n,
+        timings.cache_n,
+        max(0.0, timings.prompt_ms / 1000),
+        timings.predicted_n,
+        max(0.0, timings.predicted_ms / 1000),
+    )

@@ -6,10 +6,12 @@ The rule (docs/routing.md says it for operators):
 2. Among them, the one this balancer last sent the longest head of the request's prefix to
    (`PrefixMemory.matches`) wins, unless it is much busier than the least busy candidate: its
    busy fraction may exceed the least busy one's by at most `SPREAD` (the load-spread guard).
-3. A request that matches nothing (a new conversation) goes to one of the least busy candidates
-   (busy fraction within `SPREAD` of the least), chosen by rendezvous hashing of its first
-   block with each address: balancers fed by the same agents make the same choice, and new
-   conversations spread evenly.
+3. A request that matches nothing, or only its tools and system prompt (a new conversation),
+   goes where the load says: to the least busy candidate, ties broken by rendezvous hashing of
+   its first own block (after the shared part) with each address, so balancers fed by the same
+   agents make the same choice and new conversations spread evenly. Keying a new conversation
+   on a system prompt it shares with others would send them all to one server (the known trap
+   of hashing the first message).
 4. A request without a prefix (short prompts, embeddings) takes the least-busy pick.
 
 Every choice says what it was (`Affinity`), for metrics.
@@ -53,11 +55,17 @@ class Affinity(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class CachePick:
-    """Where a request goes, why, and how many of its blocks that server was sent before."""
+    """Where a request goes, why, and how many of its blocks that server was sent before.
+
+    `home` is the server holding the request's longest head when it had no free slot (a
+    request may wait for it: `Fleet`), with the blocks it holds.
+    """
 
     upstream: Upstream
     affinity: Affinity
     matched_blocks: int = 0
+    home: Upstream | None = None
+    home_blocks: int = 0
 
 
 def busy_fraction(upstream: Upstream) -> float:
@@ -81,7 +89,11 @@ def pick_cached(
     """
     floor = busy_fraction(least_busy)
     longest: Affinity | None = None
+    home: Upstream | None = None
+    home_blocks = 0
     for address, blocks in memory.matches(needs.prefix):
+        if blocks <= needs.shared_blocks:
+            break  # Only the shared part: a new conversation.
         upstream = by_address.get(address)
         if upstream is None:
             continue
@@ -89,16 +101,17 @@ def pick_cached(
             longest = longest or Affinity.SPILL_UNUSABLE
             continue
         if upstream.slots_free(now) <= 0:
-            longest = longest or Affinity.SPILL_BUSY
+            if longest is None:
+                longest, home, home_blocks = Affinity.SPILL_BUSY, upstream, blocks
             continue
         if busy_fraction(upstream) - floor > SPREAD:
-            return CachePick(least_busy, longest or Affinity.SPILL_LOAD)
-        return CachePick(upstream, longest or Affinity.HIT, blocks)
+            return CachePick(least_busy, longest or Affinity.SPILL_LOAD, 0, home, home_blocks)
+        return CachePick(upstream, longest or Affinity.HIT, blocks, home, home_blocks)
     if longest is not None:
-        return CachePick(least_busy, longest)
-    seed = needs.prefix[0]
+        return CachePick(least_busy, longest, 0, home, home_blocks)
+    seed = needs.prefix[min(needs.shared_blocks, len(needs.prefix) - 1)]
     best = max(
-        (u for u in candidates() if busy_fraction(u) - floor <= SPREAD),
+        (u for u in candidates() if busy_fraction(u) <= floor),
         key=lambda u: xxhash.xxh3_64_intdigest(u.address.encode(), seed),
         default=least_busy,
     )

@@ -151,10 +151,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--prefix-memory-entries",
         type=positive,
-        default=500_000,
+        default=200_000,
         metavar="N",
-        help="most prefix entries remembered over the whole fleet, about two per conversation "
-        "(default: 500000)",
+        help="most prefix entries remembered over the whole fleet, one per conversation and server "
+        "(default: 200000)",
     )
     parser.add_argument(
         "--request-header-timeout",

@@ -47,7 +47,8 @@ from dataclasses import dataclass, field
 import msgspec
 
 from rower.balancer.affinity import BLOCK_BYTES
-from rower.balancer.cache_routing import Affinity, pick_cached
+from rower.balancer.answer_timings import AnswerTimings
+from rower.balancer.cache_routing import Affinity, CachePick, pick_cached
 from rower.balancer.prefix_memory import DEFAULT_MAX_ENTRIES, PrefixMemory
 from rower.balancer.request_needs import RequestNeeds
 from rower.balancer.upstream_index import UpstreamIndex
@@ -61,6 +62,13 @@ BYTES_PER_TOKEN = 4
 
 DEFAULT_SLOT_CONTEXT = 4096
 """Tokens per slot assumed when an agent does not say (older agents send no `n_ctx`)."""
+
+MAX_AFFINITY_WAIT = 1.0
+"""Longest a request waits for the busy server holding its prefix while another has a free
+slot (seconds); it never waits longer than the prefill that waiting saves, either."""
+
+RATE_WEIGHT = 0.2
+"""Weight of the newest answer in a server's measured prefill and decode speeds."""
 
 
 class Routing(enum.Enum):
@@ -88,9 +96,23 @@ class Dispatch:
 
 @dataclass(frozen=True, slots=True)
 class Buffered:
-    """`request_id` waits in the buffer for a free slot."""
+    """`request_id` waits in the buffer for a free slot.
+
+    With `until` (a `now` value) it waits for one server only, the one holding its prompt
+    prefix, and at `until` at the latest goes wherever the load says (`Fleet.expire_waits`).
+    """
 
     request_id: int
+    until: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Homing:
+    """A request waiting for its home server (the busy one holding its prefix) until `until`."""
+
+    upstream: Upstream
+    until: float
+    needs: RequestNeeds
 
 
 class SlotAccounting(enum.Enum):
@@ -151,6 +173,38 @@ class Upstream:
     prompt_tokens_evaluated: int = 0
     prompt_tokens_cached: int = 0
     """Prompt tokens of its answers to this balancer, computed and reused (for the views)."""
+    prefill_rate: float = 0.0
+    """Prompt tokens a second it computes, from its answers' timings (0: not measured yet)."""
+    decode_rate: float = 0.0
+    """Tokens a second one of its streams generates, from its answers' timings."""
+
+    def expected_wait(self, now: float) -> float | None:
+        """Seconds until its first busy slot is expected to free, or None if unknown.
+
+        From the last report's slots (`n_remain`: tokens a task may still generate) and the
+        measured decode speed; a task without a limit (`n_remain` -1) gives no estimate.
+        """
+        if self.decode_rate <= 0:
+            return None
+        elapsed = now - self.last_seen
+        waits = [
+            slot.n_remain / self.decode_rate - elapsed
+            for slot in self.status.slots
+            if slot.is_processing and slot.n_remain is not None and slot.n_remain >= 0
+        ]
+        return max(0.0, min(waits)) if waits else None
+
+    def measured(self, timings: AnswerTimings) -> None:
+        """Count one answer's prompt tokens and fold its speeds into the estimates."""
+        self.prompt_tokens_evaluated += timings.evaluated
+        self.prompt_tokens_cached += timings.cached
+        if timings.evaluated >= 16 and timings.prompt_seconds > 0:
+            self.prefill_rate = _blend(
+                self.prefill_rate, timings.evaluated / timings.prompt_seconds
+            )
+        if timings.generated >= 4 and timings.generation_seconds > 0:
+            rate = timings.generated / timings.generation_seconds
+            self.decode_rate = _blend(self.decode_rate, rate)
 
     def restarted(self, status: StatusUpdate) -> bool:
         """Whether `status` shows a llama-server that lost its prompt cache since the last one.
@@ -261,6 +315,8 @@ class Fleet:
         self.upstreams: dict[str, Upstream] = {}
         self._waiting: OrderedDict[int, RequestNeeds | None] = OrderedDict()
         """Waiting requests, first come first; with what they need."""
+        self._homing: OrderedDict[int, _Homing] = OrderedDict()
+        """Requests waiting a short while for the busy server holding their prefix."""
         self._by_address: dict[str, Upstream] = {}
         """The registered upstream of each llama-server address (one: see supersede)."""
         self._assigned: dict[int, Upstream] = {}
@@ -283,8 +339,8 @@ class Fleet:
 
     @property
     def requests_buffered(self) -> int:
-        """Requests waiting for a slot now."""
-        return len(self._waiting)
+        """Requests waiting for a slot now (in the buffer, or for their home server)."""
+        return len(self._waiting) + len(self._homing)
 
     @property
     def requests_in_flight(self) -> int:
@@ -292,8 +348,12 @@ class Fleet:
         return len(self._assigned)
 
     def is_waiting(self, request_id: int) -> bool:
-        """Whether `request_id` is in the buffer."""
-        return request_id in self._waiting
+        """Whether `request_id` waits (in the buffer, or for its home server)."""
+        return request_id in self._waiting or request_id in self._homing
+
+    def is_homing(self, request_id: int) -> bool:
+        """Whether `request_id` waits for the busy server holding its prefix."""
+        return request_id in self._homing
 
     def upstream_of(self, request_id: int) -> str | None:
         """The agent id a dispatched request is counted against."""
@@ -441,33 +501,19 @@ class Fleet:
         pick). A retried request (its upstream refused the connection) goes to the head of the
         buffer: it has waited longest.
         """
-        if request_id in self._waiting or request_id in self._assigned:
+        if (
+            request_id in self._waiting
+            or request_id in self._assigned
+            or request_id in self._homing
+        ):
             raise ValueError(f"request {request_id} already holds or awaits a slot")
         if not self._waiting:
-            upstream = self.pick(now)
-            if upstream is not None:
-                affinity, blocks = None, 0
-                if self._routes_by_cache(needs):
-                    assert needs is not None
-                    choice = pick_cached(
-                        needs,
-                        self.prefixes,
-                        self._by_address,
-                        upstream,
-                        lambda: (u for u in self.upstreams.values() if u.slots_free(now) > 0),
-                        now,
-                    )
-                    upstream, affinity, blocks = (
-                        choice.upstream,
-                        choice.affinity,
-                        choice.matched_blocks,
-                    )
-                dispatch = self._assign(request_id, upstream, needs, affinity, blocks)
-                self._index.update(upstream, now)
-                return dispatch
+            decision = self._place(request_id, needs, now, may_wait=not retry)
+            if decision is not None:
+                return decision
         if self.max_buffered == 0:
             return Rejected(request_id, RejectReason.BUFFER_DISABLED)
-        if len(self._waiting) >= self.max_buffered and not retry:
+        if self.requests_buffered >= self.max_buffered and not retry:
             return Rejected(request_id, RejectReason.BUFFER_FULL)
         self._waiting[request_id] = needs
         if retry:
@@ -487,6 +533,9 @@ class Fleet:
         """
         if request_id in self._waiting:
             del self._waiting[request_id]
+            self.revision += 1
+            return []
+        if self._homing.pop(request_id, None) is not None:
             self.revision += 1
             return []
         upstream = self._assigned.pop(request_id, None)
@@ -516,12 +565,11 @@ class Fleet:
             self.quarantine(upstream.agent_id, wall)
         return self.release(request_id, now)
 
-    def answered(self, agent_id: str, evaluated: int, cached: int) -> None:
-        """An answer from `agent_id`'s llama-server said how much of its prompt was cached."""
+    def answered(self, agent_id: str, timings: AnswerTimings) -> None:
+        """An answer from `agent_id`'s llama-server said what its prompt and generation took."""
         upstream = self.upstreams.get(agent_id)
         if upstream is not None:
-            upstream.prompt_tokens_evaluated += evaluated
-            upstream.prompt_tokens_cached += cached
+            upstream.measured(timings)
 
     def quarantine(self, agent_id: str, wall: float) -> None:
         """Stop using an upstream that refused a connection until its agent reports it healthy."""
@@ -544,7 +592,83 @@ class Fleet:
             self.revision += 1
         return changed
 
+    def expire_waits(self, now: float) -> list[Dispatch]:
+        """Requests waiting for their home server past their deadline go where the load says.
+
+        Also those whose home server is no longer usable. Ones that find no free slot join the
+        head of the buffer: they have waited longest.
+        """
+        due = [
+            request_id
+            for request_id, home in self._homing.items()
+            if home.until <= now
+            or not home.upstream.is_usable(now)
+            or self.upstreams.get(home.upstream.agent_id) is not home.upstream
+        ]
+        dispatched: list[Dispatch] = []
+        for request_id in reversed(due):
+            needs = self._homing.pop(request_id).needs
+            decision = self._place(request_id, needs, now, may_wait=False)
+            if decision is None:
+                self._waiting[request_id] = needs
+                self._waiting.move_to_end(request_id, last=False)
+            else:
+                assert isinstance(decision, Dispatch)
+                dispatched.append(decision)
+        if due:
+            self.revision += 1
+        return dispatched
+
     # Internals.
+
+    def _place(
+        self, request_id: int, needs: RequestNeeds | None, now: float, *, may_wait: bool
+    ) -> Dispatch | Buffered | None:
+        """Dispatch to the best upstream with a free slot, or wait for the request's home
+        server (`may_wait`); None when no upstream has a free slot."""
+        upstream = self.pick(now)
+        if upstream is None:
+            return None
+        affinity, blocks = None, 0
+        if self._routes_by_cache(needs):
+            assert needs is not None
+            choice = pick_cached(
+                needs,
+                self.prefixes,
+                self._by_address,
+                upstream,
+                lambda: (u for u in self.upstreams.values() if u.slots_free(now) > 0),
+                now,
+            )
+            if may_wait:
+                until = self._worth_waiting(choice, needs, now)
+                if until is not None and choice.home is not None:
+                    self._homing[request_id] = _Homing(choice.home, until, needs)
+                    self.revision += 1
+                    return Buffered(request_id, until)
+            upstream, affinity, blocks = choice.upstream, choice.affinity, choice.matched_blocks
+        dispatch = self._assign(request_id, upstream, needs, affinity, blocks)
+        self._index.update(upstream, now)
+        return dispatch
+
+    def _worth_waiting(self, choice: CachePick, needs: RequestNeeds, now: float) -> float | None:
+        """Until when to wait for the busy home server, if waiting is cheaper than prefill.
+
+        Waiting pays when the home server's first slot is expected to free (from its slots'
+        progress and its decode speed) sooner than the other server would take to compute the
+        prompt tokens the home server has cached; and then it is worth at most that long.
+        """
+        home = choice.home
+        if home is None or self.requests_buffered >= self.max_buffered:
+            return None
+        wait = home.expected_wait(now)
+        rate = choice.upstream.prefill_rate or home.prefill_rate
+        if wait is None or rate <= 0:
+            return None
+        there = self.prefixes.matched(choice.upstream.address, needs.prefix)
+        saved_tokens = (choice.home_blocks - there) * BLOCK_BYTES / BYTES_PER_TOKEN
+        worth = min(MAX_AFFINITY_WAIT, saved_tokens / rate)
+        return now + worth if wait < worth else None
 
     def _routes_by_cache(self, needs: RequestNeeds | None) -> bool:
         return self.routing is Routing.CACHE_AWARE and needs is not None and bool(needs.prefix)
@@ -563,7 +687,6 @@ class Fleet:
             self.prefixes.record(
                 upstream.address,
                 needs.prefix,
-                shared_blocks=needs.shared_blocks,
                 capacity_blocks=upstream.prefix_capacity_blocks * self.prompt_cache_contexts,
             )
         upstream.in_flight.add(request_id)
@@ -610,6 +733,12 @@ class Fleet:
         dispatched: list[Dispatch] = []
         if self.upstreams.get(touched.agent_id) is not touched:
             return dispatched
+        for request_id in [i for i, home in self._homing.items() if home.upstream is touched]:
+            if touched.slots_free(now) <= 0:
+                break
+            home = self._homing.pop(request_id)
+            blocks = self.prefixes.matched(touched.address, home.needs.prefix)
+            dispatched.append(self._assign(request_id, touched, home.needs, Affinity.HIT, blocks))
         while self._waiting and touched.slots_free(now) > 0:
             request_id, needs = self._waiting.popitem(last=False)
             affinity, blocks = None, 0
@@ -659,6 +788,10 @@ class Fleet:
             prompt_tokens_evaluated=upstream.prompt_tokens_evaluated,
             prompt_tokens_cached=upstream.prompt_tokens_cached,
         )
+
+
+def _blend(old: float, new: float) -> float:
+    return new if old <= 0 else old + RATE_WEIGHT * (new - old)
 
 
 def _with_counts(status: StatusUpdate, idle: int, processing: int) -> StatusUpdate:

@@ -3,11 +3,15 @@
 Per llama-server (by address), a bounded LRU of affinity keys (`affinity.chain`). Not every
 block of every request is remembered: a request's chain ends in its *leaf* (its last whole
 block), and the next turn of the same conversation contains that leaf at the same position, so
-the leaf alone finds it. One more entry, the *shared* checkpoint (the last block of the tools
-and system prompt), lets a new conversation find a server that already holds the system prompt
-it shares with others. A leaf that a longer leaf of the same conversation on the same server
-extends is dropped: the server's cache holds the prefix once. So a conversation costs about two
-entries, whatever its length (measured: bench/results/REPORT.md, "prefix memory").
+the leaf alone finds it. A leaf that a longer leaf of the same conversation on the same server
+extends is dropped: the server's cache holds the prefix once. So a conversation costs one entry
+on each server it went to, whatever its length (~285 bytes: 100,000 conversations in 27 MiB,
+tests/unit/balancer/test_prefix_memory.py).
+
+Nothing is kept for a system prompt that conversations share: a new conversation must go where
+the load says, not to the server that last got the same system prompt (every new conversation
+would pile onto it, and there evict each other from its slots; llama-server reuses a shared
+system prompt in whichever slot has it anyway).
 
 What a server can hold bounds its LRU: `capacity_blocks` (its slots' context plus what its
 host-RAM prompt cache keeps, an estimate given by the caller), counted in the blocks of the leaves
@@ -26,14 +30,14 @@ from dataclasses import dataclass, field
 
 from rower.balancer.affinity import Chain
 
-DEFAULT_MAX_ENTRIES = 500_000
-"""Entries in the whole fleet's memory: about 250,000 conversations (~190 bytes an entry)."""
+DEFAULT_MAX_ENTRIES = 200_000
+"""Entries in the whole fleet's memory: 200,000 conversations, ~55 MB (~285 bytes an entry)."""
 
 
 @dataclass(slots=True)
 class _ServerPrefixes:
     entries: OrderedDict[int, int] = field(default_factory=OrderedDict)
-    """Block hash -> its weight (the blocks of a leaf; 0 for a checkpoint), oldest first."""
+    """Block hash of a leaf -> the blocks it stands for, oldest first."""
     weight: int = 0
 
 
@@ -76,9 +80,7 @@ class PrefixMemory:
                 return position + 1
         return 0
 
-    def record(
-        self, address: str, prefix: Chain, *, shared_blocks: int, capacity_blocks: int
-    ) -> None:
+    def record(self, address: str, prefix: Chain, *, capacity_blocks: int) -> None:
         """`prefix` was sent to `address`, a server that holds about `capacity_blocks`."""
         if not prefix:
             return
@@ -89,13 +91,9 @@ class PrefixMemory:
         # The conversation's previous turn here (a shorter leaf of this chain) is now inside
         # this one: keep one of them.
         for position in range(len(prefix) - 2, -1, -1):
-            weight = entries.get(prefix[position])
-            if weight is not None:
-                if weight:
-                    self._drop(address, server, prefix[position])
+            if prefix[position] in entries:
+                self._drop(address, server, prefix[position])
                 break
-        if 0 < shared_blocks < len(prefix):
-            self._put(address, server, prefix[shared_blocks - 1], 0)
         self._put(address, server, prefix[-1], len(prefix))
         share = max(1, self.max_entries // len(self._servers))
         while entries and (server.weight > capacity_blocks or len(entries) > share):
@@ -114,7 +112,6 @@ class PrefixMemory:
         old = server.entries.pop(key, None)
         if old is not None:
             server.weight -= old
-            weight = max(weight, old)
         server.entries[key] = weight
         server.weight += weight
         self._holder[key] = address

@@ -25,7 +25,7 @@ from multidict import CIMultiDict
 
 from rower.balancer.answer_timings import (
     STREAM_TAIL_READS,
-    PromptTokens,
+    AnswerTimings,
     from_body,
     from_stream_tail,
 )
@@ -372,10 +372,10 @@ class ReverseProxy:
             headers["X-Forwarded-For"] = f"{previous}, {peer}" if previous else peer
         return headers
 
-    def _count_prompt(self, request: web.Request, tokens: PromptTokens | None) -> None:
+    def _count_prompt(self, request: web.Request, tokens: AnswerTimings | None) -> None:
         dispatch: Dispatch | None = request.get(_DISPATCH)
         if tokens is not None and dispatch is not None:
-            self.gate.answered(dispatch.agent_id, tokens.evaluated, tokens.cached)
+            self.gate.answered(dispatch.agent_id, tokens)
 
     def _report(
         self,

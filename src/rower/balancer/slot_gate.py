@@ -11,6 +11,7 @@ import itertools
 import time
 from collections.abc import Callable
 
+from rower.balancer.answer_timings import AnswerTimings
 from rower.balancer.fleet import Buffered, Dispatch, Fleet, Rejected, RejectReason, Upstream
 from rower.balancer.request_needs import RequestNeeds
 from rower.status import StatusUpdate
@@ -78,6 +79,8 @@ class SlotGate:
         if isinstance(decision, Rejected):
             raise _rejection(decision.reason, self.buffer_timeout)
         assert isinstance(decision, Buffered)
+        if decision.until is not None:
+            self._expire_at(decision.until)
         waiter: asyncio.Future[Dispatch] = asyncio.get_running_loop().create_future()
         self._waiters[request_id] = waiter
         granted = False
@@ -126,9 +129,9 @@ class SlotGate:
         self._deliver(self.fleet.refused(request_id, self.clock(), self.wall_clock()))
         self._touch()
 
-    def answered(self, agent_id: str, evaluated: int, cached: int) -> None:
-        """An answer said how many prompt tokens its llama-server computed and reused."""
-        self.fleet.answered(agent_id, evaluated, cached)
+    def answered(self, agent_id: str, timings: AnswerTimings) -> None:
+        """An answer said what its prompt and its generation took on its llama-server."""
+        self.fleet.answered(agent_id, timings)
 
     def quarantine(self, agent_id: str) -> None:
         """An upstream refused a connection outside of any slot (a request that needs none)."""
@@ -149,6 +152,16 @@ class SlotGate:
         """Let the fleet notice agents that went stale."""
         if self.fleet.time_passed(self.clock()):
             self._touch()
+
+    def _expire_at(self, until: float) -> None:
+        # A millisecond late: the loop may run a timer a hair before its time.
+        delay = max(0.0, until - self.clock()) + 0.001
+        asyncio.get_running_loop().call_later(delay, self._expire_waits)
+
+    def _expire_waits(self) -> None:
+        """A request's wait for its home server may be over: let the fleet place it."""
+        self._deliver(self.fleet.expire_waits(self.clock()))
+        self._touch()
 
     def _deliver(self, dispatches: list[Dispatch]) -> None:
         pending = list(dispatches)

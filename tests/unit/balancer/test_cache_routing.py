@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from rower.balancer.answer_timings import AnswerTimings
 from rower.balancer.cache_routing import Affinity
-from rower.balancer.fleet import Dispatch, Fleet, Routing
+from rower.balancer.fleet import MAX_AFFINITY_WAIT, Buffered, Dispatch, Fleet, Routing
 from rower.balancer.request_needs import RequestNeeds
 from rower.status import SlotStatus, StatusUpdate
 
@@ -109,22 +110,25 @@ def test_new_conversations_spread_and_two_balancers_agree_on_them() -> None:
     assert max(chosen.count(u) for u in set(chosen)) <= 20
 
 
-def test_a_conversation_sharing_only_a_system_prompt_finds_a_server_that_has_it() -> None:
-    fleet = fleet_of(2, 2, 2)
+def test_conversations_sharing_only_a_system_prompt_go_where_the_load_says() -> None:
+    fleet = fleet_of(2, 2)
     client = Client(fleet)
     system = tuple(range(5))
     first = client.send(
         RequestNeeds("/v1/chat/completions", True, prefix=(*system, 10, 11), shared_blocks=5)
     )
-    fleet.release(first.request_id, 0.0)
     second = client.send(
         RequestNeeds("/v1/chat/completions", True, prefix=(*system, 20, 21), shared_blocks=5)
     )
-    assert (second.upstream, second.affinity, second.matched_blocks) == (
-        first.upstream,
-        Affinity.HIT,
-        5,
+    assert second.upstream != first.upstream
+    assert first.affinity is second.affinity is Affinity.MISS
+    # Their next turns return to where each began.
+    fleet.release(first.request_id, 0.0)
+    fleet.release(second.request_id, 0.0)
+    again = client.send(
+        RequestNeeds("/v1/chat/completions", True, prefix=(*system, 20, 21, 22), shared_blocks=5)
     )
+    assert (again.upstream, again.affinity) == (second.upstream, Affinity.HIT)
 
 
 def test_least_busy_routing_ignores_prefixes() -> None:
@@ -175,3 +179,91 @@ def test_a_buffered_request_says_whether_it_reached_its_server() -> None:
     (home,) = fleet.release(own.request_id, 0.0)
     assert (home.request_id, home.upstream) == (99, first.upstream)
     assert (home.affinity, home.matched_blocks) == (Affinity.SPILL_BUSY, 5)
+
+
+def busy_home(slow_prefill: bool = True) -> tuple[Fleet, Client, Dispatch]:
+    """Two 1-slot servers with measured speeds; conversation 1's home is busy, the other free."""
+    fleet = fleet_of(1, 1)
+    prefill = 10.0 if slow_prefill else 0.0001  # seconds for 100 prompt tokens
+    for agent in fleet.upstreams:
+        fleet.answered(agent, AnswerTimings(100, 0, prefill, 100, 0.1))  # 1,000 tokens/s decode
+    client = Client(fleet)
+    first = client.send(turn(1, 8))
+    fleet.release(first.request_id, 0.0)
+    holder = client.send(turn(1, 9))
+    assert holder.upstream == first.upstream
+    # Its report: the slot has 50 tokens to go (50 ms at the measured speed).
+    agent = holder.agent_id
+    fleet.report(agent, progress(fleet, agent, n_remain=50), 0.0, 0.0)
+    return fleet, client, holder
+
+
+def progress(fleet: Fleet, agent: str, *, n_remain: int) -> StatusUpdate:
+    upstream = fleet.upstreams[agent]
+    slot = SlotStatus(id=0, is_processing=True, n_ctx=4096, id_task=1, n_remain=n_remain)
+    return StatusUpdate(
+        external_llamacpp_addr=upstream.address,
+        slots_idle=0,
+        slots_processing=1,
+        slots_total=1,
+        model="m",
+        slots=[slot],
+    )
+
+
+def test_a_turn_waits_briefly_for_its_busy_home_when_that_saves_prefill() -> None:
+    fleet, _, holder = busy_home()
+    decision = fleet.request_slot(50, 0.0, needs=turn(1, 12))
+    assert isinstance(decision, Buffered)
+    assert decision.until is not None
+    assert 0 < decision.until <= MAX_AFFINITY_WAIT
+    assert fleet.is_homing(50)
+    # The other server stays free for others meanwhile.
+    assert isinstance(fleet.request_slot(51, 0.0, needs=None), Dispatch)
+    (home,) = fleet.release(holder.request_id, 0.01)
+    assert (home.request_id, home.upstream, home.affinity) == (50, holder.upstream, Affinity.HIT)
+    assert home.matched_blocks == 9
+
+
+def test_a_turn_that_waited_in_vain_goes_where_the_load_says() -> None:
+    fleet, _, holder = busy_home()
+    decision = fleet.request_slot(50, 0.0, needs=turn(1, 12))
+    assert isinstance(decision, Buffered)
+    assert decision.until is not None
+    assert fleet.expire_waits(decision.until - 0.001) == []
+    (moved,) = fleet.expire_waits(decision.until)
+    assert moved.request_id == 50
+    assert moved.upstream != holder.upstream
+    assert moved.affinity is Affinity.SPILL_BUSY
+    assert not fleet.is_waiting(50)
+
+
+def test_no_wait_when_prefill_elsewhere_is_cheaper() -> None:
+    fleet, _, holder = busy_home(slow_prefill=False)
+    decision = fleet.request_slot(50, 0.0, needs=turn(1, 12))
+    assert isinstance(decision, Dispatch)
+    assert (decision.upstream, decision.affinity) != (holder.upstream, Affinity.HIT)
+
+
+def test_no_wait_without_an_estimate_of_the_slots_progress() -> None:
+    fleet, _, holder = busy_home()
+    fleet.report(holder.agent_id, progress(fleet, holder.agent_id, n_remain=-1), 0.0, 0.0)
+    assert isinstance(fleet.request_slot(50, 0.0, needs=turn(1, 12)), Dispatch)
+
+
+def test_a_client_that_leaves_while_waiting_for_its_home_leaves_no_trace() -> None:
+    fleet, _, holder = busy_home()
+    assert isinstance(fleet.request_slot(50, 0.0, needs=turn(1, 12)), Buffered)
+    assert fleet.requests_buffered == 1
+    assert fleet.release(50, 0.0) == []
+    assert fleet.requests_buffered == 0
+    assert fleet.release(holder.request_id, 0.0) == []
+
+
+def test_a_home_that_becomes_unusable_releases_its_waiters_at_once() -> None:
+    fleet, _, holder = busy_home()
+    assert isinstance(fleet.request_slot(50, 0.0, needs=turn(1, 12)), Buffered)
+    fleet.drain(holder.agent_id)
+    (moved,) = fleet.expire_waits(0.0)
+    assert moved.request_id == 50
+    assert moved.upstream != holder.upstream

@@ -16,10 +16,11 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from rower.balancer.fleet import Buffered, Dispatch, Fleet, Rejected
+from rower.balancer.answer_timings import AnswerTimings
+from rower.balancer.fleet import MAX_AFFINITY_WAIT, Buffered, Dispatch, Fleet, Rejected
 from rower.balancer.request_needs import RequestNeeds
 from rower.balancer.upstream_index import pick_key
-from rower.status import StatusUpdate
+from rower.status import SlotStatus, StatusUpdate
 
 AGENTS = ["a0", "a1", "a2"]
 """The servers; `a0` is also the id of server 0's first agent."""
@@ -30,7 +31,13 @@ def server_of(agent_id: str) -> str:
 
 
 def status(agent: str, total: int, processing: int, *, error: str | None = None) -> StatusUpdate:
+    # Busy slots say they have a few tokens left: a request may wait for its home server.
+    slots = [
+        SlotStatus(id=i, is_processing=i < processing, n_remain=5 if i < processing else None)
+        for i in range(0 if error else total)
+    ]
     return StatusUpdate(
+        slots=slots,
         external_llamacpp_addr=f"127.0.0.1:{8000 + AGENTS.index(server_of(agent))}",
         error=error,
         slots_idle=0 if error else total - processing,
@@ -59,6 +66,7 @@ class FleetMachine(RuleBasedStateMachine):
         """Agents with an open stream for each server, oldest first."""
         self.generations = dict.fromkeys(AGENTS, 0)
         self.drained: set[str] = set()
+        self.homing_since: dict[int, float] = {}
 
     # The server side.
 
@@ -93,6 +101,9 @@ class FleetMachine(RuleBasedStateMachine):
         )
         self.recent[server].clear()
         self._dispatched(out)
+        if agent in self.fleet.upstreams and not self.fleet.upstreams[agent].prefill_rate:
+            # Its first answers: slow prefill, so waiting for a busy home server pays.
+            self.fleet.answered(agent, AnswerTimings(100, 50, 10.0, 50, 0.01))
 
     @rule(server=st.sampled_from(AGENTS))
     def broken_report(self, server: str) -> None:
@@ -140,10 +151,19 @@ class FleetMachine(RuleBasedStateMachine):
         self.generations[server] += 1
         return f"{server}-g{self.generations[server]}"
 
-    @rule(seconds=st.sampled_from([0.5, 2.0, 5.0]))
+    @rule(seconds=st.sampled_from([0.01, 0.5, 2.0, 5.0]))
     def time_passes(self, seconds: float) -> None:
         self.now += seconds
         self.fleet.time_passed(self.now)
+        self._dispatched(self.fleet.expire_waits(self.now))
+
+    @rule(server=st.sampled_from(AGENTS), fast=st.booleans())
+    def answer_tells_the_speeds(self, server: str, fast: bool) -> None:
+        # Slow prefill makes waiting for a conversation's busy home server worth it.
+        prefill = 0.001 if fast else 10.0
+        for agent_id in self.fleet.upstreams:
+            if server_of(agent_id) == server:
+                self.fleet.answered(agent_id, AnswerTimings(100, 50, prefill, 50, 0.01))
 
     @rule(conversation=st.none() | st.integers(0, 3), turn=st.integers(1, 6))
     def request_arrives(self, conversation: int | None, turn: int) -> None:
@@ -156,11 +176,15 @@ class FleetMachine(RuleBasedStateMachine):
             needs = RequestNeeds("/completion", takes_slot=True, prefix=prefix, shared_blocks=1)
         decision = self.fleet.request_slot(self.next_id, self.now, needs=needs)
         if isinstance(decision, Dispatch):
-            assert not self.waiting, "a request overtook the buffer"
+            overtaken = [i for i in self.waiting if not self.fleet.is_homing(i)]
+            assert not overtaken, "a request overtook the buffer"
             self._check_target(decision)
             self.running[server_of(decision.agent_id)].add(decision.request_id)
         elif isinstance(decision, Buffered):
             self.waiting.add(decision.request_id)
+            if decision.until is not None:
+                assert self.fleet.is_homing(decision.request_id)
+                self.homing_since[decision.request_id] = self.now
         else:
             assert isinstance(decision, Rejected)
             assert len(self.waiting) >= self.fleet.max_buffered
@@ -257,8 +281,16 @@ class FleetMachine(RuleBasedStateMachine):
 
     @invariant()
     def nobody_waits_while_a_slot_is_free(self) -> None:
-        if self.waiting:
+        # Except, a short while, a request waiting for the busy server holding its prefix.
+        if any(not self.fleet.is_homing(i) for i in self.waiting):
             assert self.fleet.pick(self.now) is None
+
+    @invariant()
+    def nobody_waits_for_its_home_server_for_long(self) -> None:
+        for request_id in self.waiting:
+            if self.fleet.is_homing(request_id):
+                assert request_id in self.homing_since
+                assert self.now - self.homing_since[request_id] <= MAX_AFFINITY_WAIT
 
     @invariant()
     def the_index_picks_the_best_upstream(self) -> None:

@@ -16,7 +16,7 @@ def conversation(seed: int, blocks: int) -> tuple[int, ...]:
 def test_the_next_turn_finds_the_server_of_the_last_one() -> None:
     memory = PrefixMemory()
     turn = conversation(1, 10)
-    memory.record("a:1", turn, shared_blocks=0, capacity_blocks=1000)
+    memory.record("a:1", turn, capacity_blocks=1000)
     nxt = (*turn, *conversation(2, 3))
     assert list(memory.matches(nxt)) == [("a:1", 10)]
     assert memory.matched("a:1", nxt) == 10
@@ -28,25 +28,18 @@ def test_a_longer_turn_replaces_the_shorter_one_and_the_latest_server_wins() -> 
     memory = PrefixMemory()
     turn = conversation(1, 10)
     longer = (*turn, *conversation(2, 5))
-    memory.record("a:1", turn, shared_blocks=0, capacity_blocks=1000)
-    memory.record("a:1", longer, shared_blocks=0, capacity_blocks=1000)
+    memory.record("a:1", turn, capacity_blocks=1000)
+    memory.record("a:1", longer, capacity_blocks=1000)
     assert len(memory) == 1
-    memory.record("b:1", (*longer, 7), shared_blocks=0, capacity_blocks=1000)
+    memory.record("b:1", (*longer, 7), capacity_blocks=1000)
     assert list(memory.matches((*longer, 7, 8))) == [("b:1", 16), ("a:1", 15)]
-
-
-def test_a_shared_system_prompt_is_found_by_a_new_conversation() -> None:
-    memory = PrefixMemory()
-    system = conversation(0, 4)
-    memory.record("a:1", (*system, *conversation(1, 6)), shared_blocks=4, capacity_blocks=1000)
-    assert list(memory.matches((*system, *conversation(2, 6)))) == [("a:1", 4)]
 
 
 def test_a_server_remembers_what_it_can_hold_oldest_out_first() -> None:
     memory = PrefixMemory()
     first, second, third = conversation(1, 10), conversation(2, 10), conversation(3, 10)
     for turn in (first, second, third):
-        memory.record("a:1", turn, shared_blocks=0, capacity_blocks=25)
+        memory.record("a:1", turn, capacity_blocks=25)
     assert memory.matched("a:1", first) == 0
     assert memory.matched("a:1", second) == 10
     assert memory.matched("a:1", third) == 10
@@ -55,15 +48,15 @@ def test_a_server_remembers_what_it_can_hold_oldest_out_first() -> None:
 def test_the_global_bound_is_shared_between_servers() -> None:
     memory = PrefixMemory(max_entries=10)
     for n in range(30):
-        memory.record(f"s{n % 2}:1", conversation(n, 3), shared_blocks=0, capacity_blocks=10**6)
+        memory.record(f"s{n % 2}:1", conversation(n, 3), capacity_blocks=10**6)
     assert len(memory) <= 10
 
 
 def test_forget_drops_a_server_but_not_what_others_hold() -> None:
     memory = PrefixMemory()
     turn = conversation(1, 5)
-    memory.record("a:1", turn, shared_blocks=0, capacity_blocks=100)
-    memory.record("b:1", conversation(2, 5), shared_blocks=0, capacity_blocks=100)
+    memory.record("a:1", turn, capacity_blocks=100)
+    memory.record("b:1", conversation(2, 5), capacity_blocks=100)
     memory.forget("a:1")
     assert list(memory.matches(turn)) == []
     assert list(memory.matches(conversation(2, 5))) == [("b:1", 5)]
@@ -75,16 +68,15 @@ def test_a_hundred_thousand_conversations_fit_well_under_100_mb() -> None:
     tracemalloc.start()
     try:
         for n in range(100_000):
-            # 3 turns each of a ~3,000-token conversation (24 blocks), each with a system
-            # prompt of its own: two entries a conversation, the most there can be.
+            # 3 turns each of a ~3,000-token conversation (24 blocks).
             turn = conversation(n, 24)
             address = f"10.0.{n % 50}.1:8080"
             for extra in range(3):
                 turn = (*turn, n * 10 + extra)
-                memory.record(address, turn, shared_blocks=12, capacity_blocks=10**7)
+                memory.record(address, turn, capacity_blocks=10**7)
         used, _ = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     del turn
-    assert used < 60 * 1024 * 1024, f"{used / 2**20:.0f} MiB for 100,000 conversations"
-    assert len(memory) == 200_000
+    assert used < 40 * 1024 * 1024, f"{used / 2**20:.0f} MiB for 100,000 conversations"
+    assert len(memory) == 100_000
