@@ -36,6 +36,28 @@ class SlotStatus(msgspec.Struct, frozen=True):
     """Tokens the task may still generate; -1 when it has no limit."""
 
 
+ModelName = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+Aliases = Annotated[list[ModelName], msgspec.Meta(max_length=64)]
+
+
+class ModelStatus(msgspec.Struct, frozen=True):
+    """One model of a router-mode llama-server (`--models-dir`), as the agent saw it.
+
+    A loaded model has its own child server and slots (`/slots?model=NAME`); an unloaded one
+    has none, and a request naming it makes the router load it.
+    """
+
+    model: ModelName
+    aliases: Aliases = msgspec.field(default_factory=list)
+    is_loaded: bool = False
+    error: ShortText | None = None
+    """Why this model cannot take work now (its `/slots?model=` failed), or None."""
+    slots_idle: NonNegative = 0
+    slots_processing: NonNegative = 0
+    slots_total: NonNegative = 0
+    slots: list[SlotStatus] = msgspec.field(default_factory=list)
+
+
 class StatusUpdate(msgspec.Struct, frozen=True):
     """What an agent knows about its llama-server at one poll."""
 
@@ -58,6 +80,15 @@ class StatusUpdate(msgspec.Struct, frozen=True):
     sequence: NonNegative = 0
     is_draining: bool = False
     slots: list[SlotStatus] = msgspec.field(default_factory=list)
+    # Multi-model fleets (docs/models.md).
+    model_aliases: Aliases = msgspec.field(default_factory=list)
+    """Other names the server's model answers to (`/v1/models` `aliases`)."""
+    is_router: bool = False
+    """The server runs in router mode: `models` says what it serves, and the slot counts above
+    are their sums (what a balancer that knows nothing of models may use)."""
+    models: Annotated[list[ModelStatus], msgspec.Meta(max_length=256)] = msgspec.field(
+        default_factory=list
+    )
 
     @property
     def has_issue(self) -> bool:
