@@ -30,7 +30,7 @@ from rower.balancer.prefix_memory import PrefixMemory
 from rower.balancer.request_needs import RequestNeeds
 
 if TYPE_CHECKING:
-    from rower.balancer.fleet import Upstream
+    from rower.balancer.upstream import Upstream
 
 SPREAD = 0.5
 """How much busier (in busy slots over all slots) a server holding a request's prefix may be

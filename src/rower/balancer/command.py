@@ -194,6 +194,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "stream, metrics); /health and the dashboard's page stay open",
     )
     parser.add_argument(
+        "--access-log",
+        default="stderr",
+        metavar="stderr|off|FILE",
+        help="one line per proxied request, in --log-format, to stderr (with the other logs), "
+        "to FILE (appended; reopened when moved), or off (default: stderr)",
+    )
+    parser.add_argument(
         "--slot-accounting",
         choices=("rower", "paddler"),
         default="rower",
@@ -203,9 +210,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run `rower balancer`."""
-    from rower.balancer.fleet import Routing, SlotAccounting
+    from rower.balancer.fleet import Routing
     from rower.balancer.service import serve
     from rower.balancer.settings import BalancerSettings
+    from rower.balancer.upstream import SlotAccounting
     from rower.logs import configure_logging
     from rower.runtime import run_async
 
@@ -239,6 +247,8 @@ def run(args: argparse.Namespace) -> int:
         max_client_connections=args.max_client_connections,
         max_slots_per_agent=args.max_slots_per_agent,
         management_token_guards_reads=args.management_token_guards_reads,
+        access_log=args.access_log,
+        log_format=args.log_format,
     )
     if settings.management_token_guards_reads and settings.management_token is None:
         print(

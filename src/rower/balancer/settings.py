@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from rower.addresses import Address
-from rower.balancer.fleet import Routing, SlotAccounting
+from rower.balancer.fleet import Routing
 from rower.balancer.prefix_memory import DEFAULT_MAX_ENTRIES
+from rower.balancer.upstream import SlotAccounting
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,3 +45,6 @@ class BalancerSettings:
     max_client_connections: int = 4096
     max_slots_per_agent: int = 1024
     management_token_guards_reads: bool = False
+    # The access log (docs/observability.md): stderr, off, or a file path.
+    access_log: str = "stderr"
+    log_format: str = "text"

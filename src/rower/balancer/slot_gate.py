@@ -12,8 +12,9 @@ import time
 from collections.abc import Callable
 
 from rower.balancer.answer_timings import AnswerTimings
-from rower.balancer.fleet import Buffered, Dispatch, Fleet, Rejected, RejectReason, Upstream
+from rower.balancer.fleet import Buffered, Dispatch, Fleet, Rejected, RejectReason
 from rower.balancer.request_needs import RequestNeeds
+from rower.balancer.upstream import Upstream
 from rower.status import StatusUpdate
 
 

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from rower.balancer.fleet import Upstream
+    from rower.balancer.upstream import Upstream
 
 _Key = tuple[int, int, int, int]
 _Entry = tuple[int, int, int, int, int, "Upstream"]

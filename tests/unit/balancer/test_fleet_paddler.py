@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from rower.balancer.fleet import Buffered, Dispatch, Fleet, SlotAccounting
+from rower.balancer.fleet import Buffered, Dispatch, Fleet
+from rower.balancer.upstream import SlotAccounting
 from rower.status import StatusUpdate
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rower.balancer.fleet import Fleet, SlotAccounting, Upstream
+from rower.balancer.fleet import Fleet
+from rower.balancer.upstream import SlotAccounting, Upstream
 from rower.status import StatusUpdate
 
 AGENTS = [f"a{i}" for i in range(6)]

@@ -1,0 +1,178 @@
+"""One llama-server as the balancer sees it: its last report and what was sent there since.
+
+How its free slots are counted is the fleet core's rule (`fleet`'s docstring); this module holds
+the per-upstream state and the arithmetic of that rule, with no I/O.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from rower.balancer.affinity import BLOCK_BYTES
+from rower.balancer.answer_timings import AnswerTimings
+from rower.status import StatusUpdate
+
+STALE_AFTER_INTERVALS = 3
+"""An agent that has not reported for this many of its intervals is not used."""
+
+BYTES_PER_TOKEN = 4
+"""About what one token of English text is in bytes: turns slot context into prefix blocks."""
+
+DEFAULT_SLOT_CONTEXT = 4096
+"""Tokens per slot assumed when an agent does not say (older agents send no `n_ctx`)."""
+
+RATE_WEIGHT = 0.2
+"""Weight of the newest answer in a server's measured prefill and decode speeds."""
+
+
+class SlotAccounting(enum.Enum):
+    """How free slots are counted between two reports.
+
+    `ROWER` is the module docstring's correction. `PADDLER` is Paddler 1.x's, kept to compare
+    against in the benchmarks: free = reported idle - dispatched since that report, and a
+    finished request frees nothing until the next report.
+    """
+
+    ROWER = "rower"
+    PADDLER = "paddler"
+
+
+@dataclass(slots=True)
+class Upstream:
+    """One agent and the llama-server it reports on, as this balancer sees them."""
+
+    agent_id: str
+    status: StatusUpdate
+    last_seen: float
+    last_update_wall: float
+    in_flight: set[int] = field(default_factory=set)
+    recent: set[int] = field(default_factory=set)
+    """Requests in flight that were sent since the last report (its poll may not have seen them)."""
+    foreign: int = 0
+    abandoned: int = 0
+    taken_since_report: int = 0
+    quarantined: bool = False
+    quarantined_until_wall: float | None = None
+    last_dispatch: int = 0
+    was_stale: bool = False
+    accounting: SlotAccounting = SlotAccounting.ROWER
+    drain_requested: bool = False
+    """An operator drained this upstream; the agent's reports do not undo it."""
+    registered: int = 0
+    """When it joined the fleet (a counter): the last tie-break of `Fleet.pick`."""
+    highest_task: int = -1
+    """The largest llama-server task id its reports showed (-1: none yet)."""
+    prompt_tokens_evaluated: int = 0
+    prompt_tokens_cached: int = 0
+    """Prompt tokens of its answers to this balancer, computed and reused (for the views)."""
+    prefill_rate: float = 0.0
+    """Prompt tokens a second it computes, from its answers' timings (0: not measured yet)."""
+    decode_rate: float = 0.0
+    """Tokens a second one of its streams generates, from its answers' timings."""
+
+    def expected_wait(self, now: float) -> float | None:
+        """Seconds until its first busy slot is expected to free, or None if unknown.
+
+        From the last report's slots (`n_remain`: tokens a task may still generate) and the
+        measured decode speed; a task without a limit (`n_remain` -1) gives no estimate.
+        """
+        if self.decode_rate <= 0:
+            return None
+        elapsed = now - self.last_seen
+        waits = [
+            slot.n_remain / self.decode_rate - elapsed
+            for slot in self.status.slots
+            if slot.is_processing and slot.n_remain is not None and slot.n_remain >= 0
+        ]
+        return max(0.0, min(waits)) if waits else None
+
+    def measured(self, timings: AnswerTimings) -> None:
+        """Count one answer's prompt tokens and fold its speeds into the estimates."""
+        self.prompt_tokens_evaluated += timings.evaluated
+        self.prompt_tokens_cached += timings.cached
+        if timings.evaluated >= 16 and timings.prompt_seconds > 0:
+            self.prefill_rate = _blend(
+                self.prefill_rate, timings.evaluated / timings.prompt_seconds
+            )
+        if timings.generated >= 4 and timings.generation_seconds > 0:
+            rate = timings.generated / timings.generation_seconds
+            self.decode_rate = _blend(self.decode_rate, rate)
+
+    def restarted(self, status: StatusUpdate) -> bool:
+        """Whether `status` shows a llama-server that lost its prompt cache since the last one.
+
+        Task ids grow for a llama-server's whole life and a slot that served a task shows its
+        id: a smaller one, or none where there was one, means the server restarted. Another
+        model or another slot count means it was reloaded or replaced.
+        """
+        if status.has_issue:
+            return False
+        old = self.status
+        if old.model and status.model and old.model != status.model:
+            return True
+        if old.slots_total and status.slots_total and old.slots_total != status.slots_total:
+            return True
+        if self.highest_task < 0:
+            return False
+        tasks = [slot.id_task for slot in status.slots if slot.id_task is not None]
+        return not tasks or max(tasks) < self.highest_task
+
+    @property
+    def prefix_capacity_blocks(self) -> int:
+        """Prefix blocks the server is assumed to hold per slot context it keeps."""
+        context = sum(slot.n_ctx for slot in self.status.slots)
+        context = context or self.slots_total * DEFAULT_SLOT_CONTEXT
+        return max(1, context * BYTES_PER_TOKEN // BLOCK_BYTES)
+
+    @property
+    def address(self) -> str:
+        """Where the balancer reaches the llama-server."""
+        return self.status.external_llamacpp_addr
+
+    @property
+    def interval(self) -> float:
+        """The agent's reporting period in seconds."""
+        return self.status.monitoring_interval_ms / 1000
+
+    @property
+    def slots_total(self) -> int:
+        """Slots of the llama-server (older agents send only idle and processing)."""
+        return self.status.slots_total or self.status.slots_idle + self.status.slots_processing
+
+    @property
+    def is_draining(self) -> bool:
+        """Whether the agent is stopping or an operator drained it: no new requests."""
+        return self.status.is_draining or self.drain_requested
+
+    def is_stale(self, now: float) -> bool:
+        """Whether the agent missed too many reports to be trusted."""
+        return now - self.last_seen > STALE_AFTER_INTERVALS * self.interval
+
+    def is_usable(self, now: float) -> bool:
+        """Whether requests may be sent here at all."""
+        return not (
+            self.status.has_issue or self.is_draining or self.quarantined or self.is_stale(now)
+        )
+
+    @property
+    def slots_processing(self) -> int:
+        """Busy slots: ours in flight plus the estimated others."""
+        return min(self.slots_total, len(self.in_flight) + self.others)
+
+    @property
+    def others(self) -> int:
+        """Slots estimated busy with work that is not ours in flight."""
+        return max(self.foreign, self.abandoned)
+
+    def slots_free(self, now: float) -> int:
+        """Slots a new request may take now; 0 when the upstream is not usable."""
+        if not self.is_usable(now):
+            return 0
+        if self.accounting is SlotAccounting.PADDLER:
+            return max(0, self.status.slots_idle - self.taken_since_report)
+        return max(0, self.slots_total - len(self.in_flight) - self.others)
+
+
+def _blend(old: float, new: float) -> float:
+    return new if old <= 0 else old + RATE_WEIGHT * (new - old)
