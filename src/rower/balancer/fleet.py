@@ -35,13 +35,18 @@ newcomer is registered. So a server's slots are never counted twice.
 
 Draining. An upstream is drained when its agent reports `is_draining` (it is stopping) or when an
 operator asks (`drain`): it gets no new request; those in flight run to their end.
+
+Models. Each upstream serves one model; a router-mode llama-server reports several, and each
+loaded one is an upstream of its own (key `agent id/model`, identity `address/model`). The
+upstreams of one model form a `Pool` with its own buffer and pick index, and a request goes to
+the pool of the model it asks for (`models`): everything above holds per pool.
 """
 
 from __future__ import annotations
 
 import enum
 import itertools
-from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import msgspec
@@ -49,10 +54,11 @@ import msgspec
 from rower.balancer.affinity import BLOCK_BYTES
 from rower.balancer.answer_timings import AnswerTimings
 from rower.balancer.cache_routing import Affinity, CachePick, pick_cached
+from rower.balancer.models import UNKNOWN, ModelNames, ModelRefusal, ModelRules
+from rower.balancer.pool import Homing, Pool
 from rower.balancer.prefix_memory import DEFAULT_MAX_ENTRIES, PrefixMemory
 from rower.balancer.request_needs import RequestNeeds
 from rower.balancer.upstream import BYTES_PER_TOKEN, SlotAccounting, Upstream
-from rower.balancer.upstream_index import UpstreamIndex
 from rower.status import AgentView, StatusUpdate, SystemTime
 
 MAX_AFFINITY_WAIT = 1.0
@@ -81,11 +87,13 @@ class Dispatch:
     """What the cache-aware pick did (None: the request had no prefix, or least-busy routing)."""
     matched_blocks: int = 0
     """Blocks of the request's prefix this balancer had sent that upstream before."""
+    model: str = UNKNOWN
+    """The model (pool) it was dispatched for."""
 
 
 @dataclass(frozen=True, slots=True)
 class Buffered:
-    """`request_id` waits in the buffer for a free slot.
+    """`request_id` waits in its model's buffer for a free slot.
 
     With `until` (a `now` value) it waits for one server only, the one holding its prompt
     prefix, and at `until` at the latest goes wherever the load says (`Fleet.expire_waits`).
@@ -93,15 +101,7 @@ class Buffered:
 
     request_id: int
     until: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class _Homing:
-    """A request waiting for its home server (the busy one holding its prefix) until `until`."""
-
-    upstream: Upstream
-    until: float
-    needs: RequestNeeds
+    model: str = UNKNOWN
 
 
 class RejectReason(enum.Enum):
@@ -109,24 +109,33 @@ class RejectReason(enum.Enum):
 
     BUFFER_FULL = "buffer_full"
     BUFFER_DISABLED = "buffer_disabled"
+    MODEL_UNNAMED = "model_unnamed"
+    MODEL_UNKNOWN = "model_unknown"
 
 
 @dataclass(frozen=True, slots=True)
 class Rejected:
-    """`request_id` is refused at once: the buffer is full or disabled."""
+    """`request_id` is refused at once: the buffer is full or disabled, or the model is wrong.
+
+    `model` is the model it asked for (or was sent to); `served`, for a wrong model, the models
+    the fleet serves.
+    """
 
     request_id: int
     reason: RejectReason
+    model: str | None = None
+    served: tuple[str, ...] = ()
 
 
 Decision = Dispatch | Buffered | Rejected
 
 
 class Fleet:
-    """All upstreams, the requests in flight and the FIFO buffer of waiting requests.
+    """All upstreams, the requests in flight, and each model's buffer of waiting requests.
 
     Args:
-        max_buffered: most requests that may wait at once; 0 means never wait.
+        max_buffered: most requests that may wait at once per model (unless `models` says
+            otherwise for one); 0 means never wait.
         slot_accounting: how free slots are counted between reports.
         max_agents: most agents registered at once (a newcomer for a known server replaces
             its agent, so it is always admitted); None for no limit.
@@ -135,6 +144,7 @@ class Fleet:
             assumed to keep (its slots plus its host-RAM prompt cache, `--cache-ram`): bounds
             the memory of what was sent to it.
         prefix_memory_entries: most entries in the memory of prefixes, over all servers.
+        models: the operator's rules about models (declared ones, default, renames, limits).
     """
 
     def __init__(
@@ -146,6 +156,7 @@ class Fleet:
         routing: Routing = Routing.CACHE_AWARE,
         prompt_cache_contexts: int = 8,
         prefix_memory_entries: int = DEFAULT_MAX_ENTRIES,
+        models: ModelRules | None = None,
     ) -> None:
         self.max_buffered = max_buffered
         self.routing = routing
@@ -153,24 +164,29 @@ class Fleet:
         self.prefixes = PrefixMemory(max_entries=prefix_memory_entries)
         self.max_agents = max_agents
         self.slot_accounting = slot_accounting
+        self.model_rules = models or ModelRules()
         self.upstreams: dict[str, Upstream] = {}
-        self._waiting: OrderedDict[int, RequestNeeds | None] = OrderedDict()
-        """Waiting requests, first come first; with what they need."""
-        self._homing: OrderedDict[int, _Homing] = OrderedDict()
-        """Requests waiting a short while for the busy server holding their prefix."""
-        self._by_address: dict[str, Upstream] = {}
-        """The registered upstream of each llama-server address (one: see supersede)."""
+        """Every upstream by key (the agent id, or `agent id/model` for a router's models)."""
+        self.pools: dict[str, Pool] = {}
+        """Each model's upstreams and waiting requests."""
+        self._agent_units: dict[str, set[str]] = {}
+        """Each registered agent's upstream keys (one, or one per model of a router)."""
+        self._waiting_in: dict[int, Pool] = {}
+        """The pool each waiting request waits in."""
         self._assigned: dict[int, Upstream] = {}
         self._departed: dict[str, Upstream] = {}
-        """Upstreams whose agent left while requests still ran there, by address."""
+        """Upstreams whose agent left while requests still ran there, by identity."""
         self._superseded: dict[str, bool] = {}
-        """Agents replaced by a newer agent for the same address (their reports are ignored),
-        and whether an operator had drained them."""
+        """Upstreams (by key) replaced by a newer agent's for the same llama-server (their
+        reports are ignored), and whether an operator had drained them."""
         self.superseded_by_last_report: list[str] = []
         """Agents the last `report` replaced (for the caller to log)."""
+        self._names: ModelNames | None = None
+        """What model names mean (None: to be worked out again, after a change)."""
         self._dispatch_counter = itertools.count(1)
         self._registrations = itertools.count(1)
-        self._index = UpstreamIndex(self.upstreams)
+        for model in self.model_rules.declared:
+            self._pool(model)
         self.revision = 0
         """Grows at every change an observer could see (for the SSE stream)."""
         self.quarantines = 0
@@ -180,21 +196,26 @@ class Fleet:
 
     @property
     def requests_buffered(self) -> int:
-        """Requests waiting for a slot now (in the buffer, or for their home server)."""
-        return len(self._waiting) + len(self._homing)
+        """Requests waiting for a slot now (in a buffer, or for their home server)."""
+        return sum(pool.buffered for pool in self.pools.values())
 
     @property
     def requests_in_flight(self) -> int:
         """Requests dispatched and not yet finished, on any upstream (even a departed one)."""
         return len(self._assigned)
 
+    def buffered_by_model(self) -> dict[str, int]:
+        """Requests waiting now, per model (declared models included, with 0)."""
+        return {model: pool.buffered for model, pool in sorted(self.pools.items())}
+
     def is_waiting(self, request_id: int) -> bool:
-        """Whether `request_id` waits (in the buffer, or for its home server)."""
-        return request_id in self._waiting or request_id in self._homing
+        """Whether `request_id` waits (in a buffer, or for its home server)."""
+        return request_id in self._waiting_in
 
     def is_homing(self, request_id: int) -> bool:
         """Whether `request_id` waits for the busy server holding its prefix."""
-        return request_id in self._homing
+        pool = self._waiting_in.get(request_id)
+        return pool is not None and request_id in pool.homing
 
     def upstream_of(self, request_id: int) -> str | None:
         """The agent id a dispatched request is counted against."""
@@ -203,38 +224,65 @@ class Fleet:
 
     def admits(self, agent_id: str, address: str) -> bool:
         """Whether a report from `agent_id` for `address` may register it (`max_agents`)."""
-        if self.max_agents is None or agent_id in self.upstreams:
+        if self.max_agents is None or agent_id in self._agent_units:
             return True
-        if len(self.upstreams) < self.max_agents:
+        if len(self._agent_units) < self.max_agents:
             return True
         return any(u.address == address for u in self.upstreams.values())
 
     def is_superseded(self, agent_id: str) -> bool:
         """Whether a newer agent took over `agent_id`'s llama-server."""
-        return agent_id in self._superseded
+        return agent_id in self._superseded or any(
+            key.startswith(agent_id + "/") for key in self._superseded
+        )
 
-    def pick(self, now: float) -> Upstream | None:
-        """The upstream for the next request: most free slots, fewest busy, least recently used.
+    @property
+    def names(self) -> ModelNames:
+        """The models the fleet serves and the names that reach them."""
+        if self._names is None:
+            servers = ((u.model, u.status.model_aliases) for u in self.upstreams.values())
+            self._names = ModelNames.of(servers, self.model_rules.declared)
+        return self._names
+
+    def resolve(self, model: str | None) -> str | ModelRefusal:
+        """The model whose servers a request naming `model` goes to, or why there is none."""
+        return self.names.resolve(model, self.model_rules)
+
+    def pick(self, now: float, model: str | None = None) -> Upstream | None:
+        """The upstream for the next request of `model`: most free slots, fewest busy, least
+        recently used; None when none has a free slot (or the model is not served).
 
         O(log n) amortized (`upstream_index`): a report, a dispatch and a release re-rank the
         upstream they touch; what only lowers an upstream (drain, quarantine, staleness,
         leaving) is noticed when its entry reaches the top of the index.
         """
-        return self._index.best(now)
+        pool = self.pools.get(self._resolved_or_unknown(model))
+        return pool.index.best(now) if pool is not None else None
 
-    def pick_any(self, now: float) -> Upstream | None:
-        """An upstream for a request that needs no slot (`/v1/models`, `/props`, ...).
+    def pick_any(self, now: float, model: str | None = None) -> Upstream | None:
+        """An upstream for a request that needs no slot (`/props`, `/tokenize`, ...).
 
-        Prefers one with free slots, else any usable one, so such requests never wait.
+        Of `model` when it names a served one (else of any model); prefers one with free
+        slots, else any usable one, so such requests never wait.
         """
-        chosen = self.pick(now)
-        if chosen is not None:
-            return chosen
-        usable = [u for u in self.upstreams.values() if u.is_usable(now)]
+        resolved = self.resolve(model)
+        pools = (
+            [self.pools[resolved]]
+            if isinstance(resolved, str) and resolved in self.pools
+            else list(self.pools.values())
+        )
+        for pool in pools:
+            chosen = pool.index.best(now)
+            if chosen is not None:
+                return chosen
+        usable = [u for pool in pools for u in pool.members.values() if u.is_usable(now)]
         return min(usable, key=lambda u: u.last_dispatch, default=None)
 
     def views(self, now: float) -> list[AgentView]:
-        """Every agent in Paddler's `/api/v1/agents` shape: usable first, then most idle."""
+        """Every agent in Paddler's `/api/v1/agents` shape: usable first, then most idle.
+
+        A router's models are one entry each (the same `agent_id`, each its `status.model`).
+        """
         views = [self._view(u, now) for u in self.upstreams.values()]
         views.sort(key=lambda v: (not v.is_usable, -v.slots_free, -v.status.slots_idle))
         return views
@@ -249,20 +297,245 @@ class Fleet:
         The report of a superseded agent changes nothing while its successor is registered.
         """
         self.superseded_by_last_report = []
-        if agent_id in self._superseded:
-            address = status.external_llamacpp_addr
-            if any(u.address == address for u in self.upstreams.values()):
-                return []
-        drained = self._superseded.pop(agent_id, False)
-        upstream = self.upstreams.get(agent_id)
-        address = status.external_llamacpp_addr
-        known = self._by_address.get(address) or self._departed.get(address)
+        dispatched: list[Dispatch] = []
+        units = dict(self._units(agent_id, status))
+        for key in self._agent_units.get(agent_id, set()) - units.keys():
+            # A model the router no longer has loaded.
+            self._remove_unit(key)
+        for key, (model, unit_status) in units.items():
+            dispatched.extend(self._report_unit(agent_id, key, model, unit_status, now, wall))
+        if units:
+            self._agent_units[agent_id] = set(units) & self.upstreams.keys()
+        if not self._agent_units.get(agent_id):
+            self._agent_units.pop(agent_id, None)
+        self.revision += 1
+        return dispatched
+
+    def remove_agent(self, agent_id: str) -> None:
+        """The agent's stream ended: forget its upstreams; their requests in flight run on.
+
+        They stay counted against the llama-server, so an agent that comes back for the same
+        server (restarted, new id) starts with them instead of seeing free slots.
+        """
+        for key in list(self._superseded):
+            if key == agent_id or key.startswith(agent_id + "/"):
+                del self._superseded[key]
+        for key in self._agent_units.pop(agent_id, set()):
+            self._remove_unit(key)
+        self.revision += 1
+
+    def drain(self, agent_id: str) -> bool:
+        """An operator drains an agent: no new requests go there; returns whether it is known."""
+        keys = self._agent_units.get(agent_id)
+        if not keys:
+            return False
+        for key in keys:
+            upstream = self.upstreams[key]
+            if not upstream.drain_requested:
+                upstream.drain_requested = True
+                self.revision += 1
+        return True
+
+    def request_slot(
+        self,
+        request_id: int,
+        now: float,
+        *,
+        needs: RequestNeeds | None = None,
+        retry: bool = False,
+    ) -> Decision:
+        """A request wants a slot: dispatch it, buffer it, or reject it.
+
+        `needs` is what the proxy read from the request: its model picks the pool, its prefix
+        steers the cache-aware pick. A retried request (its upstream refused the connection)
+        goes to the head of its buffer: it has waited longest.
+        """
+        if request_id in self._waiting_in or request_id in self._assigned:
+            raise ValueError(f"request {request_id} already holds or awaits a slot")
+        resolved = self.resolve(needs.model if needs is not None else None)
+        if isinstance(resolved, ModelRefusal):
+            reason = (
+                RejectReason.MODEL_UNNAMED if resolved.asked is None else RejectReason.MODEL_UNKNOWN
+            )
+            return Rejected(request_id, reason, resolved.asked, resolved.served)
+        pool = self._pool(resolved)
+        if not pool.waiting:
+            decision = self._place(pool, request_id, needs, now, may_wait=not retry)
+            if decision is not None:
+                return decision
+        if pool.max_buffered == 0:
+            return Rejected(request_id, RejectReason.BUFFER_DISABLED, resolved)
+        if pool.buffered >= pool.max_buffered and not retry:
+            return Rejected(request_id, RejectReason.BUFFER_FULL, resolved)
+        self._wait(pool, request_id, needs, first=retry)
+        return Buffered(request_id, model=resolved)
+
+    def release(self, request_id: int, now: float, *, abandoned: bool = False) -> list[Dispatch]:
+        """A request finished (or failed, or its client left): free its slot.
+
+        `abandoned`: the client left while llama-server may still be working on the request.
+        llama-server notices a dropped stream at its next write, but keeps generating a
+        non-streamed answer to its end; so the slot counts as busy with work that is not
+        ours until the agent's next report tells what the server really does.
+
+        Safe to call for any request id, any number of times.
+        """
+        pool = self._waiting_in.pop(request_id, None)
+        if pool is not None:
+            pool.waiting.pop(request_id, None)
+            pool.homing.pop(request_id, None)
+            self.revision += 1
+            return []
+        upstream = self._assigned.pop(request_id, None)
+        if upstream is None:
+            return []
+        upstream.in_flight.discard(request_id)
+        upstream.recent.discard(request_id)
+        if abandoned:
+            # No longer ours, still busy: in this report's foreign work and in the bound.
+            upstream.foreign += 1
+            upstream.abandoned += 1
+        if not upstream.in_flight and self._departed.get(upstream.identity) is upstream:
+            del self._departed[upstream.identity]
+        self.revision += 1
+        dispatched = self._drain_buffer(now, upstream)
+        self._reindex(upstream, now)
+        return dispatched
+
+    def refused(self, request_id: int, now: float, wall: float) -> list[Dispatch]:
+        """The upstream of `request_id` refused the connection: quarantine it, free the slot.
+
+        The quarantine lasts until the agent's next report without an issue. The caller may
+        then ask for a slot again with `retry=True`.
+        """
+        upstream = self._assigned.get(request_id)
+        if upstream is not None:
+            self._quarantine(upstream, wall)
+        return self.release(request_id, now)
+
+    def answered(self, agent_id: str, timings: AnswerTimings, model: str = UNKNOWN) -> None:
+        """An answer from `agent_id`'s llama-server said what its prompt and generation took."""
+        upstream = self.upstreams.get(agent_id) or self.upstreams.get(f"{agent_id}/{model}")
+        if upstream is not None:
+            upstream.measured(timings)
+
+    def quarantine(self, agent_id: str, wall: float) -> None:
+        """Stop using an agent's llama-server that refused a connection until its agent
+        reports it healthy."""
+        for key in self._agent_units.get(agent_id, set()):
+            self._quarantine(self.upstreams[key], wall)
+
+    def time_passed(self, now: float) -> bool:
+        """Notice agents that went stale; returns whether anything visible changed."""
+        changed = False
+        for upstream in self.upstreams.values():
+            stale = upstream.is_stale(now)
+            if stale != upstream.was_stale:
+                upstream.was_stale = stale
+                changed = True
+        for model, pool in list(self.pools.items()):
+            if pool.is_idle and model not in self.model_rules.declared:
+                del self.pools[model]
+        if changed:
+            self.revision += 1
+        return changed
+
+    def expire_waits(self, now: float) -> list[Dispatch]:
+        """Requests waiting for their home server past their deadline go where the load says.
+
+        Also those whose home server is no longer usable. Ones that find no free slot join the
+        head of their buffer: they have waited longest.
+        """
+        dispatched: list[Dispatch] = []
+        for pool in list(self.pools.values()):
+            due = [
+                request_id
+                for request_id, home in pool.homing.items()
+                if home.until <= now
+                or not home.upstream.is_usable(now)
+                or self.upstreams.get(home.upstream.key) is not home.upstream
+            ]
+            for request_id in reversed(due):
+                needs = pool.homing.pop(request_id).needs
+                del self._waiting_in[request_id]
+                decision = self._place(pool, request_id, needs, now, may_wait=False)
+                if decision is None:
+                    self._wait(pool, request_id, needs, first=True)
+                else:
+                    assert isinstance(decision, Dispatch)
+                    dispatched.append(decision)
+            if due:
+                self.revision += 1
+        return dispatched
+
+    # Internals.
+
+    def _units(
+        self, agent_id: str, status: StatusUpdate
+    ) -> Iterator[tuple[str, tuple[str | None, StatusUpdate]]]:
+        """The upstreams a report speaks for: the server itself, or each model a router has
+        loaded (with the router's own issue, if it has one)."""
+        if not status.is_router:
+            yield agent_id, (None, status)
+            return
+        if status.has_issue:
+            # Nothing is known of its models now: the ones it had stay, with the issue.
+            for key in self._agent_units.get(agent_id, set()):
+                unit = self.upstreams[key]
+                yield (
+                    key,
+                    (
+                        unit.router_model,
+                        msgspec.structs.replace(
+                            status, model=unit.model, model_aliases=unit.status.model_aliases
+                        ),
+                    ),
+                )
+            return
+        for model in status.models:
+            if not model.is_loaded:
+                continue
+            yield (
+                f"{agent_id}/{model.model}",
+                (
+                    model.model,
+                    msgspec.structs.replace(
+                        status,
+                        error=model.error,
+                        model=model.model,
+                        model_aliases=model.aliases,
+                        slots_idle=0 if model.error else model.slots_idle,
+                        slots_processing=0 if model.error else model.slots_processing,
+                        slots_total=model.slots_total,
+                        slots=model.slots,
+                        models=[],
+                    ),
+                ),
+            )
+
+    def _report_unit(
+        self,
+        agent_id: str,
+        key: str,
+        router_model: str | None,
+        status: StatusUpdate,
+        now: float,
+        wall: float,
+    ) -> list[Dispatch]:
+        identity = (
+            status.external_llamacpp_addr
+            if router_model is None
+            else f"{status.external_llamacpp_addr}/{router_model}"
+        )
+        if key in self._superseded and any(u.identity == identity for u in self.upstreams.values()):
+            return []
+        drained = self._superseded.pop(key, False)
+        upstream = self.upstreams.get(key)
+        known = self._registered(identity) or self._departed.get(identity)
         if known is not None and known.restarted(status):
-            self.prefixes.forget(address)
+            self.prefixes.forget(identity)
         # Only a newcomer or an agent whose address changed can collide with another agent.
-        collides = upstream is None or upstream.address != address
-        if upstream is not None and collides and self._by_address.get(upstream.address) is upstream:
-            del self._by_address[upstream.address]
+        collides = upstream is None or upstream.identity != identity
         if upstream is None:
             upstream = Upstream(
                 agent_id,
@@ -272,13 +545,24 @@ class Fleet:
                 accounting=self.slot_accounting,
                 drain_requested=drained,
                 registered=next(self._registrations),
+                key=key,
+                router_model=router_model,
             )
-            self.upstreams[agent_id] = upstream
-            self._adopt_departed(upstream)
+            self.upstreams[key] = upstream
+            self._adopt_departed(upstream, identity)
+            self._names = None
+        else:
+            if upstream.model != (status.model or UNKNOWN) or (
+                upstream.status.model_aliases != status.model_aliases
+            ):
+                self._names = None
+            self._pool(upstream.model).leave(upstream)
         upstream.status = status
         if collides:
             self._supersede_others(upstream)
-            self._by_address[address] = upstream
+        pool = self._pool(upstream.model)
+        pool.join(upstream)
+        self._adopt_unrouted(pool)
         if not status.has_issue:
             upstream.highest_task = max(
                 (slot.id_task for slot in status.slots if slot.id_task is not None), default=-1
@@ -297,177 +581,71 @@ class Fleet:
         if upstream.quarantined and not status.has_issue:
             upstream.quarantined = False
             upstream.quarantined_until_wall = None
-        self.revision += 1
         dispatched = self._drain_buffer(now, upstream)
-        self._index.update(upstream, now)
+        self._reindex(upstream, now)
         return dispatched
 
-    def remove_agent(self, agent_id: str) -> None:
-        """The agent's stream ended: forget the upstream; its requests in flight run on.
-
-        They stay counted against the llama-server's address, so an agent that comes back for
-        the same server (restarted, new id) starts with them instead of seeing free slots.
-        """
-        self._superseded.pop(agent_id, None)
-        upstream = self.upstreams.pop(agent_id, None)
+    def _remove_unit(self, key: str) -> None:
+        upstream = self.upstreams.pop(key, None)
         if upstream is None:
             return
-        if self._by_address.get(upstream.address) is upstream:
-            del self._by_address[upstream.address]
+        self._names = None
+        self._pool(upstream.model).leave(upstream)
         if upstream.in_flight or upstream.abandoned:
-            self._departed[upstream.address] = upstream
+            self._departed[upstream.identity] = upstream
+
+    def _registered(self, identity: str) -> Upstream | None:
+        for pool in self.pools.values():
+            upstream = pool.by_identity.get(identity)
+            if upstream is not None:
+                return upstream
+        return None
+
+    def _pool(self, model: str) -> Pool:
+        pool = self.pools.get(model)
+        if pool is None:
+            limit = self.model_rules.max_buffered.get(model, self.max_buffered)
+            pool = self.pools[model] = Pool(model, max_buffered=limit)
+        return pool
+
+    def _resolved_or_unknown(self, model: str | None) -> str:
+        resolved = self.resolve(model)
+        return resolved if isinstance(resolved, str) else UNKNOWN
+
+    def _adopt_unrouted(self, pool: Pool) -> None:
+        """Requests that waited before any model was known go to the fleet's first model."""
+        unrouted = self.pools.get(UNKNOWN)
+        if unrouted is None or unrouted is pool or not unrouted.buffered:
+            return
+        if self.resolve(None) != pool.model:
+            return
+        for request_id, needs in reversed(unrouted.waiting.items()):
+            self._waiting_in[request_id] = pool
+            pool.waiting[request_id] = needs
+            pool.waiting.move_to_end(request_id, last=False)
+        unrouted.waiting.clear()
+
+    def _wait(
+        self, pool: Pool, request_id: int, needs: RequestNeeds | None, *, first: bool
+    ) -> None:
+        pool.waiting[request_id] = needs
+        if first:
+            pool.waiting.move_to_end(request_id, last=False)
+        self._waiting_in[request_id] = pool
         self.revision += 1
-
-    def drain(self, agent_id: str) -> bool:
-        """An operator drains an agent: no new requests go there; returns whether it is known."""
-        upstream = self.upstreams.get(agent_id)
-        if upstream is None:
-            return False
-        if not upstream.drain_requested:
-            upstream.drain_requested = True
-            self.revision += 1
-        return True
-
-    def request_slot(
-        self,
-        request_id: int,
-        now: float,
-        *,
-        needs: RequestNeeds | None = None,
-        retry: bool = False,
-    ) -> Decision:
-        """A request wants a slot: dispatch it, buffer it, or reject it.
-
-        `needs` is what the proxy read from the request (its prefix steers the cache-aware
-        pick). A retried request (its upstream refused the connection) goes to the head of the
-        buffer: it has waited longest.
-        """
-        if (
-            request_id in self._waiting
-            or request_id in self._assigned
-            or request_id in self._homing
-        ):
-            raise ValueError(f"request {request_id} already holds or awaits a slot")
-        if not self._waiting:
-            decision = self._place(request_id, needs, now, may_wait=not retry)
-            if decision is not None:
-                return decision
-        if self.max_buffered == 0:
-            return Rejected(request_id, RejectReason.BUFFER_DISABLED)
-        if self.requests_buffered >= self.max_buffered and not retry:
-            return Rejected(request_id, RejectReason.BUFFER_FULL)
-        self._waiting[request_id] = needs
-        if retry:
-            self._waiting.move_to_end(request_id, last=False)
-        self.revision += 1
-        return Buffered(request_id)
-
-    def release(self, request_id: int, now: float, *, abandoned: bool = False) -> list[Dispatch]:
-        """A request finished (or failed, or its client left): free its slot.
-
-        `abandoned`: the client left while llama-server may still be working on the request.
-        llama-server notices a dropped stream at its next write, but keeps generating a
-        non-streamed answer to its end; so the slot counts as busy with work that is not
-        ours until the agent's next report tells what the server really does.
-
-        Safe to call for any request id, any number of times.
-        """
-        if request_id in self._waiting:
-            del self._waiting[request_id]
-            self.revision += 1
-            return []
-        if self._homing.pop(request_id, None) is not None:
-            self.revision += 1
-            return []
-        upstream = self._assigned.pop(request_id, None)
-        if upstream is None:
-            return []
-        upstream.in_flight.discard(request_id)
-        upstream.recent.discard(request_id)
-        if abandoned:
-            # No longer ours, still busy: in this report's foreign work and in the bound.
-            upstream.foreign += 1
-            upstream.abandoned += 1
-        if not upstream.in_flight and self._departed.get(upstream.address) is upstream:
-            del self._departed[upstream.address]
-        self.revision += 1
-        dispatched = self._drain_buffer(now, upstream)
-        self._index.update(upstream, now)
-        return dispatched
-
-    def refused(self, request_id: int, now: float, wall: float) -> list[Dispatch]:
-        """The upstream of `request_id` refused the connection: quarantine it, free the slot.
-
-        The quarantine lasts until the agent's next report without an issue. The caller may
-        then ask for a slot again with `retry=True`.
-        """
-        upstream = self._assigned.get(request_id)
-        if upstream is not None:
-            self.quarantine(upstream.agent_id, wall)
-        return self.release(request_id, now)
-
-    def answered(self, agent_id: str, timings: AnswerTimings) -> None:
-        """An answer from `agent_id`'s llama-server said what its prompt and generation took."""
-        upstream = self.upstreams.get(agent_id)
-        if upstream is not None:
-            upstream.measured(timings)
-
-    def quarantine(self, agent_id: str, wall: float) -> None:
-        """Stop using an upstream that refused a connection until its agent reports it healthy."""
-        upstream = self.upstreams.get(agent_id)
-        if upstream is not None and not upstream.quarantined:
-            upstream.quarantined = True
-            upstream.quarantined_until_wall = wall + upstream.interval
-            self.quarantines += 1
-            self.revision += 1
-
-    def time_passed(self, now: float) -> bool:
-        """Notice agents that went stale; returns whether anything visible changed."""
-        changed = False
-        for upstream in self.upstreams.values():
-            stale = upstream.is_stale(now)
-            if stale != upstream.was_stale:
-                upstream.was_stale = stale
-                changed = True
-        if changed:
-            self.revision += 1
-        return changed
-
-    def expire_waits(self, now: float) -> list[Dispatch]:
-        """Requests waiting for their home server past their deadline go where the load says.
-
-        Also those whose home server is no longer usable. Ones that find no free slot join the
-        head of the buffer: they have waited longest.
-        """
-        due = [
-            request_id
-            for request_id, home in self._homing.items()
-            if home.until <= now
-            or not home.upstream.is_usable(now)
-            or self.upstreams.get(home.upstream.agent_id) is not home.upstream
-        ]
-        dispatched: list[Dispatch] = []
-        for request_id in reversed(due):
-            needs = self._homing.pop(request_id).needs
-            decision = self._place(request_id, needs, now, may_wait=False)
-            if decision is None:
-                self._waiting[request_id] = needs
-                self._waiting.move_to_end(request_id, last=False)
-            else:
-                assert isinstance(decision, Dispatch)
-                dispatched.append(decision)
-        if due:
-            self.revision += 1
-        return dispatched
-
-    # Internals.
 
     def _place(
-        self, request_id: int, needs: RequestNeeds | None, now: float, *, may_wait: bool
+        self,
+        pool: Pool,
+        request_id: int,
+        needs: RequestNeeds | None,
+        now: float,
+        *,
+        may_wait: bool,
     ) -> Dispatch | Buffered | None:
-        """Dispatch to the best upstream with a free slot, or wait for the request's home
-        server (`may_wait`); None when no upstream has a free slot."""
-        upstream = self.pick(now)
+        """Dispatch to the pool's best upstream with a free slot, or wait for the request's
+        home server (`may_wait`); None when no upstream of the pool has a free slot."""
+        upstream = pool.index.best(now)
         if upstream is None:
             return None
         affinity, blocks = None, 0
@@ -476,23 +654,26 @@ class Fleet:
             choice = pick_cached(
                 needs,
                 self.prefixes,
-                self._by_address,
+                pool.by_identity,
                 upstream,
-                lambda: (u for u in self.upstreams.values() if u.slots_free(now) > 0),
+                lambda: (u for u in pool.members.values() if u.slots_free(now) > 0),
                 now,
             )
             if may_wait:
-                until = self._worth_waiting(choice, needs, now)
+                until = self._worth_waiting(pool, choice, needs, now)
                 if until is not None and choice.home is not None:
-                    self._homing[request_id] = _Homing(choice.home, until, needs)
+                    pool.homing[request_id] = Homing(choice.home, until, needs)
+                    self._waiting_in[request_id] = pool
                     self.revision += 1
-                    return Buffered(request_id, until)
+                    return Buffered(request_id, until, pool.model)
             upstream, affinity, blocks = choice.upstream, choice.affinity, choice.matched_blocks
         dispatch = self._assign(request_id, upstream, needs, affinity, blocks)
-        self._index.update(upstream, now)
+        self._reindex(upstream, now)
         return dispatch
 
-    def _worth_waiting(self, choice: CachePick, needs: RequestNeeds, now: float) -> float | None:
+    def _worth_waiting(
+        self, pool: Pool, choice: CachePick, needs: RequestNeeds, now: float
+    ) -> float | None:
         """Until when to wait for the busy home server, if waiting is cheaper than prefill.
 
         Waiting pays when the home server's first slot is expected to free (from its slots'
@@ -500,13 +681,13 @@ class Fleet:
         prompt tokens the home server has cached; and then it is worth at most that long.
         """
         home = choice.home
-        if home is None or self.requests_buffered >= self.max_buffered:
+        if home is None or pool.buffered >= pool.max_buffered:
             return None
         wait = home.expected_wait(now)
         rate = choice.upstream.prefill_rate or home.prefill_rate
         if wait is None or rate <= 0:
             return None
-        there = self.prefixes.matched(choice.upstream.address, needs.prefix)
+        there = self.prefixes.matched(choice.upstream.identity, needs.prefix)
         saved_tokens = (choice.home_blocks - there) * BLOCK_BYTES / BYTES_PER_TOKEN
         worth = min(MAX_AFFINITY_WAIT, saved_tokens / rate)
         return now + worth if wait < worth else None
@@ -522,11 +703,11 @@ class Fleet:
         affinity: Affinity | None = None,
         matched_blocks: int = 0,
     ) -> Dispatch:
-        # The caller tells the index (`report` and `release` once, after draining the buffer).
+        # The caller re-indexes (`report` and `release` once, after draining the buffer).
         if self._routes_by_cache(needs):
             assert needs is not None
             self.prefixes.record(
-                upstream.address,
+                upstream.identity,
                 needs.prefix,
                 capacity_blocks=upstream.prefix_capacity_blocks * self.prompt_cache_contexts,
             )
@@ -536,24 +717,50 @@ class Fleet:
         upstream.last_dispatch = next(self._dispatch_counter)
         self._assigned[request_id] = upstream
         self.revision += 1
-        return Dispatch(request_id, upstream.agent_id, upstream.address, affinity, matched_blocks)
+        return Dispatch(
+            request_id,
+            upstream.agent_id,
+            upstream.address,
+            affinity,
+            matched_blocks,
+            upstream.model,
+        )
+
+    def _reindex(self, upstream: Upstream, now: float) -> None:
+        pool = self.pools.get(upstream.model)
+        if pool is not None and pool.members.get(upstream.key) is upstream:
+            pool.index.update(upstream, now)
+
+    def _quarantine(self, upstream: Upstream, wall: float) -> None:
+        if not upstream.quarantined:
+            upstream.quarantined = True
+            upstream.quarantined_until_wall = wall + upstream.interval
+            self.quarantines += 1
+            self.revision += 1
 
     def _supersede_others(self, newest: Upstream) -> None:
-        """Drop every other upstream for `newest`'s address; `newest` inherits its requests.
+        """Drop every other upstream for `newest`'s llama-server; `newest` inherits its requests.
 
         Only a newcomer or an agent whose address changed can collide, and it is the most recent
         word on that llama-server.
         """
         for other in list(self.upstreams.values()):
-            if other is newest or other.address != newest.address:
+            if other is newest or other.identity != newest.identity:
                 continue
-            del self.upstreams[other.agent_id]
-            self._superseded[other.agent_id] = other.drain_requested
+            del self.upstreams[other.key]
+            self._pool(other.model).leave(other)
+            units = self._agent_units.get(other.agent_id)
+            if units is not None:
+                units.discard(other.key)
+                if not units:
+                    del self._agent_units[other.agent_id]
+            self._superseded[other.key] = other.drain_requested
             self.superseded_by_last_report.append(other.agent_id)
             self._take_over(newest, other)
+            self._names = None
 
-    def _adopt_departed(self, upstream: Upstream) -> None:
-        departed = self._departed.pop(upstream.address, None)
+    def _adopt_departed(self, upstream: Upstream, identity: str) -> None:
+        departed = self._departed.pop(identity, None)
         if departed is None:
             return
         self._take_over(upstream, departed)
@@ -567,21 +774,25 @@ class Fleet:
             self._assigned[request_id] = upstream
 
     def _drain_buffer(self, now: float, touched: Upstream) -> list[Dispatch]:
-        # While requests wait, no upstream has a free slot: every event that frees one drains
-        # the buffer at once. So only `touched`, the one upstream this event changed, can take
-        # them, and draining costs no scan of the fleet, however large (1,000 agents each
-        # reporting every second would otherwise scan it 1,000 times a second).
+        # While requests wait in a pool, none of its upstreams has a free slot: every event
+        # that frees one drains the buffer at once. So only `touched`, the one upstream this
+        # event changed, can take them, and draining costs no scan of the fleet, however large
+        # (1,000 agents each reporting every second would otherwise scan it 1,000 times a
+        # second).
         dispatched: list[Dispatch] = []
-        if self.upstreams.get(touched.agent_id) is not touched:
+        pool = self.pools.get(touched.model)
+        if pool is None or pool.members.get(touched.key) is not touched:
             return dispatched
-        for request_id in [i for i, home in self._homing.items() if home.upstream is touched]:
+        for request_id in [i for i, home in pool.homing.items() if home.upstream is touched]:
             if touched.slots_free(now) <= 0:
                 break
-            home = self._homing.pop(request_id)
-            blocks = self.prefixes.matched(touched.address, home.needs.prefix)
+            home = pool.homing.pop(request_id)
+            del self._waiting_in[request_id]
+            blocks = self.prefixes.matched(touched.identity, home.needs.prefix)
             dispatched.append(self._assign(request_id, touched, home.needs, Affinity.HIT, blocks))
-        while self._waiting and touched.slots_free(now) > 0:
-            request_id, needs = self._waiting.popitem(last=False)
+        while pool.waiting and touched.slots_free(now) > 0:
+            request_id, needs = pool.waiting.popitem(last=False)
+            del self._waiting_in[request_id]
             affinity, blocks = None, 0
             if self._routes_by_cache(needs):
                 assert needs is not None
@@ -594,9 +805,9 @@ class Fleet:
         best = next(self.prefixes.matches(needs.prefix), None)
         if best is None:
             return Affinity.MISS, 0
-        if best[0] == taker.address:
+        if best[0] == taker.identity:
             return Affinity.HIT, best[1]
-        return Affinity.SPILL_BUSY, self.prefixes.matched(taker.address, needs.prefix)
+        return Affinity.SPILL_BUSY, self.prefixes.matched(taker.identity, needs.prefix)
 
     def _view(self, upstream: Upstream, now: float) -> AgentView:
         status = upstream.status

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from rower.balancer.answer_timings import AnswerTimings
 from rower.balancer.fleet import Buffered, Dispatch, Fleet, Rejected, RejectReason
@@ -19,13 +19,25 @@ from rower.status import StatusUpdate
 
 
 class SlotUnavailable(Exception):
-    """No slot for this request: buffer full or disabled (429), or the wait timed out (504)."""
+    """No slot for this request: buffer full or disabled (429), the wait timed out (504), no
+    model named in a fleet of several (400), or a model the fleet does not serve (404).
 
-    def __init__(self, status: int, message: str, *, retry_after: int | None = None) -> None:
+    `openai_code` is set for errors clients read in OpenAI's shape (`model_not_found`).
+    """
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        retry_after: int | None = None,
+        openai_code: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.retry_after = retry_after
+        self.openai_code = openai_code
 
 
 class SlotGate:
@@ -34,6 +46,8 @@ class SlotGate:
     Args:
         fleet: the state core.
         buffer_timeout: longest wait for a slot, in seconds.
+        model_timeouts: longest wait for a slot of some models, in seconds (else
+            `buffer_timeout`).
         clock: monotonic clock (seconds).
         wall_clock: wall clock (seconds since the epoch).
     """
@@ -43,11 +57,13 @@ class SlotGate:
         fleet: Fleet,
         *,
         buffer_timeout: float,
+        model_timeouts: Mapping[str, float] | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.fleet = fleet
         self.buffer_timeout = buffer_timeout
+        self.model_timeouts = dict(model_timeouts or {})
         self.clock = clock
         self.wall_clock = wall_clock
         self._ids = itertools.count(1)
@@ -78,7 +94,7 @@ class SlotGate:
         if isinstance(decision, Dispatch):
             return decision
         if isinstance(decision, Rejected):
-            raise _rejection(decision.reason, self.buffer_timeout)
+            raise _rejection(decision, self.buffer_timeout)
         assert isinstance(decision, Buffered)
         if decision.until is not None:
             self._expire_at(decision.until)
@@ -88,14 +104,15 @@ class SlotGate:
         try:
             # Not asyncio.wait_for: on 3.11 it swallows a cancellation that races with the
             # result, and the handler of a client that left would go on to hold a slot.
-            async with asyncio.timeout(self.buffer_timeout):
+            timeout = self.model_timeouts.get(decision.model, self.buffer_timeout)
+            async with asyncio.timeout(timeout):
                 dispatch = await waiter
             granted = True
             return dispatch
         except TimeoutError:
             raise SlotUnavailable(
                 504,
-                f"No llama.cpp slot became free within {self.buffer_timeout:g} s; "
+                f"No llama.cpp slot became free within {timeout:g} s; "
                 "add servers or slots, or raise --buffered-request-timeout",
             ) from None
         finally:
@@ -187,7 +204,21 @@ def _shutting_down() -> SlotUnavailable:
     )
 
 
-def _rejection(reason: RejectReason, timeout: float) -> SlotUnavailable:
+def _rejection(rejected: Rejected, timeout: float) -> SlotUnavailable:
+    reason, served = rejected.reason, ", ".join(rejected.served) or "none yet"
+    if reason is RejectReason.MODEL_UNNAMED:
+        return SlotUnavailable(
+            400,
+            f"This balancer serves several models ({served}); name one in the request's "
+            '"model" field, or start the balancer with --default-model',
+        )
+    if reason is RejectReason.MODEL_UNKNOWN:
+        return SlotUnavailable(
+            404,
+            f"The model '{rejected.model}' is not served here; this fleet serves: {served} "
+            "(the balancer's --model-alias maps other names onto them)",
+            openai_code="model_not_found",
+        )
     if reason is RejectReason.BUFFER_DISABLED:
         message = (
             "All llama.cpp slots are busy and buffering is off (--max-buffered-requests 0); "

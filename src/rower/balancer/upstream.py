@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from rower.balancer.affinity import BLOCK_BYTES
 from rower.balancer.answer_timings import AnswerTimings
+from rower.balancer.models import UNKNOWN
 from rower.status import StatusUpdate
 
 STALE_AFTER_INTERVALS = 3
@@ -70,6 +71,25 @@ class Upstream:
     """Prompt tokens a second it computes, from its answers' timings (0: not measured yet)."""
     decode_rate: float = 0.0
     """Tokens a second one of its streams generates, from its answers' timings."""
+    key: str = ""
+    """Its key in the fleet: the agent id, or `agent id/model` for a model of a router."""
+    router_model: str | None = None
+    """For one model of a router-mode llama-server: that model."""
+
+    def __post_init__(self) -> None:
+        if not self.key:
+            self.key = self.agent_id
+
+    @property
+    def model(self) -> str:
+        """The model it serves (`models.UNKNOWN` when its agent names none)."""
+        return self.status.model or UNKNOWN
+
+    @property
+    def identity(self) -> str:
+        """Which llama-server it is: its address, and the model for one of a router's."""
+        address = self.status.external_llamacpp_addr
+        return address if self.router_model is None else f"{address}/{self.router_model}"
 
     def expected_wait(self, now: float) -> float | None:
         """Seconds until its first busy slot is expected to free, or None if unknown.
