@@ -11,7 +11,9 @@ from collections.abc import Callable
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per record: time, level, logger, message, and any exception."""
+    """One JSON object per record: time, level, logger, message, any exception, and the
+    record's structured `fields` (a dict passed as `extra={"fields": ...}`) as keys of their own.
+    """
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
@@ -23,16 +25,23 @@ class JsonFormatter(logging.Formatter):
         }
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
+        fields = getattr(record, "fields", None)
+        if fields:
+            entry.update(fields)
         return json.dumps(entry)
+
+
+def formatter(log_format: str) -> logging.Formatter:
+    """The formatter of `log_format` (text or json), for stderr and for log files alike."""
+    if log_format == "json":
+        return JsonFormatter()
+    return logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
 
 
 def configure_logging(level: str, log_format: str) -> None:
     """Send `rower` logs at `level` and above to stderr in `log_format` (text or json)."""
     handler = logging.StreamHandler(sys.stderr)
-    if log_format == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    handler.setFormatter(formatter(log_format))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

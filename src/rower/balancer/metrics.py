@@ -21,13 +21,18 @@ from prometheus_client.registry import Collector
 from rower.balancer.fleet_stream import FleetPublisher
 from rower.balancer.fleet_totals import FleetTotals
 from rower.balancer.http_limits import ListenerStats
+from rower.balancer.outcome import Failure, ProxyOutcome
 from rower.balancer.paths import path_class, takes_slot
-from rower.balancer.proxy import ProxyOutcome
 
 SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 """From a cached embedding (milliseconds) to a long generation (minutes)."""
 
 AGENT_LABELS = ("agent_id", "agent_name")
+
+UPSTREAM_FAILURES = frozenset(
+    {Failure.UPSTREAMS_REFUSED, Failure.UPSTREAM_FAILED, Failure.UPSTREAM_CUT}
+)
+"""What `rower_upstream_errors` counts; "no server registered" is the fleet's state, not one."""
 
 
 class FleetCollector(Collector):
@@ -190,6 +195,12 @@ class BalancerMetrics:
             "Requests that failed at llama-server: refused, unreachable, or broken mid-response",
             registry=self.registry,
         )
+        self.client_disconnects = Counter(
+            "rower_client_disconnects",
+            "Requests whose client closed the connection before the answer was complete "
+            "(waiting in the buffer or mid-response): not an upstream's failure",
+            registry=self.registry,
+        )
 
     def observe(self, outcome: ProxyOutcome) -> None:
         """Count one proxied request."""
@@ -202,13 +213,15 @@ class BalancerMetrics:
             self.time_to_first_byte.labels(path).observe(outcome.seconds_to_first_byte)
         if outcome.upstream is not None and takes_slot(outcome.path):
             self.buffer_wait.observe(outcome.seconds_waiting)
-        if outcome.status == 429:
+        failure = outcome.failure
+        if failure is Failure.BUFFER_FULL:
             self.buffer_full.inc()
-        elif outcome.status == 504 and outcome.upstream is None:
+        elif failure is Failure.BUFFER_TIMEOUT:
             self.buffer_timeouts.inc()
-        elif outcome.error is not None and outcome.status != 503:
-            # 503 is "no agent registered": the fleet's state, not an upstream's failure.
+        elif failure in UPSTREAM_FAILURES:
             self.upstream_errors.inc()
+        elif failure is Failure.CLIENT_DISCONNECTED:
+            self.client_disconnects.inc()
 
     def exposition(self) -> bytes:
         """The registry in Prometheus' text format."""

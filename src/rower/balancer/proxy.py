@@ -5,10 +5,17 @@ request needs (`request_needs`) -> ask the slot gate for an upstream -> relay th
 arrives -> give the slot back. The body is read before a slot is asked for, so a client that
 stalls mid-body holds nothing; it goes upstream unchanged.
 
+Every request has an id (`request_ids`): the client's `X-Request-Id` when it is fit, else a new
+one. It goes upstream, comes back in the response headers (also on the errors the balancer
+answers itself), and keys the request's `ProxyOutcome`, reported exactly once per request on
+every path to the listeners (metrics, access log). W3C `traceparent` and `tracestate` pass through
+untouched, as every header that is not hop-by-hop.
+
 The listener runs with `handler_cancellation=True`, so a client that goes away cancels the
 handler: leaving the upstream `async with` then closes the upstream connection. llama-server then
 stops a streamed generation at its next token; a non-streamed one runs to its end, which is why
-such a slot is given back as "abandoned".
+such a slot is given back as "abandoned". A client that leaves is counted as what it is
+(`client_disconnected`), not as a failure of the upstream.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -30,7 +37,15 @@ from rower.balancer.answer_timings import (
     from_stream_tail,
 )
 from rower.balancer.fleet import Dispatch
+from rower.balancer.outcome import (
+    CLIENT_CLOSED_REQUEST,
+    Failure,
+    OutcomeListener,
+    ProxyOutcome,
+)
 from rower.balancer.paths import is_slots_endpoint
+from rower.balancer.request_ids import HEADER as REQUEST_ID
+from rower.balancer.request_ids import request_id
 from rower.balancer.request_needs import BadRequest, RequestNeeds, read_needs
 from rower.balancer.settings import BalancerSettings
 from rower.balancer.slot_gate import SlotGate, SlotUnavailable
@@ -54,7 +69,8 @@ HOP_BY_HOP = frozenset(
 
 _NEEDS = "rower.needs"
 _DISPATCH = "rower.dispatch"
-"""Where a request keeps what it needs and where it went, for its outcome."""
+_EXCHANGE = "rower.exchange"
+"""Where a request keeps what it needs, where it went and how far it got, for its outcome."""
 
 MAX_ATTEMPTS = 3
 """Upstreams tried for one request when they refuse connections."""
@@ -65,22 +81,12 @@ write, where relaying them as a stream costs three (headers, body, end) plus the
 machinery; most of the proxy's CPU per small request is those writes."""
 
 
-@dataclass(frozen=True, slots=True)
-class ProxyOutcome:
-    """What happened to one proxied request, for metrics."""
-
-    path: str
-    status: int
-    upstream: str | None
-    seconds_waiting: float
-    seconds_to_first_byte: float | None
-    seconds_total: float
-    error: str | None = None
-    needs: RequestNeeds | None = None
-    dispatch: Dispatch | None = None
-
-
-OutcomeListener = Callable[[ProxyOutcome], None]
+_UNAVAILABLE = {
+    429: Failure.BUFFER_FULL,
+    504: Failure.BUFFER_TIMEOUT,
+    503: Failure.SHUTTING_DOWN,
+}
+"""The slot gate's refusals, by the status it chose."""
 
 
 def upstream_session() -> aiohttp.ClientSession:
@@ -120,33 +126,58 @@ class ReverseProxy:
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
         """Relay one request."""
-        if is_slots_endpoint(request.path) and not self.settings.slots_endpoint_enable:
-            return error_response(
-                403,
-                "The /slots endpoint is not exposed through the balancer; "
-                "start it with --slots-endpoint-enable to allow it",
+        exchange = request[_EXCHANGE] = _Exchange(
+            request_id(request.headers.get(REQUEST_ID)), asyncio.get_running_loop().time()
+        )
+        try:
+            response = await self._relay(request)
+        except asyncio.CancelledError:
+            self._report(
+                request,
+                exchange.status or CLIENT_CLOSED_REQUEST,
+                Failure.CLIENT_DISCONNECTED,
+                "the client closed the connection",
             )
+            raise
+        if not response.prepared:
+            response.headers[REQUEST_ID] = exchange.request_id
+        return response
+
+    async def _relay(self, request: web.Request) -> web.StreamResponse:
+        if is_slots_endpoint(request.path) and not self.settings.slots_endpoint_enable:
+            message = (
+                "The /slots endpoint is not exposed through the balancer; "
+                "start it with --slots-endpoint-enable to allow it"
+            )
+            return self._refuse(request, 403, Failure.SLOTS_FORBIDDEN, message)
         limit = self.settings.max_request_body_bytes
         if request.content_length is not None and request.content_length > limit:
             return self._body_too_large(request)
         if self.gate.closing:
             message = "The balancer is shutting down; retry on another balancer or in a moment"
-            return error_response(503, message, headers={"Retry-After": "1"})
-        started = asyncio.get_running_loop().time()
+            return self._refuse(
+                request, 503, Failure.SHUTTING_DOWN, message, headers={"Retry-After": "1"}
+            )
         try:
             body = await self._read_body(request)
         except BodyTooLarge:
             return self._body_too_large(request)
         except TimeoutError:
-            return self._body_too_slow(request, started)
+            return self._body_too_slow(request)
+        request[_EXCHANGE].bytes_received = len(body)
         try:
             needs = request[_NEEDS] = read_needs(request.path, body)
         except BadRequest as error:
-            self._report(request, 400, None, started, None, error.message)
-            return error_response(400, error.message, error_type="invalid_request_error")
+            return self._refuse(
+                request,
+                400,
+                Failure.BAD_REQUEST,
+                error.message,
+                error_type="invalid_request_error",
+            )
         if needs.takes_slot:
-            return await self._relay_on_slot(request, body, needs, started)
-        return await self._relay_anywhere(request, body, needs, started)
+            return await self._relay_on_slot(request, body, needs)
+        return await self._relay_anywhere(request, body)
 
     async def _read_body(self, request: web.Request) -> bytes:
         """The whole request body, within `--max-request-body-bytes` and the read deadline."""
@@ -167,69 +198,66 @@ class ReverseProxy:
             return b"".join(chunks)
 
     async def _relay_on_slot(
-        self, request: web.Request, body: bytes, needs: RequestNeeds, started: float
+        self, request: web.Request, body: bytes, needs: RequestNeeds
     ) -> web.StreamResponse:
-        loop = asyncio.get_running_loop()
-        request_id = self.gate.new_request_id()
+        exchange: _Exchange = request[_EXCHANGE]
+        slot_request = self.gate.new_request_id()
         retry = False
         for _ in range(MAX_ATTEMPTS):
             try:
-                dispatch = await self.gate.acquire(request_id, needs=needs, retry=retry)
+                dispatch = await self._acquire(exchange, slot_request, needs, retry)
             except SlotUnavailable as error:
                 headers = {"Retry-After": str(error.retry_after)} if error.retry_after else None
-                self._report(request, error.status, None, started, None, error.message)
-                return error_response(error.status, error.message, headers=headers)
+                failure = _UNAVAILABLE.get(error.status, Failure.BUFFER_FULL)
+                return self._refuse(request, error.status, failure, error.message, headers=headers)
             request[_DISPATCH] = dispatch
-            waited = loop.time() - started
-            progress = _Progress()
             try:
-                return await self._forward(
-                    request, body, dispatch.upstream, started, waited, progress
-                )
+                return await self._forward(request, body, dispatch.upstream)
             except UpstreamRefused:
                 log.warning("llama-server at %s refused the connection", dispatch.upstream)
-                self.gate.refused(request_id)
+                self.gate.refused(slot_request)
                 retry = True
             except asyncio.CancelledError:
                 # The client left. A stream already flowing stops at llama-server's next write;
                 # anything else may run on there, so the slot is not trusted to be free.
-                self.gate.release(request_id, abandoned=not progress.streaming)
+                self.gate.release(slot_request, abandoned=not exchange.streaming)
                 raise
             finally:
-                self.gate.release(request_id)
-        return self._unreachable(request, started)
+                self.gate.release(slot_request)
+        return self._unreachable(request)
 
-    async def _relay_anywhere(
-        self, request: web.Request, body: bytes, needs: RequestNeeds, started: float
-    ) -> web.StreamResponse:
+    async def _acquire(
+        self, exchange: _Exchange, slot_request: int, needs: RequestNeeds, retry: bool
+    ) -> Dispatch:
+        try:
+            return await self.gate.acquire(slot_request, needs=needs, retry=retry)
+        finally:
+            # Granted, refused, or its client gone: the wait is over either way.
+            exchange.waited = asyncio.get_running_loop().time() - exchange.started
+
+    async def _relay_anywhere(self, request: web.Request, body: bytes) -> web.StreamResponse:
         for _ in range(MAX_ATTEMPTS):
             upstream = self.gate.any_upstream()
             if upstream is None:
                 message = "No llama.cpp server is registered and healthy; start an agent"
-                self._report(request, 503, None, started, None, message)
-                return error_response(503, message)
+                return self._refuse(request, 503, Failure.NO_UPSTREAM, message)
             try:
-                return await self._forward(request, body, upstream.address, started, 0.0)
+                return await self._forward(request, body, upstream.address)
             except UpstreamRefused:
                 log.warning("llama-server at %s refused the connection", upstream.address)
                 self.gate.quarantine(upstream.agent_id)
-        return self._unreachable(request, started)
+        return self._unreachable(request)
 
-    def _unreachable(self, request: web.Request, started: float) -> web.Response:
+    def _unreachable(self, request: web.Request) -> web.Response:
         message = "llama.cpp servers refused the connection; check that they are running"
-        self._report(request, 502, None, started, None, message)
-        return error_response(502, message)
+        return self._refuse(request, 502, Failure.UPSTREAMS_REFUSED, message)
 
     async def _forward(
-        self,
-        request: web.Request,
-        body: bytes,
-        upstream: str,
-        started: float,
-        waited: float,
-        progress: _Progress | None = None,
+        self, request: web.Request, body: bytes, upstream: str
     ) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
+        exchange: _Exchange = request[_EXCHANGE]
+        exchange.upstream = upstream
         url = f"http://{upstream}{request.rel_url}"
         headers = self._upstream_headers(request, upstream)
         try:
@@ -244,49 +272,55 @@ class ReverseProxy:
             if isinstance(error, aiohttp.ClientConnectorError):
                 if isinstance(error.os_error, ConnectionRefusedError):
                     raise UpstreamRefused from error
-                return self._upstream_failed(request, upstream, started, waited, error)
+                return self._upstream_failed(request, upstream, error)
             if isinstance(error, aiohttp.ClientError | TimeoutError):
-                return self._upstream_failed(request, upstream, started, waited, error)
+                return self._upstream_failed(request, upstream, error)
             raise
         async with upstream_response:
-            first_byte = loop.time() - started
+            exchange.first_byte = loop.time() - exchange.started
             if _is_small(request, upstream_response):
-                return await self._relay_whole(
-                    request, upstream_response, upstream, started, first_byte, waited
-                )
+                return await self._relay_whole(request, upstream_response, upstream)
             response = web.StreamResponse(
                 status=upstream_response.status, reason=upstream_response.reason
             )
             for name, value in upstream_response.headers.items():
                 if name.lower() not in HOP_BY_HOP:
                     response.headers.add(name, value)
+            response.headers[REQUEST_ID] = exchange.request_id
             await response.prepare(request)
-            if progress is not None:
-                progress.streaming = upstream_response.content_type == "text/event-stream"
+            exchange.status = upstream_response.status
+            exchange.streaming = upstream_response.content_type == "text/event-stream"
             # The last event carries the answer's timings: keep the stream's last few reads.
             tail: deque[bytes] = deque(maxlen=STREAM_TAIL_READS)
             try:
                 async for chunk in upstream_response.content.iter_any():
-                    await response.write(chunk)
+                    await _send(response, chunk)
+                    exchange.bytes_sent += len(chunk)
                     tail.append(chunk)
                 self._count_prompt(request, from_stream_tail(b"".join(tail)))
+                await _send(response, None)
+            except ClientLeft as left:
+                # Not the upstream's fault: the client closed its connection mid-answer.
+                self._report(
+                    request,
+                    upstream_response.status,
+                    Failure.CLIENT_DISCONNECTED,
+                    f"the client left mid-response: {left}",
+                )
+                return response
             except (aiohttp.ClientError, TimeoutError) as error:
                 # Headers are gone already: all that is left is to end the client's stream.
                 log.warning("llama-server at %s failed mid-response: %s", upstream, error)
                 self._report(
                     request,
                     upstream_response.status,
-                    upstream,
-                    started,
-                    first_byte,
+                    Failure.UPSTREAM_CUT,
                     f"upstream failed mid-response: {error}",
-                    waited,
                 )
                 if request.transport is not None:
                     request.transport.close()
                 return response
-            await response.write_eof()
-        self._report(request, upstream_response.status, upstream, started, first_byte, None, waited)
+        self._report(request, upstream_response.status)
         return response
 
     async def _relay_whole(
@@ -294,14 +328,11 @@ class ReverseProxy:
         request: web.Request,
         upstream_response: aiohttp.ClientResponse,
         upstream: str,
-        started: float,
-        first_byte: float,
-        waited: float,
     ) -> web.StreamResponse:
         try:
             body = await upstream_response.read()
         except (aiohttp.ClientError, TimeoutError) as error:
-            return self._upstream_failed(request, upstream, started, waited, error)
+            return self._upstream_failed(request, upstream, error)
         self._count_prompt(request, from_body(body))
         headers = CIMultiDict(
             (name, value)
@@ -314,25 +345,20 @@ class ReverseProxy:
             body=body,
             headers=headers,
         )
-        self._report(request, upstream_response.status, upstream, started, first_byte, None, waited)
+        request[_EXCHANGE].bytes_sent = len(body)
+        self._report(request, upstream_response.status)
         return response
 
     def _upstream_failed(
-        self,
-        request: web.Request,
-        upstream: str,
-        started: float,
-        waited: float,
-        error: BaseException,
+        self, request: web.Request, upstream: str, error: BaseException
     ) -> web.Response:
         message = (
             f"Request to llama.cpp server at {upstream} failed: {error or type(error).__name__}"
         )
         log.warning("%s", message)
-        self._report(request, 502, upstream, started, None, message, waited)
-        return error_response(502, message)
+        return self._refuse(request, 502, Failure.UPSTREAM_FAILED, message)
 
-    def _body_too_slow(self, request: web.Request, started: float) -> web.Response:
+    def _body_too_slow(self, request: web.Request) -> web.Response:
         timeout = self.settings.request_body_timeout
         message = (
             f"The request body did not arrive within {timeout:g} s; send it at once, "
@@ -341,8 +367,9 @@ class ReverseProxy:
         log.warning(
             "refused a %s %s from %s: body too slow", request.method, request.path, request.remote
         )
-        self._report(request, 408, None, started, None, message)
-        response = error_response(408, message, error_type="invalid_request_error")
+        response = self._refuse(
+            request, 408, Failure.BODY_TIMEOUT, message, error_type="invalid_request_error"
+        )
         # The rest of the body may still come: the connection cannot carry another request.
         response.force_close()
         return response
@@ -353,7 +380,7 @@ class ReverseProxy:
             f"The request body is over {limit} bytes; send less, or raise --max-request-body-bytes"
         )
         log.warning("refused a %s %s: body over %d bytes", request.method, request.path, limit)
-        response = error_response(413, message)
+        response = self._refuse(request, 413, Failure.BODY_TOO_LARGE, message)
         # The rest of the body is not read: the connection cannot carry another request.
         response.force_close()
         return response
@@ -370,6 +397,7 @@ class ReverseProxy:
         if peer:
             previous = request.headers.get("X-Forwarded-For")
             headers["X-Forwarded-For"] = f"{previous}, {peer}" if previous else peer
+        headers[REQUEST_ID] = request[_EXCHANGE].request_id
         return headers
 
     def _count_prompt(self, request: web.Request, tokens: AnswerTimings | None) -> None:
@@ -377,32 +405,65 @@ class ReverseProxy:
         if tokens is not None and dispatch is not None:
             self.gate.answered(dispatch.agent_id, tokens)
 
+    def _refuse(
+        self,
+        request: web.Request,
+        status: int,
+        failure: Failure,
+        message: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        error_type: str | None = None,
+    ) -> web.Response:
+        """An error answered by the balancer itself, reported as `failure`."""
+        response = error_response(status, message, headers=headers, error_type=error_type)
+        assert isinstance(response.body, bytes)
+        request[_EXCHANGE].bytes_sent = len(response.body)
+        self._report(request, status, failure, message)
+        return response
+
     def _report(
         self,
         request: web.Request,
         status: int,
-        upstream: str | None,
-        started: float,
-        first_byte: float | None,
-        error: str | None,
-        waited: float = 0.0,
+        failure: Failure | None = None,
+        error: str | None = None,
     ) -> None:
-        if self.on_outcome is None:
+        exchange: _Exchange = request[_EXCHANGE]
+        if self.on_outcome is None or exchange.reported:
             return
-        total = asyncio.get_running_loop().time() - started
+        exchange.reported = True
         self.on_outcome(
             ProxyOutcome(
-                request.path,
-                status,
-                upstream,
-                waited,
-                first_byte,
-                total,
-                error,
-                request.get(_NEEDS),
-                request.get(_DISPATCH),
+                request_id=exchange.request_id,
+                client=request.remote,
+                method=request.method,
+                path=request.path,
+                status=status,
+                upstream=exchange.upstream,
+                seconds_waiting=exchange.waited,
+                seconds_to_first_byte=exchange.first_byte,
+                seconds_total=asyncio.get_running_loop().time() - exchange.started,
+                bytes_received=exchange.bytes_received,
+                bytes_sent=exchange.bytes_sent,
+                failure=failure,
+                error=error,
+                needs=request.get(_NEEDS),
+                dispatch=request.get(_DISPATCH),
             )
         )
+
+
+async def _send(response: web.StreamResponse, chunk: bytes | None) -> None:
+    """Write `chunk` to the client (None: end the answer); `ClientLeft` if it is gone."""
+    try:
+        if chunk is None:
+            await response.write_eof()
+        else:
+            await response.write(chunk)
+    except ConnectionError as error:
+        # aiohttp's "Cannot write to closing transport" is a ConnectionResetError.
+        raise ClientLeft(str(error) or type(error).__name__) from error
 
 
 def _is_small(request: web.Request, upstream_response: aiohttp.ClientResponse) -> bool:
@@ -421,10 +482,36 @@ class BodyTooLarge(Exception):
 
 
 @dataclass(slots=True)
-class _Progress:
-    """How far a relay got: whether an event stream is flowing to the client."""
+class _Exchange:
+    """One request as the proxy handles it: what its outcome will say, filled in as it goes.
 
+    Attributes:
+        request_id: its id (`X-Request-Id`).
+        started: when it arrived (loop time).
+        bytes_received: the request body's size, once read.
+        upstream: the llama-server it was last sent to.
+        waited: seconds in the buffer before its slot.
+        first_byte: seconds from arrival to the upstream's response headers.
+        status: the status sent to the client, once the headers are gone.
+        bytes_sent: response body bytes written to the client.
+        streaming: whether an event stream is flowing to the client.
+        reported: whether its outcome was reported (it is, exactly once).
+    """
+
+    request_id: str
+    started: float
+    bytes_received: int = 0
+    upstream: str | None = None
+    waited: float = 0.0
+    first_byte: float | None = None
+    status: int | None = None
+    bytes_sent: int = 0
     streaming: bool = False
+    reported: bool = False
+
+
+class ClientLeft(Exception):
+    """The client's connection closed while its answer was being written."""
 
 
 class UpstreamRefused(Exception):

@@ -10,6 +10,7 @@ import signal
 
 from aiohttp import web
 
+from rower.balancer.access_log import open_access_log
 from rower.balancer.dashboard_web import add_dashboard_routes
 from rower.balancer.fleet import Fleet
 from rower.balancer.fleet_stream import FleetPublisher
@@ -22,6 +23,7 @@ from rower.balancer.http_limits import (
 )
 from rower.balancer.management import management_app
 from rower.balancer.metrics import BalancerMetrics, add_metrics_routes
+from rower.balancer.outcome import OutcomeListener, all_of
 from rower.balancer.proxy import ReverseProxy, proxy_app, upstream_session
 from rower.balancer.settings import BalancerSettings
 from rower.balancer.slot_gate import SlotGate
@@ -62,6 +64,7 @@ class Balancer:
             add_metrics_routes(self.management, self.metrics)
         if settings.management_dashboard_enable:
             add_dashboard_routes(self.management)
+        self.access_log = open_access_log(settings.access_log, settings.log_format)
         self._runners: list[web.AppRunner] = []
         self._proxy_site: web.TCPSite | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -73,7 +76,7 @@ class Balancer:
             self.gate,
             session,
             self.settings,
-            on_outcome=self.metrics.observe if self.metrics is not None else None,
+            on_outcome=self._outcome_listener(),
         )
         proxy = proxy_app(self.proxy)
 
@@ -119,6 +122,15 @@ class Balancer:
             self.settings.management_addr,
             self.settings.reverseproxy_addr,
         )
+
+    def _outcome_listener(self) -> OutcomeListener | None:
+        """Everything that hears of each proxied request: the metrics and the access log."""
+        listeners: list[OutcomeListener] = []
+        if self.metrics is not None:
+            listeners.append(self.metrics.observe)
+        if self.access_log is not None:
+            listeners.append(self.access_log.observe)
+        return all_of(listeners)
 
     async def drain(self, grace_period: float, cut_short: asyncio.Event | None = None) -> None:
         """Stop taking requests and let those in flight finish, for `grace_period` seconds at most.

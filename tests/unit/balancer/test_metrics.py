@@ -7,7 +7,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from rower.balancer.fleet import Fleet
 from rower.balancer.fleet_stream import FleetPublisher
 from rower.balancer.metrics import BalancerMetrics
-from rower.balancer.proxy import ProxyOutcome
+from rower.balancer.outcome import Failure, ProxyOutcome
 from rower.balancer.slot_gate import SlotGate
 from rower.status import StatusUpdate
 
@@ -70,16 +70,45 @@ def test_agent_with_an_issue_is_not_usable_and_quarantines_are_counted() -> None
     assert got[("rower_upstream_quarantines_total", ())] == 1
 
 
+def outcome(
+    path: str,
+    status: int,
+    upstream: str | None,
+    waited: float,
+    first_byte: float | None,
+    total: float,
+    failure: Failure | None = None,
+) -> ProxyOutcome:
+    return ProxyOutcome(
+        request_id="r",
+        client="127.0.0.1",
+        method="POST",
+        path=path,
+        status=status,
+        upstream=upstream,
+        seconds_waiting=waited,
+        seconds_to_first_byte=first_byte,
+        seconds_total=total,
+        failure=failure,
+        error=None if failure is None else str(failure),
+    )
+
+
 def test_outcomes_are_counted_by_path_class_and_status() -> None:
     _, metrics = make_metrics()
-    metrics.observe(ProxyOutcome("/v1/chat/completions", 200, "127.0.0.1:1", 0.2, 0.3, 1.5))
-    metrics.observe(ProxyOutcome("//v1/chat/completions/", 200, "127.0.0.1:1", 0.0, 0.1, 0.4))
-    metrics.observe(ProxyOutcome("/v1/models", 200, "127.0.0.1:1", 0.0, 0.01, 0.02))
-    metrics.observe(ProxyOutcome("/completion", 429, None, 0.0, None, 0.001, "full"))
-    metrics.observe(ProxyOutcome("/completion", 504, None, 0.0, None, 1.0, "timeout"))
-    metrics.observe(ProxyOutcome("/completion", 502, "127.0.0.1:1", 0.0, None, 0.1, "refused"))
-    metrics.observe(ProxyOutcome("/completion", 200, "127.0.0.1:1", 0.0, 0.1, 2.0, "mid-stream"))
-    metrics.observe(ProxyOutcome("/props", 503, None, 0.0, None, 0.0, "no agent"))
+    upstream = "127.0.0.1:1"
+    metrics.observe(outcome("/v1/chat/completions", 200, upstream, 0.2, 0.3, 1.5))
+    metrics.observe(outcome("//v1/chat/completions/", 200, upstream, 0.0, 0.1, 0.4))
+    metrics.observe(outcome("/v1/models", 200, upstream, 0.0, 0.01, 0.02))
+    metrics.observe(outcome("/completion", 429, None, 0.0, None, 0.001, Failure.BUFFER_FULL))
+    metrics.observe(outcome("/completion", 504, None, 0.0, None, 1.0, Failure.BUFFER_TIMEOUT))
+    metrics.observe(outcome("/completion", 502, None, 0.0, None, 0.1, Failure.UPSTREAMS_REFUSED))
+    metrics.observe(outcome("/completion", 200, upstream, 0.0, 0.1, 2.0, Failure.UPSTREAM_CUT))
+    metrics.observe(outcome("/props", 503, None, 0.0, None, 0.0, Failure.NO_UPSTREAM))
+    metrics.observe(
+        outcome("/completion", 200, upstream, 0.0, 0.1, 3.0, Failure.CLIENT_DISCONNECTED)
+    )
+    metrics.observe(outcome("/completion", 499, None, 0.5, None, 0.5, Failure.CLIENT_DISCONNECTED))
     got = samples(metrics)
     chat = "/v1/chat/completions"
     assert got[("rower_proxied_requests_total", (("path", chat), ("status", "200")))] == 2
@@ -88,6 +117,8 @@ def test_outcomes_are_counted_by_path_class_and_status() -> None:
     assert got[("rower_buffer_full_rejections_total", ())] == 1
     assert got[("rower_buffer_timeouts_total", ())] == 1
     assert got[("rower_upstream_errors_total", ())] == 2
+    # A client that leaves is not an upstream's failure.
+    assert got[("rower_client_disconnects_total", ())] == 2
     # Buffer wait: only requests that were dispatched on a slot-taking path.
     assert got[("rower_buffer_wait_seconds_count", ())] == 4
     assert got[("rower_buffer_wait_seconds_sum", ())] == 0.2

@@ -1,0 +1,313 @@
+"""The reverse proxy in this process, in front of a fake llama-server that records what it got.
+
+A whole `Balancer` (both listeners, metrics, the access log in a file) runs in the test's event
+loop; the upstream is registered straight into the gate, as an agent's report would. What is
+checked: request ids (kept, made, replaced; sent upstream; returned on every answer, the
+balancer's own errors included), W3C trace headers passed through, one access log line per
+request with its reason, and a client that leaves counted as itself, not as an upstream error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from multidict import CIMultiDictProxy
+
+from rower.addresses import Address
+from rower.balancer.service import Balancer
+from rower.balancer.settings import BalancerSettings
+from rower.status import StatusUpdate
+from tests.integration.fleet import until
+from tests.processes import free_port
+
+NEW_ID = re.compile(r"[0-9a-f]{32}")
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+TRACESTATE = "rojo=00f067aa0ba902b7,congo=t61rcWkgMzE"
+
+
+@dataclass
+class FakeLlamaServer:
+    """Answers `/completion` as llama-server does (a stream when asked); keeps the headers."""
+
+    port: int = field(default_factory=free_port)
+    seen: list[CIMultiDictProxy[str]] = field(default_factory=list)
+    events: int = 5
+    event_gap: float = 0.0
+
+    @property
+    def addr(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def completion(self, request: web.Request) -> web.StreamResponse:
+        self.seen.append(request.headers)
+        body = await request.json()
+        if not body.get("stream"):
+            return web.json_response({"content": "hi", "tokens_predicted": 1})
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for index in range(self.events):
+            await response.write(f'data: {{"content": "t{index}"}}\n\n'.encode())
+            await asyncio.sleep(self.event_gap)
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+
+@dataclass
+class Proxy:
+    """The balancer under test, and where its access log goes."""
+
+    balancer: Balancer
+    upstream: FakeLlamaServer
+    access_log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.balancer.settings.reverseproxy_addr}"
+
+    @property
+    def management(self) -> str:
+        return f"http://{self.balancer.settings.management_addr}"
+
+    def register(self, addr: str, *, slots: int = 2) -> None:
+        """What an agent's report for the server at `addr` would do."""
+        status = StatusUpdate(
+            external_llamacpp_addr=addr,
+            slots_idle=slots,
+            slots_total=slots,
+            monitoring_interval_ms=60_000,
+        )
+        self.balancer.gate.report(f"agent-{addr}", status)
+
+    def lines(self) -> list[dict[str, Any]]:
+        """The access log so far, one JSON object a line."""
+        text = self.access_log.read_text() if self.access_log.exists() else ""
+        return [json.loads(line) for line in text.splitlines()]
+
+    async def metric(self, name: str) -> float:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(self.management + "/metrics") as answer,
+        ):
+            text = await answer.text()
+        for line in text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[-1])
+        raise AssertionError(f"no {name} in the balancer's metrics:\n{text}")
+
+
+@pytest.fixture
+def access_logger() -> Iterator[None]:
+    """Leave the `rower.access` logger as it was found."""
+    logger = logging.getLogger("rower.access")
+    handlers, propagate, level = list(logger.handlers), logger.propagate, logger.level
+    yield
+    for handler in logger.handlers:
+        handler.close()
+    logger.handlers[:] = handlers
+    logger.propagate, logger.level = propagate, level
+
+
+@pytest.fixture
+async def proxy(tmp_path: Path, access_logger: None) -> AsyncIterator[Proxy]:
+    """A balancer and a fake llama-server, with the default settings."""
+    async with running_proxy(tmp_path) as started:
+        yield started
+
+
+@contextlib.asynccontextmanager
+async def running_proxy(tmp_path: Path, **options: Any) -> AsyncIterator[Proxy]:
+    """A balancer with `options` as settings, and a fake llama-server."""
+    upstream = FakeLlamaServer()
+    app = web.Application()
+    app.router.add_post("/completion", upstream.completion)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", upstream.port).start()
+    access_log = tmp_path / "access.log"
+    settings = BalancerSettings(
+        management_addr=Address.parse(f"127.0.0.1:{free_port()}"),
+        reverseproxy_addr=Address.parse(f"127.0.0.1:{free_port()}"),
+        metrics_endpoint_enable=True,
+        access_log=str(access_log),
+        log_format="json",
+        **options,
+    )
+    balancer = Balancer(settings)
+    await balancer.start()
+    try:
+        yield Proxy(balancer, upstream, access_log)
+    finally:
+        await balancer.stop()
+        await runner.cleanup()
+
+
+async def post(
+    proxy: Proxy, body: dict[str, Any], headers: dict[str, str] | None = None
+) -> tuple[int, CIMultiDictProxy[str], bytes]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(proxy.url + "/completion", json=body, headers=headers) as answer,
+    ):
+        return answer.status, answer.headers, await answer.read()
+
+
+async def test_a_clients_request_id_goes_upstream_and_comes_back(proxy: Proxy) -> None:
+    proxy.register(proxy.upstream.addr)
+    status, headers, _ = await post(proxy, {"prompt": "x"}, {"X-Request-Id": "client-id 42"})
+    assert status == 200
+    assert headers["X-Request-Id"] == "client-id 42"
+    assert proxy.upstream.seen[-1]["X-Request-Id"] == "client-id 42"
+    assert proxy.lines()[-1]["request_id"] == "client-id 42"
+
+
+@pytest.mark.parametrize("sent", [None, "x" * 129, "caf\u00e9"])
+async def test_a_missing_or_unfit_request_id_is_replaced(proxy: Proxy, sent: str | None) -> None:
+    proxy.register(proxy.upstream.addr)
+    headers = None if sent is None else {"X-Request-Id": sent}
+    status, answer_headers, _ = await post(proxy, {"prompt": "x"}, headers)
+    assert status == 200
+    made = answer_headers["X-Request-Id"]
+    assert NEW_ID.fullmatch(made)
+    assert proxy.upstream.seen[-1].getall("X-Request-Id") == [made]
+    assert proxy.lines()[-1]["request_id"] == made
+
+
+async def test_streams_carry_the_request_id_too(proxy: Proxy) -> None:
+    proxy.register(proxy.upstream.addr)
+    status, headers, body = await post(
+        proxy, {"prompt": "x", "stream": True}, {"X-Request-Id": "s1"}
+    )
+    assert status == 200
+    assert headers["X-Request-Id"] == "s1"
+    assert body.endswith(b"data: [DONE]\n\n")
+    line = proxy.lines()[-1]
+    assert (line["request_id"], line["status"], line["failure"]) == ("s1", 200, None)
+    assert line["bytes_out"] == len(body)
+
+
+async def test_w3c_trace_headers_pass_through_untouched(proxy: Proxy) -> None:
+    proxy.register(proxy.upstream.addr)
+    sent = {"traceparent": TRACEPARENT, "tracestate": TRACESTATE}
+    status, _, _ = await post(proxy, {"prompt": "x"}, sent)
+    assert status == 200
+    seen = proxy.upstream.seen[-1]
+    assert (seen["traceparent"], seen["tracestate"]) == (TRACEPARENT, TRACESTATE)
+
+
+async def test_a_served_request_is_one_access_log_line_with_every_field(proxy: Proxy) -> None:
+    proxy.register(proxy.upstream.addr)
+    body = {"prompt": "x", "model": "tiny"}
+    status, _, answer = await post(proxy, body, {"X-Request-Id": "r1"})
+    assert status == 200
+    [line] = proxy.lines()
+    assert line["logger"] == "rower.access"
+    assert line["message"] == "POST /completion 200"
+    assert line["client"] == "127.0.0.1"
+    assert (line["method"], line["path"], line["status"]) == ("POST", "/completion", 200)
+    assert line["model"] == "tiny"
+    assert line["upstream"] == proxy.upstream.addr
+    assert line["bytes_in"] == len(json.dumps(body))
+    assert line["bytes_out"] == len(answer)
+    assert 0 <= line["wait_ms"] <= line["ttfb_ms"] <= line["duration_ms"]
+    assert line["failure"] is None
+
+
+async def test_429_carries_the_request_id_and_is_logged_as_buffer_full(
+    tmp_path: Path, access_logger: None
+) -> None:
+    async with running_proxy(tmp_path, max_buffered_requests=0) as proxy:
+        status, headers, _ = await post(proxy, {"prompt": "x"}, {"X-Request-Id": "busy"})
+        assert status == 429
+        assert headers["X-Request-Id"] == "busy"
+        line = proxy.lines()[-1]
+        assert (line["status"], line["failure"], line["request_id"]) == (429, "buffer_full", "busy")
+        assert line["upstream"] is None
+
+
+async def test_504_carries_the_request_id_and_is_logged_as_buffer_timeout(
+    tmp_path: Path, access_logger: None
+) -> None:
+    async with running_proxy(tmp_path, buffered_request_timeout=0.2) as proxy:
+        status, headers, _ = await post(proxy, {"prompt": "x"})
+        assert status == 504
+        assert NEW_ID.fullmatch(headers["X-Request-Id"])
+        line = proxy.lines()[-1]
+        assert (line["status"], line["failure"]) == (504, "buffer_timeout")
+        assert line["request_id"] == headers["X-Request-Id"]
+        assert 200 <= line["wait_ms"] <= line["duration_ms"]
+        assert line["upstream"] is None
+
+
+async def test_502_carries_the_request_id_and_is_logged_as_refused(proxy: Proxy) -> None:
+    for _ in range(3):  # each refuses, is quarantined, and the next is tried
+        proxy.register(f"127.0.0.1:{free_port()}")
+    status, headers, _ = await post(proxy, {"prompt": "x"}, {"X-Request-Id": "gone"})
+    assert status == 502
+    assert headers["X-Request-Id"] == "gone"
+    line = proxy.lines()[-1]
+    assert (line["status"], line["failure"]) == (502, "upstreams_refused")
+    assert await proxy.metric("rower_upstream_errors_total") == 1
+
+
+async def test_413_carries_the_request_id_and_is_logged(
+    tmp_path: Path, access_logger: None
+) -> None:
+    async with running_proxy(tmp_path, max_request_body_bytes=100) as proxy:
+        proxy.register(proxy.upstream.addr)
+        status, headers, _ = await post(proxy, {"prompt": "x" * 200}, {"X-Request-Id": "big"})
+        assert status == 413
+        assert headers["X-Request-Id"] == "big"
+        line = proxy.lines()[-1]
+        assert (line["status"], line["failure"], line["upstream"]) == (413, "body_too_large", None)
+
+
+async def test_slots_refusal_carries_the_request_id(proxy: Proxy) -> None:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(proxy.url + "/slots", headers={"X-Request-Id": "peek"}) as answer,
+    ):
+        assert answer.status == 403
+        assert answer.headers["X-Request-Id"] == "peek"
+    assert proxy.lines()[-1]["failure"] == "slots_forbidden"
+
+
+async def test_a_client_leaving_mid_stream_is_a_client_disconnect(proxy: Proxy) -> None:
+    proxy.upstream.events, proxy.upstream.event_gap = 200, 0.01
+    proxy.register(proxy.upstream.addr)
+    async with aiohttp.ClientSession() as session:
+        answer = await session.post(proxy.url + "/completion", json={"prompt": "x", "stream": True})
+        assert (await answer.content.readline()).startswith(b"data: ")
+        answer.close()
+        await until(lambda: len(proxy.lines()) == 1, what="the access log line")
+    [line] = proxy.lines()
+    assert (line["status"], line["failure"]) == (200, "client_disconnected")
+    assert await proxy.metric("rower_client_disconnects_total") == 1
+    assert await proxy.metric("rower_upstream_errors_total") == 0
+    await until(lambda: proxy.balancer.fleet.requests_in_flight == 0, what="slot given back")
+
+
+async def test_a_client_leaving_the_buffer_is_logged_as_499(
+    tmp_path: Path, access_logger: None
+) -> None:
+    async with running_proxy(tmp_path, buffered_request_timeout=30.0) as proxy:
+        async with aiohttp.ClientSession() as session:
+            waiting = asyncio.create_task(session.post(proxy.url + "/completion", json={"p": 1}))
+            await until(lambda: proxy.balancer.fleet.requests_buffered == 1, what="buffered")
+            waiting.cancel()
+            await until(lambda: len(proxy.lines()) == 1, what="the access log line")
+        [line] = proxy.lines()
+        assert (line["status"], line["failure"]) == (499, "client_disconnected")
+        assert line["wait_ms"] > 0
+        assert await proxy.metric("rower_client_disconnects_total") == 1
