@@ -85,6 +85,8 @@ _UNAVAILABLE = {
     429: Failure.BUFFER_FULL,
     504: Failure.BUFFER_TIMEOUT,
     503: Failure.SHUTTING_DOWN,
+    400: Failure.MODEL_MISSING,
+    404: Failure.MODEL_UNKNOWN,
 }
 """The slot gate's refusals, by the status it chose."""
 
