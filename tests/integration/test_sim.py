@@ -105,6 +105,30 @@ async def test_models_list(sim: str, http: aiohttp.ClientSession) -> None:
     assert models["object"] == "list"
     assert [model["id"] for model in models["data"]] == ["sim"]
     assert models["data"][0]["owned_by"] == "llamacpp"
+    # As llama-server's: the id is one of the aliases.
+    assert models["data"][0]["aliases"] == ["sim"]
+
+
+async def test_model_and_aliases_are_named_as_llama_server_names_them(
+    http: aiohttp.ClientSession,
+) -> None:
+    # llama-server -m x.gguf --alias chat,chat-fast: the first alias is the id, all are aliases.
+    for base in start_sim("--model", "chat", "--alias", "chat-fast", "--alias", "c", *FAST):
+        _, models = await get_json(http, f"{base}/v1/models")
+        ((listed,),) = [models["data"]]
+        assert (listed["id"], listed["aliases"]) == ("chat", ["chat", "chat-fast", "c"])
+        assert [model["name"] for model in models["models"]] == ["chat"]
+        _, props = await get_json(http, f"{base}/props")
+        assert props["model_alias"] == "chat"
+        # A single-model server answers with its own name whatever the request asked for...
+        body = {"model": "c", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        _, answer = await post_json(http, f"{base}/v1/chat/completions", body)
+        assert answer["model"] == "chat"
+        _, answer = await post_json(http, f"{base}/v1/completions", {**body, "prompt": "x"})
+        assert answer["model"] == "chat"
+        # ...but embeddings echo the requested model.
+        _, answer = await post_json(http, f"{base}/v1/embeddings", {"model": "c", "input": "x"})
+        assert answer["model"] == "c"
 
 
 # --- completions ------------------------------------------------------------------------------

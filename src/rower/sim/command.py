@@ -37,6 +37,12 @@ def _factor(text: str) -> float:
     return value
 
 
+def _model_name(text: str) -> str:
+    if not text.strip() or len(text) > 256:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a model name (1 to 256 characters)")
+    return text
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     """Add the flags of `rower sim`."""
     parser.add_argument(
@@ -50,7 +56,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--slots", type=positive, default=4, metavar="N", help="number of slots (default: 4)"
     )
     parser.add_argument(
-        "--model", default="sim", metavar="NAME", help="model name it reports (default: sim)"
+        "--model",
+        type=_model_name,
+        default="sim",
+        metavar="NAME",
+        help="model name it reports (default: sim)",
+    )
+    parser.add_argument(
+        "--alias",
+        action="append",
+        type=_model_name,
+        default=[],
+        metavar="NAME",
+        help="another name of the model, listed in /v1/models aliases as llama-server's "
+        "--alias lists them; repeat for several",
     )
     parser.add_argument(
         "--ctx-size",
@@ -153,7 +172,12 @@ def run(args: argparse.Namespace) -> int:
 
     configure_logging(args.log_level, args.log_format)
     config = SimConfig(
-        identity=Identity(model=args.model, n_ctx=args.ctx_size, total_slots=args.slots),
+        identity=Identity(
+            model=args.model,
+            n_ctx=args.ctx_size,
+            total_slots=args.slots,
+            aliases=tuple(args.alias),
+        ),
         speed=Speed(
             prefill_tokens_per_second=args.prefill_tokens_per_second,
             decode_tokens_per_second=args.decode_tokens_per_second,

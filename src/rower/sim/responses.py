@@ -34,6 +34,8 @@ class Identity:
 
     Attributes:
         model: model name (`model_alias`, `/v1/models` id, `model` of answers).
+        aliases: other names of the model (`/v1/models` `aliases`, after `model`), as
+            llama-server's `--alias a,b` gives (the first is the id, all are aliases).
         n_ctx: context size of each slot.
         total_slots: number of slots.
         build_info: llama.cpp's `build_info` / `system_fingerprint`.
@@ -43,8 +45,14 @@ class Identity:
     model: str
     n_ctx: int
     total_slots: int
+    aliases: tuple[str, ...] = ()
     build_info: str = "b0-rower-sim"
     embedding_size: int = 64
+
+    @property
+    def names(self) -> list[str]:
+        """Every name of the model, the id first: llama-server's `/v1/models` `aliases`."""
+        return list(dict.fromkeys((self.model, *self.aliases)))
 
     @property
     def model_path(self) -> str:
@@ -356,7 +364,7 @@ def models(identity: Identity) -> Json:
         "data": [
             {
                 "id": identity.model,
-                "aliases": [],
+                "aliases": identity.names,
                 "tags": [],
                 "object": "model",
                 "created": int(time.time()),
