@@ -2,8 +2,9 @@
 
 `python -m bench.fleethost SPEC.json` where the spec is
 `{"sims": [{"port", "slots", "decode", "prefill", "slowdown"}...],
-  "agents": [{"target": "127.0.0.1:P", "management": "127.0.0.1:M", "interval_ms"}...]}`.
-Agents may watch sims of this process or real llama-servers elsewhere. Runs until SIGTERM.
+  "agents": [{"target": "127.0.0.1:P", "management": "127.0.0.1:M", "interval_ms"}...]}`;
+`management` may be a list (the agent reports to each balancer). Agents may watch sims of this
+process or real llama-servers elsewhere. Runs until SIGTERM.
 """
 
 from __future__ import annotations
@@ -48,9 +49,12 @@ async def main(spec: dict[str, Any]) -> None:
     agents = []
     for index, item in enumerate(spec.get("agents", [])):
         target = Address.parse(item["target"])
+        managements = item["management"]
+        if isinstance(managements, str):
+            managements = [managements]
         agent = Agent(
             AgentConfig(
-                management_addrs=[Address.parse(item["management"])],
+                management_addrs=[Address.parse(m) for m in managements],
                 local_llamacpp_addr=target,
                 external_llamacpp_addr=target,
                 name=f"bench-{index}",

@@ -4,11 +4,15 @@ Open loop (`open`): requests start at the times a schedule says (Poisson arrival
 scenario), whatever happened to earlier ones, as real users do; each one streams and records its
 time to first token (TTFT) and end to end (E2E) from the moment it was due.
 Closed loop (`closed`): C workers each send N/C requests back to back; records time to first
-byte (TTFB) and E2E. Both write one JSON file of per-request records and stop by themselves:
-every request has a deadline.
+byte (TTFB) and E2E. Conversations (`conversations`): multi-turn chats, each its own closed
+loop: send a turn, read the answer, think, send the next turn with the answer and a new user
+message appended; records what the client saw and llama-server's own `timings` (`cache_n`,
+`prompt_n`, `prompt_ms`) of every answer. All write one JSON file of per-request records and
+stop by themselves: every request has a deadline.
 
     python -m bench.loadgen open SCHEDULE.json OUT.json
     python -m bench.loadgen closed URL CONCURRENCY COUNT OUT.json [--body JSON] [--deadline S]
+    python -m bench.loadgen conversations SPEC.json OUT.json
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import argparse
 import asyncio
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -116,6 +121,175 @@ async def closed_loop(
     return records
 
 
+# Conversations.
+
+
+@dataclass
+class Turn(Record):
+    """One turn of a conversation, with what llama-server's answer says it computed."""
+
+    conversation: int = 0
+    turn: int = 0
+    front: int = 0
+    prompt_n: int | None = None
+    cache_n: int | None = None
+    prompt_ms: float | None = None
+    predicted_n: int | None = None
+    slot: int | None = None
+
+
+def conversation_body(
+    api: str, system: str, exchanges: Sequence[tuple[str, str]], user: str, spec: dict[str, Any]
+) -> dict[str, Any]:
+    """The request of the next turn: the history so far (user, answer pairs) and `user`."""
+    stream = bool(spec["stream"])
+    if api == "chat":
+        messages = [{"role": "system", "content": system}] if system else []
+        for asked, answered in exchanges:
+            messages += [
+                {"role": "user", "content": asked},
+                {"role": "assistant", "content": answered},
+            ]
+        messages.append({"role": "user", "content": user})
+        return {
+            "messages": messages,
+            "max_tokens": spec["n_predict"],
+            "ignore_eos": True,
+            "stream": stream,
+        }
+    history = "".join(f"\nUser: {asked}\nAssistant:{answered}" for asked, answered in exchanges)
+    return {
+        "prompt": f"{system}{history}\nUser: {user}\nAssistant:",
+        "n_predict": spec["n_predict"],
+        "ignore_eos": True,
+        "stream": stream,
+    }
+
+
+def _answer_text(event: dict[str, Any]) -> str:
+    """The generated text in an answer or a streamed event, of either API."""
+    if "choices" in event:
+        texts = []
+        for choice in event["choices"]:
+            part = choice.get("delta") or choice.get("message") or {}
+            texts.append(part.get("content") or choice.get("text") or "")
+        return "".join(texts)
+    return str(event.get("content") or "")
+
+
+async def converse_one(
+    client: aiohttp.ClientSession,
+    url: str,
+    body: dict[str, Any],
+    headers: dict[str, str],
+    record: Turn,
+    deadline: float,
+) -> str | None:
+    """Send one turn; fill `record` from the answer; return the answer's text (None: failed)."""
+    started = time.perf_counter()
+    text: list[str] = []
+    timings: dict[str, Any] = {}
+    try:
+        async with (
+            asyncio.timeout(deadline),
+            client.post(url, data=json.dumps(body).encode(), headers=headers) as response,
+        ):
+            record.status = response.status
+            if response.status != 200:
+                await response.read()
+                record.error = f"HTTP {response.status}"
+            elif body["stream"]:
+                async for line in response.content:
+                    if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                        continue
+                    event = json.loads(line[6:])
+                    piece = _answer_text(event)
+                    if piece and record.ttft is None:
+                        record.ttft = time.perf_counter() - started
+                    text.append(piece)
+                    record.tokens += bool(piece)
+                    timings = event.get("timings") or timings
+                    record.slot = event.get("id_slot", record.slot)
+            else:
+                answer = await response.json(content_type=None)
+                text.append(_answer_text(answer))
+                timings = answer.get("timings") or {}
+                record.tokens = int(timings.get("predicted_n", 0))
+                record.slot = answer.get("id_slot")
+            record.e2e = time.perf_counter() - started
+    except TimeoutError:
+        record.error = "deadline"
+    except (aiohttp.ClientError, OSError, ValueError) as error:
+        record.error = type(error).__name__
+    if record.error is None and not timings:
+        record.error = "no timings in the answer"
+    if record.error is not None:
+        return None
+    record.prompt_n = int(timings["prompt_n"])
+    record.cache_n = int(timings["cache_n"])
+    record.prompt_ms = float(timings["prompt_ms"])
+    record.predicted_n = int(timings["predicted_n"])
+    return "".join(text)
+
+
+async def conversations(spec: dict[str, Any]) -> list[Turn]:
+    """Run every conversation of `spec` to its last turn, each as its own closed loop.
+
+    A turn that fails is sent again (with the same history) after the think time, as a user
+    would retry; it still uses up one of the conversation's turns. Turns alternate over
+    `spec["urls"]` (two balancers in front of the same servers). With `session_header`, each
+    request names its conversation in that header (for a front that hashes it).
+
+    `pin_slot` (one llama-server, `/completion`, the id_slot experiment): "last" sends every
+    turn to the slot (`id_slot`) that answered the conversation's previous turn; "held" does
+    so only while no other conversation's answer has come from that slot since.
+    """
+    urls: list[str] = spec["urls"]
+    deadline = float(spec.get("deadline", 120.0))
+    header: str | None = spec.get("session_header")
+    pin: str | None = spec.get("pin_slot")
+    last_slot: dict[int, int] = {}
+    holder: dict[int, int] = {}
+    records: list[Turn] = []
+    # A new connection per request, as clients of an inference API mostly do between turns.
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
+    t0 = time.perf_counter()
+
+    async def converse(client: aiohttp.ClientSession, index: int, chat: dict[str, Any]) -> None:
+        headers = {"Content-Type": "application/json"}
+        if header:
+            headers[header] = f"conversation-{chat['id']}"
+        exchanges: list[tuple[str, str]] = []
+        await asyncio.sleep(max(0.0, t0 + chat["start"] - time.perf_counter()))
+        for turn, think in enumerate(chat["think"]):
+            user = chat["users"][len(exchanges)]
+            front = (index + turn) % len(urls)
+            body = conversation_body(spec["api"], chat["system"], exchanges, user, spec)
+            slot = last_slot.get(index)
+            if slot is not None and (pin == "last" or (pin == "held" and holder[slot] == index)):
+                body["id_slot"] = slot
+            record = Turn(due=time.perf_counter() - t0, conversation=index, turn=turn, front=front)
+            records.append(record)
+            answer = await converse_one(
+                client, urls[front] + spec["path"], body, headers, record, deadline
+            )
+            if answer is not None:
+                exchanges.append((user, answer))
+            if record.slot is not None:
+                last_slot[index] = record.slot
+                holder[record.slot] = index
+            if turn + 1 < len(chat["think"]):
+                await asyncio.sleep(think)
+
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=aiohttp.ClientTimeout(total=None)
+    ) as client:
+        await asyncio.gather(
+            *(converse(client, index, chat) for index, chat in enumerate(spec["conversations"]))
+        )
+    return records
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.loadgen")
     sub = parser.add_subparsers(dest="mode", required=True)
@@ -129,14 +303,21 @@ def main() -> None:
     closed.add_argument("out")
     closed.add_argument("--body", default='{"prompt": "hi", "n_predict": 1, "stream": true}')
     closed.add_argument("--deadline", type=float, default=30.0)
+    talks = sub.add_parser("conversations")
+    talks.add_argument("spec")
+    talks.add_argument("out")
     args = parser.parse_args()
     import uvloop
 
     started = time.perf_counter()
+    records: Sequence[Record]
     if args.mode == "open":
         with open(args.schedule) as file:
             schedule = json.load(file)
         records = uvloop.run(open_loop(schedule))
+    elif args.mode == "conversations":
+        with open(args.spec) as file:
+            records = uvloop.run(conversations(json.load(file)))
     else:
         records = uvloop.run(
             closed_loop(args.url, args.concurrency, args.count, args.body.encode(), args.deadline)

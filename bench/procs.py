@@ -65,6 +65,55 @@ def machine_busy_seconds() -> tuple[float, float]:
     return (total - idle) / CLOCK_TICKS, total / CLOCK_TICKS
 
 
+def cpu_seconds_or_zero(pid: int) -> float:
+    """`cpu_seconds`, or 0 for a process that is gone (its time is then counted elsewhere)."""
+    try:
+        return cpu_seconds(pid)
+    except (OSError, IndexError):
+        return 0.0
+
+
+class CpuMeter:
+    """CPU seconds that groups of processes, a load generator and the machine use from now on.
+
+    A load generator runs to its end under `wait`, which reads its CPU time while it lives
+    (once it is reaped its time is gone).
+    """
+
+    def __init__(self, groups: dict[str, Sequence[int]]) -> None:
+        self.groups = {name: list(pids) for name, pids in groups.items()}
+        self.before = {name: self._sum(pids) for name, pids in self.groups.items()}
+        self.machine_before = machine_busy_seconds()
+        self.started = time.monotonic()
+        self.waited: dict[str, float] = {}
+
+    @staticmethod
+    def _sum(pids: Sequence[int]) -> float:
+        return sum(cpu_seconds_or_zero(pid) for pid in pids)
+
+    def wait(self, name: str, proc: subprocess.Popen[bytes], limit: float) -> bool:
+        """Wait up to `limit` seconds for `proc` to end, recording its CPU; False if it did not."""
+        deadline = time.monotonic() + limit
+        self.waited.setdefault(name, 0.0)
+        while proc.poll() is None:
+            self.waited[name] = cpu_seconds_or_zero(proc.pid) or self.waited.get(name, 0.0)
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.2)
+        return True
+
+    def read(self) -> dict[str, float]:
+        """CPU seconds per group and waited process since the start; `wall` and `machine`
+        (busy share of all cores) too."""
+        used = {name: self._sum(pids) - self.before[name] for name, pids in self.groups.items()}
+        used.update(self.waited)
+        busy, total = machine_busy_seconds()
+        busy_before, total_before = self.machine_before
+        used["wall"] = time.monotonic() - self.started
+        used["machine"] = (busy - busy_before) / max(1e-9, total - total_before)
+        return used
+
+
 def _raise_fd_limit() -> None:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

@@ -10,24 +10,19 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bench import procs
-from bench.scenario_sim import _available, _line
+from bench import llama_servers, procs
 from bench.scheduling import (
     SIM_POLICIES,
     Lengths,
     Upstream,
-    get_json,
+    available,
     poisson_schedule,
-    run_load,
-    start_policy,
-    wait_idle,
+    sweep,
 )
 
 SERVERS = 3
@@ -35,40 +30,6 @@ SLOTS = 2
 PROMPT = Lengths(median=40, sigma=0.6, low=4, high=400)
 GENERATION = Lengths(median=300, sigma=0.7, low=32, high=1500)
 EXTRA = {"ignore_eos": True, "cache_prompt": False}
-
-
-def tools(*, build: bool = True) -> tuple[Path, Path] | None:
-    """The cached llama-server binary and tiny model, built if missing; None if impossible."""
-    root = Path(__file__).resolve().parent.parent
-    if not build:
-        sys.path.insert(0, str(root / "scripts"))
-        import llamacpp_cache  # type: ignore[import-not-found]
-
-        server, model = llamacpp_cache.llama_server_path(), llamacpp_cache.tiny_model_path()
-        return (server, model) if server.is_file() and model.is_file() else None
-
-    def last_line_of(script: str, timeout: float) -> Path:
-        printed = subprocess.run(
-            [sys.executable, str(root / "scripts" / script)],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=timeout,
-        ).stdout.strip()
-        return Path(printed.splitlines()[-1])
-
-    try:
-        return last_line_of("build_llama_server.py", 1800), last_line_of("make_tiny_model.py", 600)
-    except (subprocess.SubprocessError, OSError):
-        return None
-
-
-def _metric(text: str, name: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            return float(line.rsplit(" ", 1)[1])
-    # Not 0: a server without the metric (no --metrics, another build) has not shown "none".
-    raise ValueError(f"no {name} in llama-server's /metrics")
 
 
 def calibrate(ports: list[int], n_predict: int = 300) -> float:
@@ -105,7 +66,7 @@ def run(
 
     `generation` (tokens per request) is shorter in the smoke test, to keep it to seconds.
     """
-    found = tools(build=build)
+    found = llama_servers.tools(build=build)
     if found is None:
         results: dict[str, Any] = {"scenario": "real", "skipped": "llama-server or model missing"}
         (out / "real.json").write_text(json.dumps(results))
@@ -117,67 +78,40 @@ def run(
     policies = [
         p
         for p in SIM_POLICIES
-        if _available(p, kinds) and (p.kind not in ("rower", "paddler") or p.interval_ms == 1000)
+        if available(p, kinds) and (p.kind not in ("rower", "paddler") or p.interval_ms == 1000)
     ]
     work = out / "work" / "real"
     work.mkdir(parents=True, exist_ok=True)
-    ports = [procs.free_port() for _ in range(SERVERS)]
-    upstreams = [Upstream(f"127.0.0.1:{port}", SLOTS) for port in ports]
-    runs: list[dict[str, Any]] = []
     with procs.Procs(work / "logs") as runner:
-        servers = []
-        for port in ports:
-            argv = [str(server), "-m", str(model), "--host", "127.0.0.1", "--port", str(port)]
-            argv += ["-np", str(SLOTS), "-c", str(SLOTS * 4096), "-t", "1", "--metrics"]
-            servers.append(runner.start(f"llama-server-{port}", argv, port=port))
-        for port in ports:
-            _wait_healthy(port)
+        servers = llama_servers.start(
+            runner, server, model, count=SERVERS, slots=SLOTS, slot_context=4096
+        )
+        ports = [s.port for s in servers]
         tokens_per_second = calibrate(ports)
         mean_generation = _mean(generation)
         cap = tokens_per_second / mean_generation
 
-        def counters() -> dict[str, float]:
-            total = {"busy": 0.0, "waiting": 0.0}
-            for port in ports:
-                slots = get_json(f"http://127.0.0.1:{port}/slots")
-                total["busy"] += sum(1 for slot in slots if slot["is_processing"])
-                total["waiting"] += deferred(port)
-            return total
+        def schedule(rate: float, index: int) -> list[dict[str, Any]]:
+            return poisson_schedule(
+                rate=rate,
+                duration=duration,
+                seed=2000 + index,
+                prompt=PROMPT,
+                generation=generation,
+                extra=EXTRA,
+            )
 
-        def deferred(port: int) -> float:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as answer:
-                return _metric(answer.read().decode(), "llamacpp:requests_deferred")
-
-        def sampler() -> float:
-            return sum(deferred(port) for port in ports)
-
-        for policy in policies:
-            with procs.Procs(work / "logs") as front_runner:
-                front = start_policy(front_runner, policy, upstreams, work)
-                for index, load in enumerate(loads):
-                    requests = poisson_schedule(
-                        rate=load * cap,
-                        duration=duration,
-                        seed=2000 + index,
-                        prompt=PROMPT,
-                        generation=generation,
-                        extra=EXTRA,
-                    )
-                    result = run_load(
-                        front_runner,
-                        front,
-                        requests,
-                        path="/completion",
-                        work=work,
-                        counters=counters,
-                        watch_pids={"proxy": front.pids, "servers": [s.pid for s in servers]},
-                        sampler=sampler,
-                    )
-                    wait_idle(counters)
-                    result["over_dispatch"] = None
-                    result.update(policy=policy.name, kind=policy.kind, load=load, rate=load * cap)
-                    runs.append(result)
-                    print(_line(result), flush=True)
+        runs = sweep(
+            policies,
+            [Upstream(s.address, SLOTS) for s in servers],
+            work,
+            loads=loads,
+            capacity=cap,
+            schedule=schedule,
+            counters=lambda: llama_servers.activity(servers),
+            server_pids=[s.pid for s in servers],
+            sampler=lambda: sum(llama_servers.deferred(s) for s in servers),
+        )
     results = {
         "scenario": "real",
         "servers": SERVERS,
@@ -198,15 +132,3 @@ def _mean(lengths: Lengths, samples: int = 20000) -> float:
 
     rng = random.Random(1)
     return sum(lengths.sample(rng) for _ in range(samples)) / samples
-
-
-def _wait_healthy(port: int, seconds: float = 60.0) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            if get_json(f"http://127.0.0.1:{port}/health").get("status") == "ok":
-                return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"llama-server on port {port} not healthy after {seconds} s")

@@ -11,22 +11,18 @@ from __future__ import annotations
 
 import json
 import random
-import time
 from pathlib import Path
 from typing import Any
 
 from bench import procs
-from bench.baselines import haproxy, nginx
 from bench.scheduling import (
     SIM_POLICIES,
     Lengths,
-    Policy,
     Upstream,
+    available,
     get_json,
     poisson_schedule,
-    run_load,
-    start_policy,
-    wait_idle,
+    sweep,
 )
 
 SLOTS = 4
@@ -77,14 +73,13 @@ def run(
     """Run every policy at every load; returns (and writes) the results."""
     loads = loads or ((0.8, 1.1) if quick else (0.5, 0.8, 0.95, 1.1))
     duration = duration or (4.0 if quick else 10.0)
-    policies = [p for p in SIM_POLICIES if _available(p, policy_kinds)]
+    policies = [p for p in SIM_POLICIES if available(p, policy_kinds)]
     spec = fleet_spec(servers)
     cap = capacity(spec)
     work = out / "work" / "sim"
     work.mkdir(parents=True, exist_ok=True)
     (work / "fleet.json").write_text(json.dumps({"sims": spec}))
     upstreams = [Upstream(f"127.0.0.1:{s['port']}", s["slots"]) for s in spec]
-    runs: list[dict[str, Any]] = []
     with procs.Procs(work / "logs") as runner:
         host = runner.python("sims", "bench.fleethost", str(work / "fleet.json"))
         for s in spec:
@@ -99,31 +94,25 @@ def run(
                 total["waiting"] += sim["requests_waiting"]
             return total
 
-        for policy in policies:
-            with procs.Procs(work / "logs") as front_runner:
-                front = start_policy(front_runner, policy, upstreams, work)
-                for index, load in enumerate(loads):
-                    requests = poisson_schedule(
-                        rate=load * cap,
-                        duration=duration,
-                        seed=1000 + index,
-                        prompt=PROMPT,
-                        generation=GENERATION,
-                    )
-                    result = run_load(
-                        front_runner,
-                        front,
-                        requests,
-                        path="/completion",
-                        work=work,
-                        counters=counters,
-                        watch_pids={"proxy": front.pids, "servers": [host.pid]},
-                    )
-                    wait_idle(counters)
-                    result.update(policy=policy.name, kind=policy.kind, load=load, rate=load * cap)
-                    runs.append(result)
-                    print(_line(result), flush=True)
-            time.sleep(0.3)
+        def schedule(rate: float, index: int) -> list[dict[str, Any]]:
+            return poisson_schedule(
+                rate=rate,
+                duration=duration,
+                seed=1000 + index,
+                prompt=PROMPT,
+                generation=GENERATION,
+            )
+
+        runs = sweep(
+            policies,
+            upstreams,
+            work,
+            loads=loads,
+            capacity=cap,
+            schedule=schedule,
+            counters=counters,
+            server_pids=[host.pid],
+        )
     results = {
         "scenario": "sim",
         "servers": spec,
@@ -135,25 +124,3 @@ def run(
     }
     (out / "sim.json").write_text(json.dumps(results, indent=1))
     return results
-
-
-def _available(policy: Policy, kinds: set[str] | None) -> bool:
-    if kinds is not None and policy.kind not in kinds and policy.name not in kinds:
-        return False
-    if policy.kind.startswith("nginx"):
-        return nginx.binary() is not None
-    if policy.kind == "haproxy":
-        return haproxy.binary() is not None
-    return True
-
-
-def _line(result: dict[str, Any]) -> str:
-    def ms(value: float | None) -> str:
-        return "-" if value is None else f"{value * 1000:.0f}"
-
-    return (
-        f"  {result['policy']:<28} load {result['load']:>4.0%}: ttft p50 {ms(result['ttft_p50'])} "
-        f"p99 {ms(result['ttft_p99'])} ms, e2e p99 {ms(result['e2e_p99'])} ms, "
-        f"{result['goodput_rps']:.1f} req/s, over-dispatch {result['over_dispatch']}, "
-        f"errors {result['errors']}, cpu {result['cpu']}"
-    )

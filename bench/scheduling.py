@@ -30,11 +30,18 @@ LOADGEN_GRACE = 60.0
 
 @dataclass(frozen=True)
 class Policy:
-    """A way to dispatch: `kind` is nginx-rr, nginx-lc, haproxy, ideal, rower or paddler."""
+    """A way to dispatch: `kind` is nginx-rr, nginx-lc, haproxy, haproxy-hash, ideal, rower or
+    paddler.
+
+    Attributes:
+        interval_ms: how often Rower's agents report (rower, paddler).
+        routing: Rower's `--routing` (None: the balancer's default).
+    """
 
     name: str
     kind: str
     interval_ms: int = 1000
+    routing: str | None = None
 
 
 SIM_POLICIES = (
@@ -59,10 +66,17 @@ class Upstream:
 
 @dataclass
 class Front:
-    """A started policy: the URL clients use and the pids whose CPU is its cost."""
+    """A started policy: the URL clients use and the pids whose CPU is its cost.
+
+    Attributes:
+        management: a Rower balancer's management address (its API and /metrics).
+        agents: the pid of the process running its agents (their CPU is not the proxy's).
+    """
 
     url: str
     pids: list[int] = field(default_factory=list)
+    management: str | None = None
+    agents: int | None = None
 
 
 def start_policy(
@@ -76,46 +90,91 @@ def start_policy(
         proc = runner.start("nginx", nginx.argv(conf), port=port)
         time.sleep(0.2)
         return Front(f"http://127.0.0.1:{port}", _process_tree(proc.pid))
-    if policy.kind == "haproxy":
-        conf = haproxy.config(work / "haproxy", port, [(u.address, u.slots) for u in upstreams])
-        proc = runner.start("haproxy", haproxy.argv(conf), port=port)
+    if policy.kind in ("haproxy", "haproxy-hash"):
+        header = SESSION_HEADER if policy.kind == "haproxy-hash" else None
+        conf = haproxy.config(
+            work / "haproxy", port, [(u.address, u.slots) for u in upstreams], hash_header=header
+        )
+        proc = runner.start(policy.kind, haproxy.argv(conf), port=port)
         return Front(f"http://127.0.0.1:{port}", _process_tree(proc.pid))
     if policy.kind == "ideal":
         specs = [f"{u.address}:{u.slots}" for u in upstreams]
         proc = runner.python("ideal", "bench.baselines.ideal", str(port), *specs, port=port)
         return Front(f"http://127.0.0.1:{port}", [proc.pid])
-    management = procs.free_port()
-    argv = procs.rower(
-        "balancer",
-        "--management-addr",
-        f"127.0.0.1:{management}",
-        "--reverseproxy-addr",
-        f"127.0.0.1:{port}",
-        "--max-buffered-requests",
-        "100000",
-        "--buffered-request-timeout",
-        "600000",
-        "--slot-accounting",
-        policy.kind,
-        "--log-level",
-        "warning",
-    )
-    balancer = runner.start(f"balancer-{policy.kind}", argv, port=port)
+    return start_rowers(runner, [policy], upstreams, work)[0]
+
+
+SESSION_HEADER = "X-Session-Id"
+"""The header a client names its conversation in, for the front that hashes it (never Rower)."""
+
+
+def start_rowers(
+    runner: procs.Procs,
+    policies: Sequence[Policy],
+    upstreams: Sequence[Upstream],
+    work: Path,
+    *,
+    extra: Sequence[str] = (),
+) -> list[Front]:
+    """Start one Rower balancer per policy and one agent per upstream reporting to all of them.
+
+    Several balancers fed by the same agents is how Rower runs highly available (the agents'
+    `--management-addr` is repeatable); the agents poll at the first policy's interval.
+    """
+    fronts: list[Front] = []
+    managements: list[str] = []
+    for policy in policies:
+        port, management = procs.free_port(), procs.free_port()
+        argv = procs.rower(
+            "balancer",
+            "--management-addr",
+            f"127.0.0.1:{management}",
+            "--reverseproxy-addr",
+            f"127.0.0.1:{port}",
+            "--max-buffered-requests",
+            "100000",
+            "--buffered-request-timeout",
+            "600000",
+            "--slot-accounting",
+            policy.kind,
+            "--log-level",
+            "warning",
+            *(("--routing", policy.routing) if policy.routing else ()),
+            *extra,
+        )
+        balancer = runner.start(f"balancer-{policy.kind}-{port}", argv, port=port)
+        fronts.append(Front(f"http://127.0.0.1:{port}", [balancer.pid], f"127.0.0.1:{management}"))
+        managements.append(f"127.0.0.1:{management}")
     spec = {
         "agents": [
             {
                 "target": u.address,
-                "management": f"127.0.0.1:{management}",
-                "interval_ms": policy.interval_ms,
+                "management": managements,
+                "interval_ms": policies[0].interval_ms,
             }
             for u in upstreams
         ]
     }
-    spec_path = work / f"agents-{port}.json"
+    spec_path = work / f"agents-{managements[0].rsplit(':', 1)[1]}.json"
     spec_path.write_text(json.dumps(spec))
-    runner.python("agents", "bench.fleethost", str(spec_path))
-    wait_agents(management, len(upstreams))
-    return Front(f"http://127.0.0.1:{port}", [balancer.pid])
+    agents = runner.python("agents", "bench.fleethost", str(spec_path))
+    for management in managements:
+        wait_agents(int(management.rsplit(":", 1)[1]), len(upstreams))
+    for front in fronts:
+        front.agents = agents.pid
+    return fronts
+
+
+def available(policy: Policy, kinds: set[str] | None = None) -> bool:
+    """Whether `policy` can run here (its program is installed) and is among `kinds` (kind or
+    name; None: every one)."""
+    if kinds is not None and policy.kind not in kinds and policy.name not in kinds:
+        return False
+    if policy.kind.startswith("nginx"):
+        return nginx.binary() is not None
+    if policy.kind.startswith("haproxy"):
+        return haproxy.binary() is not None
+    return True
 
 
 def wait_agents(management: int, count: int, seconds: float = 20.0) -> None:
@@ -230,8 +289,7 @@ def run_load(
         json.dump(schedule, file)
     out = Path(file.name).with_suffix(".out.json")
     before = counters()
-    cpu_before = {name: sum(_cpu(p) for p in pids) for name, pids in watch_pids.items()}
-    busy_before = procs.machine_busy_seconds()
+    meter = procs.CpuMeter(watch_pids)
     deferred: list[float] = []
     missed: list[str] = []
     stop_sampling = threading.Event()
@@ -247,28 +305,18 @@ def run_load(
 
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
-    started = time.monotonic()
     loadgen = runner.python("loadgen", "bench.loadgen", "open", file.name, str(out))
-    cpu_loadgen = 0.0
     try:
-        while loadgen.poll() is None:
-            cpu_loadgen = _cpu(loadgen.pid) or cpu_loadgen
-            time.sleep(0.2)
-            if time.monotonic() - started > duration + LOADGEN_GRACE + 15:
-                break
+        meter.wait("loadgen", loadgen, duration + LOADGEN_GRACE + 15)
     finally:
         runner.stop(loadgen)
-    wall = time.monotonic() - started
+    used = meter.read()
     stop_sampling.set()
     thread.join()
     after = counters()
-    busy_after = procs.machine_busy_seconds()
-    cpu = {
-        name: (sum(_cpu(p) for p in pids) - cpu_before[name]) / wall
-        for name, pids in watch_pids.items()
-    }
-    cpu["loadgen"] = cpu_loadgen / wall
-    cpu["machine"] = (busy_after[0] - busy_before[0]) / max(1e-9, busy_after[1] - busy_before[1])
+    wall, machine = used.pop("wall"), used.pop("machine")
+    cpu = {name: seconds / wall for name, seconds in used.items()}
+    cpu["machine"] = machine
     records = json.loads(out.read_text())["records"] if out.exists() else []
     result = summarize(records, requests, before, after, cpu, max(deferred, default=None))
     if sampler is not None:
@@ -276,13 +324,6 @@ def run_load(
         if missed:
             print(f"{len(missed)} samples of deferred requests failed, e.g. {missed[0]}")
     return result
-
-
-def _cpu(pid: int) -> float:
-    try:
-        return procs.cpu_seconds(pid)
-    except (OSError, IndexError):
-        return 0.0
 
 
 def summarize(
@@ -335,3 +376,57 @@ def wait_idle(counters: Callable[[], dict[str, float]], seconds: float = 30.0) -
         if state.get("busy", 0) == 0 and state.get("waiting", 0) == 0:
             return
         time.sleep(0.1)
+
+
+def sweep(
+    policies: Sequence[Policy],
+    upstreams: Sequence[Upstream],
+    work: Path,
+    *,
+    loads: Sequence[float],
+    capacity: float,
+    schedule: Callable[[float, int], list[dict[str, Any]]],
+    counters: Callable[[], dict[str, float]],
+    server_pids: list[int],
+    sampler: Callable[[], float] | None = None,
+) -> list[dict[str, Any]]:
+    """Every policy at every load: start the policy, send it `schedule(rate, load index)` of
+    each load (a fraction of `capacity` req/s), wait until the servers are idle; one result
+    per (policy, load). With a `sampler`, over-dispatch is its sampled peak, not a count."""
+    runs = []
+    for policy in policies:
+        with procs.Procs(work / "logs") as runner:
+            front = start_policy(runner, policy, upstreams, work)
+            for index, load in enumerate(loads):
+                result = run_load(
+                    runner,
+                    front,
+                    schedule(load * capacity, index),
+                    path="/completion",
+                    work=work,
+                    counters=counters,
+                    watch_pids={"proxy": front.pids, "servers": server_pids},
+                    sampler=sampler,
+                )
+                wait_idle(counters)
+                if sampler is not None:
+                    result["over_dispatch"] = None
+                result.update(policy=policy.name, kind=policy.kind, load=load, rate=load * capacity)
+                runs.append(result)
+                print(sweep_line(result), flush=True)
+        time.sleep(0.3)
+    return runs
+
+
+def sweep_line(result: dict[str, Any]) -> str:
+    """One run of a sweep, as a line of progress."""
+
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value * 1000:.0f}"
+
+    return (
+        f"  {result['policy']:<28} load {result['load']:>4.0%}: ttft p50 {ms(result['ttft_p50'])} "
+        f"p99 {ms(result['ttft_p99'])} ms, e2e p99 {ms(result['e2e_p99'])} ms, "
+        f"{result['goodput_rps']:.1f} req/s, over-dispatch {result['over_dispatch']}, "
+        f"errors {result['errors']}, cpu {result['cpu']}"
+    )

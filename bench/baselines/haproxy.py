@@ -2,6 +2,12 @@
 
 This is the strongest slot-aware setup a generic balancer can do without agents: HAProxy never
 sends a server more requests than it has slots, and queues the rest centrally, FIFO.
+
+With `hash_header`, HAProxy is instead the sticky anchor of the cache-affinity benchmark: a
+hash of a header the client sends (a session id) picks the server, whatever its load, and
+nothing caps a server's connections: the trivial way to keep a conversation on the server that
+holds its prompt cache (`balance hdr(...)` as written in HAProxy's manual; llama-server queues
+what it cannot run at once).
 """
 
 from __future__ import annotations
@@ -18,13 +24,22 @@ def binary() -> str | None:
     )
 
 
-def config(directory: Path, port: int, upstreams: Sequence[tuple[str, int]]) -> Path:
+def config(
+    directory: Path,
+    port: int,
+    upstreams: Sequence[tuple[str, int]],
+    *,
+    hash_header: str | None = None,
+) -> Path:
     """Write haproxy.cfg (one thread, like Rower) into `directory`; upstreams are (addr, slots)."""
     directory.mkdir(parents=True, exist_ok=True)
     servers = "\n".join(
-        f"    server s{index} {address} maxconn {slots}"
+        f"    server s{index} {address}" + ("" if hash_header else f" maxconn {slots}")
         for index, (address, slots) in enumerate(upstreams)
     )
+    balance = "balance leastconn"
+    if hash_header:
+        balance = f"balance hdr({hash_header})"
     text = f"""
 global
     maxconn 9000
@@ -40,10 +55,10 @@ frontend bench
     bind 127.0.0.1:{port}
     default_backend llama
 backend llama
-    balance leastconn
+    {balance}
 {servers}
 """
-    path = directory / "haproxy.cfg"
+    path = directory / ("haproxy-hash.cfg" if hash_header else "haproxy.cfg")
     path.write_text(text)
     return path
 
