@@ -395,7 +395,12 @@ class Fleet:
             # No longer ours, still busy: in this report's foreign work and in the bound.
             upstream.foreign += 1
             upstream.abandoned += 1
-        if not upstream.in_flight and self._departed.get(upstream.identity) is upstream:
+        if (
+            not upstream.in_flight
+            and not upstream.abandoned
+            and self._departed.get(upstream.identity) is upstream
+        ):
+            # Kept while it may still run abandoned work: a returning agent inherits that.
             del self._departed[upstream.identity]
         self.revision += 1
         dispatched = self._drain_buffer(now, upstream)

@@ -61,7 +61,7 @@ class UpstreamIndex:
         while heap:
             entry = heap[0]
             upstream = entry[5]
-            if self._upstreams.get(upstream.agent_id) is upstream:
+            if self._upstreams.get(upstream.key) is upstream:
                 key = pick_key(upstream, now)
                 if key[0] < 0 and key == entry[:4]:
                     return upstream

@@ -18,12 +18,16 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from rower.balancer.answer_timings import AnswerTimings
 from rower.balancer.fleet import MAX_AFFINITY_WAIT, Buffered, Dispatch, Fleet, Rejected
+from rower.balancer.models import ModelRules
 from rower.balancer.request_needs import RequestNeeds
 from rower.balancer.upstream_index import pick_key
 from rower.status import SlotStatus, StatusUpdate
 
 AGENTS = ["a0", "a1", "a2"]
 """The servers; `a0` is also the id of server 0's first agent."""
+
+MODELS = {"a0": "alpha", "a1": "alpha", "a2": "beta"}
+"""What each server serves: two models, each with its own buffer."""
 
 
 def server_of(agent_id: str) -> str:
@@ -39,6 +43,7 @@ def status(agent: str, total: int, processing: int, *, error: str | None = None)
     return StatusUpdate(
         slots=slots,
         external_llamacpp_addr=f"127.0.0.1:{8000 + AGENTS.index(server_of(agent))}",
+        model=MODELS[server_of(agent)],
         error=error,
         slots_idle=0 if error else total - processing,
         slots_processing=0 if error else processing,
@@ -50,7 +55,7 @@ def status(agent: str, total: int, processing: int, *, error: str | None = None)
 class FleetMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
-        self.fleet = Fleet(max_buffered=3)
+        self.fleet = Fleet(max_buffered=3, models=ModelRules(declared=("alpha", "beta")))
         self.now = 0.0
         self.next_id = 0
         self.totals = {a: 1 + i for i, a in enumerate(AGENTS)}
@@ -67,6 +72,8 @@ class FleetMachine(RuleBasedStateMachine):
         self.generations = dict.fromkeys(AGENTS, 0)
         self.drained: set[str] = set()
         self.homing_since: dict[int, float] = {}
+        self.model_of: dict[int, str] = {}
+        self.needs_of: dict[int, RequestNeeds] = {}
 
     # The server side.
 
@@ -80,6 +87,7 @@ class FleetMachine(RuleBasedStateMachine):
             self.recent[server_of(d.agent_id)].add(d.request_id)
 
     def _check_target(self, d: Dispatch) -> None:
+        assert MODELS[server_of(d.agent_id)] == self.model_of[d.request_id] == d.model
         assert d.agent_id in self.fleet.upstreams, "dispatched to an agent not in the fleet"
         assert not self.fleet.is_superseded(d.agent_id)
         assert d.agent_id not in self.drained, "dispatched to a drained agent"
@@ -165,29 +173,39 @@ class FleetMachine(RuleBasedStateMachine):
             if server_of(agent_id) == server:
                 self.fleet.answered(agent_id, AnswerTimings(100, 50, prefill, 50, 0.01))
 
-    @rule(conversation=st.none() | st.integers(0, 3), turn=st.integers(1, 6))
-    def request_arrives(self, conversation: int | None, turn: int) -> None:
+    @rule(
+        conversation=st.none() | st.integers(0, 3),
+        turn=st.integers(1, 6),
+        model=st.sampled_from(["alpha", "beta"]),
+    )
+    def request_arrives(self, conversation: int | None, turn: int, model: str) -> None:
         # Cache-aware routing (the default) on a few conversations, whose turns grow, and on
         # requests without a prefix: it must keep every invariant of the slot accounting.
         self.next_id += 1
-        needs = None
+        prefix: tuple[int, ...] = ()
         if conversation is not None:
             prefix = tuple(conversation * 100 + block for block in range(turn))
-            needs = RequestNeeds("/completion", takes_slot=True, prefix=prefix, shared_blocks=1)
+        needs = RequestNeeds("/completion", True, model=model, prefix=prefix, shared_blocks=1)
+        self.model_of[self.next_id] = model
+        self.needs_of[self.next_id] = needs
         decision = self.fleet.request_slot(self.next_id, self.now, needs=needs)
         if isinstance(decision, Dispatch):
-            overtaken = [i for i in self.waiting if not self.fleet.is_homing(i)]
+            overtaken = [
+                i for i in self.waiting if not self.fleet.is_homing(i) and self.model_of[i] == model
+            ]
             assert not overtaken, "a request overtook the buffer"
             self._check_target(decision)
             self.running[server_of(decision.agent_id)].add(decision.request_id)
         elif isinstance(decision, Buffered):
+            assert decision.model == model
             self.waiting.add(decision.request_id)
             if decision.until is not None:
                 assert self.fleet.is_homing(decision.request_id)
                 self.homing_since[decision.request_id] = self.now
         else:
             assert isinstance(decision, Rejected)
-            assert len(self.waiting) >= self.fleet.max_buffered
+            waiting_here = [i for i in self.waiting if self.model_of[i] == model]
+            assert len(waiting_here) >= self.fleet.max_buffered
             self.rejected += 1
 
     @precondition(lambda self: any(self.running.values()))
@@ -234,7 +252,8 @@ class FleetMachine(RuleBasedStateMachine):
         agent = self._where(request_id)
         self.running[agent].discard(request_id)
         self._dispatched(self.fleet.refused(request_id, self.now, 0.0))
-        decision = self.fleet.request_slot(request_id, self.now, retry=True)
+        needs = self.needs_of[request_id]
+        decision = self.fleet.request_slot(request_id, self.now, needs=needs, retry=True)
         if isinstance(decision, Dispatch):
             self._check_target(decision)
             assert server_of(decision.agent_id) != agent or not any(
@@ -280,10 +299,11 @@ class FleetMachine(RuleBasedStateMachine):
             assert upstream.slots_processing <= upstream.slots_total
 
     @invariant()
-    def nobody_waits_while_a_slot_is_free(self) -> None:
+    def nobody_waits_while_a_slot_of_its_model_is_free(self) -> None:
         # Except, a short while, a request waiting for the busy server holding its prefix.
-        if any(not self.fleet.is_homing(i) for i in self.waiting):
-            assert self.fleet.pick(self.now) is None
+        for request_id in self.waiting:
+            if not self.fleet.is_homing(request_id):
+                assert self.fleet.pick(self.now, self.model_of[request_id]) is None
 
     @invariant()
     def nobody_waits_for_its_home_server_for_long(self) -> None:
@@ -293,14 +313,21 @@ class FleetMachine(RuleBasedStateMachine):
                 assert self.now - self.homing_since[request_id] <= MAX_AFFINITY_WAIT
 
     @invariant()
-    def the_index_picks_the_best_upstream(self) -> None:
-        candidates = [u for u in self.fleet.upstreams.values() if u.slots_free(self.now) > 0]
-        best = min(candidates, key=lambda u: pick_key(u, self.now), default=None)
-        assert self.fleet.pick(self.now) is best
+    def the_index_picks_the_best_upstream_of_each_model(self) -> None:
+        for model in ("alpha", "beta"):
+            candidates = [
+                u
+                for u in self.fleet.upstreams.values()
+                if u.slots_free(self.now) > 0 and u.model == model
+            ]
+            best = min(candidates, key=lambda u: pick_key(u, self.now), default=None)
+            assert self.fleet.pick(self.now, model) is best
 
     @invariant()
-    def buffer_is_bounded(self) -> None:
-        assert len(self.waiting - self.retried) <= self.fleet.max_buffered
+    def each_models_buffer_is_bounded(self) -> None:
+        for model in ("alpha", "beta"):
+            waiting = [i for i in self.waiting - self.retried if self.model_of[i] == model]
+            assert len(waiting) <= self.fleet.max_buffered
 
     def teardown(self) -> None:
         # Everything finishes: the balancer must be back to zero.
