@@ -81,13 +81,20 @@ def scheduling_plot(data: dict[str, Any], out: Path, name: str) -> list[str]:
 
 
 def targets(
-    sim: dict[str, Any] | None, proxy: dict[str, Any] | None, scale: dict[str, Any] | None
+    sim: dict[str, Any] | None,
+    proxy: dict[str, Any] | None,
+    scale: dict[str, Any] | None,
+    affinity: dict[str, Any] | None = None,
 ) -> list[str]:
     rows = ["| target | measured | met? |", "|---|---|---|"]
 
     def row(target: str, measured: str, met: bool | None) -> None:
         verdict = "n/a" if met is None else ("yes" if met else "**no**")
         rows.append(f"| {target} | {measured} | {verdict} |")
+
+    if affinity and "medians" in affinity:
+        for target, measured, met in affinity_targets(affinity):
+            row(target, measured, met)
 
     if sim:
         rower = [r for r in sim["runs"] if r["kind"] == "rower"]
@@ -162,10 +169,182 @@ def targets(
     return rows
 
 
+def percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
+
+
+def times(value: float | None) -> str:
+    return "-" if value is None else f"×{value:.2f}"
+
+
+CACHE_AWARE = "Rower cache-aware"
+TWO_BALANCERS = "Rower cache-aware, 2 balancers alternating"
+
+
+def affinity_targets(data: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
+    """The issue's targets, as medians over repeats of ratios to the anchor of the same run."""
+    found: list[tuple[str, str, bool | None]] = []
+    by_cell: dict[str, dict[str, dict[str, Any]]] = {}
+    for m in data["medians"]:
+        by_cell.setdefault(m["cell"], {})[m["front"]] = m
+    for cell, fronts in by_cell.items():
+        mine = fronts.get(CACHE_AWARE)
+        anchor = next((m for m in fronts.values() if m["kind"] == "haproxy-hash"), None)
+        if mine and anchor:
+            ratios = (mine["vs_anchor_reuse"], mine["vs_anchor_prefill_s"])
+            p99 = mine["vs_anchor_e2e_p99"]
+            found.append(
+                (
+                    f"cache-aware: reuse ≥, prefill ≤, e2e p99 ≤ the anchor's ({cell})",
+                    f"reuse {percent(mine['reuse'])} vs {percent(anchor['reuse'])} "
+                    f"({times(ratios[0])}), prefill {mine['prefill_s']:.1f} vs "
+                    f"{anchor['prefill_s']:.1f} s ({times(ratios[1])}), e2e p99 "
+                    f"{ms(mine['e2e_p99'])} vs {ms(anchor['e2e_p99'])} ms ({times(p99)})",
+                    None
+                    if None in (*ratios, p99)
+                    else ratios[0] >= 1.0 and ratios[1] <= 1.0 and p99 <= 1.0,
+                )
+            )
+        two = fronts.get(TWO_BALANCERS)
+        if mine and two:
+            ratio = two["vs_one_balancer_reuse"]
+            found.append(
+                (
+                    f"two balancers, turns alternating: reuse ≥ 90% of one balancer's ({cell})",
+                    f"{percent(two['reuse'])} vs {percent(mine['reuse'])} ({times(ratio)})",
+                    None if ratio is None else ratio >= 0.9,
+                )
+            )
+    return found
+
+
+def affinity_section(data: dict[str, Any], out: Path) -> list[str]:
+    """Section 5: one table per comparison (regime, API, variant) and one plot of all."""
+    lines = ["## 5. Prompt-cache affinity on real llama-servers", ""]
+    if "skipped" in data and "runs" not in data:
+        return [*lines, f"Skipped: {data['skipped']}.", ""]
+    lines += [
+        f"{data['servers']} llama-servers x {data['slots']} slots, tiny model, `--cache-ram "
+        f"{data['cache_ram_mib']}` MiB (each server keeps about 5 conversations of ~3,000 "
+        "tokens: 2 in its slots, 3 in host RAM). Multi-turn conversations, each a closed loop "
+        "with think time, a new connection per request; reuse = Σ `cache_n` / Σ prompt tokens "
+        "and prefill = Σ `prompt_ms`, from llama-server's own answers. *Bound*: the reuse if "
+        "every turn found its conversation's previous turn cached. Ratios are to the anchor "
+        "(HAProxy hashing the `X-Session-Id` header the client sends; no other front gets "
+        "it) of the same repeat. Medians of "
+        f"{data['repeats']} interleaved repeats (front order rotated); {data['seconds'] / 60:.1f}"
+        " min. CPU: seconds per run (servers, the front's balancers, Rower's agents, the load "
+        "generator). *Spread*: turns of the busiest server / the mean.",
+        "",
+    ]
+    for name, why in data.get("skipped", {}).items():
+        lines += [f"- Not run: {name}: {why}."]
+    if data.get("skipped"):
+        lines.append("")
+    cells = {c["name"]: c for c in data["cells"]}
+    for cell, spec in cells.items():
+        work = spec["workload"]
+        shared = f" after a shared {work['shared_tokens']}-token system prompt" * bool(
+            work["shared_tokens"]
+        )
+        lines += [
+            f"### {cell}",
+            "",
+            f"{work['conversations']} conversations x {work['turns']} turns, "
+            f"{work['private_tokens']}-token private prefix{shared}, "
+            f"{work['user_tokens']}-token user messages, {work['n_predict']}-token answers, "
+            f"think {work['think_s']} s ± 50%.",
+            "",
+            "| front | reuse | bound | prefill s | reuse / prefill / p99 vs anchor "
+            "| E2E p50 ms | E2E p99 ms | TTFT p50 ms | TTFT p99 ms | spread | errors "
+            "| CPU s: servers / front / agents / loadgen |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for m in (m for m in data["medians"] if m["cell"] == cell):
+            cpu = " / ".join(
+                "-" if m[f"cpu_{g}_s"] is None else f"{m[f'cpu_{g}_s']:.1f}"
+                for g in ("servers", "front", "agents", "loadgen")
+            )
+            versus = " / ".join(
+                times(m[f"vs_anchor_{k}"]) for k in ("reuse", "prefill_s", "e2e_p99")
+            )
+            spread = "-" if m["spread"] is None else f"{m['spread']:.2f}"
+            lines.append(
+                f"| {m['front']} | {percent(m['reuse'])} | {percent(m['reuse_bound'])} "
+                f"| {m['prefill_s']:.1f} | {versus} | {ms(m['e2e_p50'])} | {ms(m['e2e_p99'])} "
+                f"| {ms(m['ttft_p50'])} | {ms(m['ttft_p99'])} | {spread} | {m['errors']:.0f} "
+                f"| {cpu} |"
+            )
+        lines.append("")
+    lines += [*affinity_plot(data, out), ""]
+    return lines
+
+
+def affinity_plot(data: dict[str, Any], out: Path) -> list[str]:
+    cells = [c["name"] for c in data["cells"]]
+    fronts = list(dict.fromkeys(m["front"] for m in data["medians"]))
+    measures = (
+        ("reuse", "prompt-cache reuse (%; dashed: bound)", 100.0),
+        ("prefill_s", "prefill work (s)", 1.0),
+        ("e2e_p99", "E2E p99 (ms)", 1000.0),
+    )
+    fig, axes = plt.subplots(1, 3, figsize=(16, 5))
+    width = 0.8 / max(1, len(fronts))
+    by_key = {(m["cell"], m["front"]): m for m in data["medians"]}
+    for axis, (key, title, scale) in zip(axes, measures, strict=True):
+        for index, front in enumerate(fronts):
+            xs = [c + index * width for c in range(len(cells))]
+            values = [(by_key.get((cell, front), {}).get(key) or 0) * scale for cell in cells]
+            axis.bar(xs, values, width, label=front)
+        if key == "reuse":
+            for c, cell in enumerate(cells):
+                bounds = [m["reuse_bound"] for m in data["medians"] if m["cell"] == cell]
+                bound = max((b for b in bounds if b is not None), default=None)
+                if bound is not None:
+                    axis.hlines(bound * 100, c - width / 2, c + 0.8 - width / 2, "k", "dashed")
+            axis.set_ylim(0, 100)
+        axis.set_title(title)
+        axis.set_xticks([c + 0.4 - width / 2 for c in range(len(cells))])
+        axis.set_xticklabels([c.replace(", ", "\n", 1) for c in cells], fontsize=7)
+        axis.grid(alpha=0.3, axis="y")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "affinity.png", dpi=90)
+    plt.close(fig)
+    return ["![affinity](affinity.png)"]
+
+
+def id_slot_section(data: dict[str, Any]) -> list[str]:
+    """Section 6: the experiment of bench/experiment_id_slot.py, one row per mode."""
+    lines = [
+        "## 6. Pinning `id_slot` against llama-server's own choice of slot",
+        "",
+        f"One llama-server, 2 slots, `--cache-ram 6`; conversations as in section 5 "
+        f"({data['turns']} turns), sent straight to it. `server`: no `id_slot`; `pin-last`: each "
+        "turn pinned to the slot that answered the conversation's previous turn; `pin-held`: "
+        "pinned only while no other conversation has been answered from that slot since. "
+        f"Medians of {data['repeats']} interleaved repeats (each repeat's value in brackets). "
+        "Errors: turns that got no answer within the client's 120 s deadline.",
+        "",
+        "| conversations | client | reuse | prefill s | E2E p50 ms | E2E p99 ms | errors |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in data["summary"]:
+        each = ", ".join(percent(v) for v in row["reuse_all"])
+        errors = sum(row["errors_all"])
+        lines.append(
+            f"| {row['conversations']} | {row['mode']} | {percent(row['reuse'])} ({each}) "
+            f"| {row['prefill_s']:.1f} | {ms(row['e2e_p50'])} | {ms(row['e2e_p99'])} "
+            f"| {errors} in {len(row['errors_all'])} runs |"
+        )
+    return [*lines, ""]
+
+
 def write(out: Path, notes: str = "") -> Path:
     """Write REPORT.md (and the plots) from the JSON results in `out`."""
     sim, real = load(out, "sim"), load(out, "real")
     proxy, scale = load(out, "proxy"), load(out, "scale")
+    affinity = load(out, "affinity")
     meta = load(out, "meta") or {}
     lines = [
         "# Rower benchmark report",
@@ -177,7 +356,7 @@ def write(out: Path, notes: str = "") -> Path:
         "",
         "## Targets",
         "",
-        *targets(sim, proxy, scale),
+        *targets(sim, proxy, scale, affinity),
         "",
     ]
     if notes:
@@ -291,6 +470,11 @@ def write(out: Path, notes: str = "") -> Path:
         fig.savefig(out / "scale.png", dpi=90)
         plt.close(fig)
         lines += ["![scale](scale.png)", ""]
+    if affinity:
+        lines += affinity_section(affinity, out)
+    id_slot = load(out, "id_slot")
+    if id_slot:
+        lines += id_slot_section(id_slot)
     path = out / "REPORT.md"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -1,8 +1,9 @@
 """`python -m bench.run [--quick] [--scenario NAME] [--out DIR]`: run the benchmark suite.
 
 Scenarios: sim (scheduling on simulated servers), real (on llama-servers), proxy (what the
-proxy costs), scale (1,000 agents, 10,000 buffered requests). Results, plots and REPORT.md go
-to bench/results/ (or --out). The full run takes about 20 minutes on 2 cores.
+proxy costs), scale (1,000 agents, 10,000 buffered requests), affinity (multi-turn chat on
+llama-servers: prompt-cache reuse). Results, plots and REPORT.md go to bench/results/ (or
+--out). The full run takes about 30 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -14,13 +15,21 @@ import shutil
 import time
 from pathlib import Path
 
-from bench import report, scenario_proxy, scenario_real, scenario_scale, scenario_sim
+from bench import (
+    report,
+    scenario_affinity,
+    scenario_proxy,
+    scenario_real,
+    scenario_scale,
+    scenario_sim,
+)
 
 SCENARIOS = {
     "sim": scenario_sim.run,
     "real": scenario_real.run,
     "proxy": scenario_proxy.run,
     "scale": scenario_scale.run,
+    "affinity": scenario_affinity.run,
 }
 
 

@@ -12,7 +12,15 @@ from pathlib import Path
 import pytest
 from bench.scheduling import Lengths
 
-from bench import report, scenario_proxy, scenario_real, scenario_scale, scenario_sim
+from bench import (
+    llama_servers,
+    report,
+    scenario_affinity,
+    scenario_proxy,
+    scenario_real,
+    scenario_scale,
+    scenario_sim,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -29,12 +37,16 @@ def test_sim_scheduling(tmp_path: Path) -> None:
             assert run["over_dispatch"] == 0
 
 
-def test_real_scheduling(tmp_path: Path) -> None:
-    if scenario_real.tools(build=False) is None:
+def require_llama_server() -> None:
+    if llama_servers.tools(build=False) is None:
         message = "no cached llama-server or tiny model: run scripts/setup.sh"
         if os.environ.get("CI") or os.environ.get("ROWER_REQUIRE_LLAMA_SERVER") == "1":
             pytest.fail(message, pytrace=False)
         pytest.skip(message)
+
+
+def test_real_scheduling(tmp_path: Path) -> None:
+    require_llama_server()
     short = Lengths(median=32, sigma=0.3, low=8, high=64)
     results = scenario_real.run(
         tmp_path,
@@ -45,6 +57,26 @@ def test_real_scheduling(tmp_path: Path) -> None:
         generation=short,
     )
     assert all(run["ok"] == run["requests"] for run in results["runs"])
+
+
+def test_cache_affinity_and_report(tmp_path: Path) -> None:
+    require_llama_server()
+    fronts = ("Rower least-busy", "Rower cache-aware", scenario_affinity.TWO_BALANCERS.name)
+    cells = [
+        scenario_affinity.Cell(
+            "fits", api, scenario_affinity.Workload(3, 2, private_tokens=300, think_s=0.2), fronts
+        )
+        for api in ("completion", "chat")
+    ]
+    results = scenario_affinity.run(tmp_path, only=cells, repeats=1, build=False)
+    assert results["runs"]
+    for run in results["runs"]:
+        assert run["ok"] == run["requests"] == 6, run["error_kinds"]
+        assert run["prompt_tokens"] > 0
+        assert sum(run["turns_per_server"]) == 6
+    text = report.write(tmp_path).read_text()
+    assert "## 5. Prompt-cache affinity" in text
+    assert (tmp_path / "affinity.png").exists()
 
 
 def test_proxy_cost(tmp_path: Path) -> None:

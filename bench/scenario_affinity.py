@@ -1,0 +1,470 @@
+"""Scenario 5: prompt-cache affinity on real llama-servers (multi-turn chat, long prefixes).
+
+3 llama-servers x 2 slots with `--cache-ram 6` (MiB): with the tiny model a ~3,000-token
+prompt's state is ~1.5 MiB, so each server keeps about 5 conversations (2 in its slots, 3 in
+host RAM), as a real model's KV cache keeps a handful. Conversations: a private ~3,000-token
+prefix (random words), then turns that append llama-server's own answer and a short user
+message; a new connection per request, think time between turns, N conversations at once,
+each a closed loop. Two regimes: the working set fits the fleet's caches (12 conversations)
+or exceeds them (18). Two APIs: `/completion` (a prompt string, not streamed) and
+`/v1/chat/completions` (messages, streamed: TTFT). Variants: a ~1,500-token system prompt
+shared by every conversation before its private part; two Rower balancers fed by the same
+agents, each conversation's turns alternating between them.
+
+Reuse = sum of `timings.cache_n` / sum of prompt tokens (`cache_n + prompt_n`), prefill work
+= sum of `timings.prompt_ms`, both read from llama-server's own answers. The anchor is
+HAProxy hashing an `X-Session-Id` header the client sends; only that front gets the header.
+Every run has its own random text (nothing cached by an earlier run can help), and the same
+conversation shapes and think times as the other fronts of its repeat; repeats are
+interleaved with the order of the fronts rotated, and the report shows medians.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import re
+import statistics
+import subprocess
+import time
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from bench import llama_servers, procs
+from bench.llama_servers import LlamaServer
+from bench.scheduling import (
+    SESSION_HEADER,
+    Front,
+    Policy,
+    Upstream,
+    available,
+    percentile,
+    prompt_text,
+    start_policy,
+    start_rowers,
+    wait_idle,
+)
+
+SERVERS = 3
+SLOTS = 2
+CACHE_RAM_MIB = 6
+SLOT_CONTEXT = 8192
+TOKENS_PER_WORD = 2.08
+"""prompt_text's words of three random letters, in the tiny model's SPM vocabulary (measured)."""
+
+ANCHOR = "haproxy-hash"
+FRONTS = (
+    Policy("nginx least_conn", "nginx-lc"),
+    Policy("HAProxy leastconn+maxconn", "haproxy"),
+    Policy("HAProxy hash of X-Session-Id (anchor)", ANCHOR),
+    Policy("Rower least-busy", "rower", routing="least-busy"),
+    Policy("Rower cache-aware", "rower", routing="cache-aware"),
+)
+TWO_BALANCERS = Policy("Rower cache-aware, 2 balancers alternating", "rower", routing="cache-aware")
+ALL_FRONTS = (*FRONTS, TWO_BALANCERS)
+APIS = {"completion": ("/completion", False), "chat": ("/v1/chat/completions", True)}
+"""API -> (path, streamed)."""
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The conversations of one run. Lengths are in tokens, times in seconds."""
+
+    conversations: int
+    turns: int
+    private_tokens: int = 3000
+    shared_tokens: int = 0
+    user_tokens: int = 12
+    n_predict: int = 32
+    think_s: float = 1.0
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One comparison: every front in `fronts` runs the same kind of workload on one API."""
+
+    regime: str
+    api: str
+    workload: Workload
+    fronts: tuple[str, ...]
+    variant: str = ""
+
+    @property
+    def name(self) -> str:
+        path = APIS[self.api][0]
+        return f"{self.regime}, {path}" + (f", {self.variant}" if self.variant else "")
+
+
+EXCEEDS = 18
+"""Conversations of the regime that exceeds the fleet's caches: 6 a server where 5 fit. At 24
+(8 a server) every front, the anchor too, measured 0% reuse: with 8 conversations taking turns
+on 5 places, least-recently-used eviction drops each one just before it returns."""
+
+
+def cells(quick: bool) -> list[Cell]:
+    """The comparisons of a full (or quick) run."""
+    main = tuple(p.name for p in FRONTS)
+    with_two = (*main, TWO_BALANCERS.name)
+    turns = 4 if quick else 5
+    fits, exceeds = Workload(12, turns), Workload(EXCEEDS, turns)
+    found = [
+        Cell("fits", "completion", fits, with_two),
+        Cell("exceeds", "completion", exceeds, with_two),
+    ]
+    if not quick:
+        found += [
+            Cell("fits", "chat", fits, main),
+            Cell("exceeds", "chat", exceeds, main),
+            Cell(
+                "fits",
+                "chat",
+                replace(fits, private_tokens=2000, shared_tokens=1500),
+                main,
+                "shared system prompt",
+            ),
+        ]
+    return found
+
+
+def routing_available() -> bool:
+    """Whether this Rower has `--routing` (before it, Rower ran least-busy only)."""
+    shown = subprocess.run(
+        procs.rower("balancer", "--help"), capture_output=True, text=True, check=False
+    )
+    return "--routing" in shown.stdout
+
+
+def words(rng: random.Random, tokens: int) -> str:
+    return prompt_text(rng, max(1, round(tokens / TOKENS_PER_WORD)))
+
+
+def conversation_spec(
+    cell: Cell, *, shape_seed: int, text_seed: int, urls: Sequence[str], session_header: bool
+) -> dict[str, Any]:
+    """The load generator's spec of one run: times from `shape_seed`, text from `text_seed`."""
+    work = cell.workload
+    shape, text = random.Random(shape_seed), random.Random(text_seed)
+    shared = words(text, work.shared_tokens) if work.shared_tokens else ""
+    chats = []
+    for index in range(work.conversations):
+        private = words(text, work.private_tokens)
+        chats.append(
+            {
+                "id": f"{text_seed}-{index}",
+                "system": shared,
+                "users": [private, *(words(text, work.user_tokens) for _ in range(work.turns))],
+                "start": shape.uniform(0, 2.0),
+                "think": [shape.uniform(0.5, 1.5) * work.think_s for _ in range(work.turns)],
+            }
+        )
+    path, stream = APIS[cell.api]
+    return {
+        "urls": list(urls),
+        "path": path,
+        "api": cell.api,
+        "stream": stream,
+        "n_predict": work.n_predict,
+        "deadline": 120.0,
+        "session_header": SESSION_HEADER if session_header else None,
+        "conversations": chats,
+    }
+
+
+def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """What one run's turns say: reuse, prefill work, latency, errors."""
+    ok = [r for r in records if r["error"] is None]
+    prompt = sum(r["cache_n"] + r["prompt_n"] for r in ok)
+    cached = sum(r["cache_n"] for r in ok)
+    bound = 0
+    by_conversation: dict[int, list[dict[str, Any]]] = {}
+    for r in ok:
+        by_conversation.setdefault(r["conversation"], []).append(r)
+    for turns in by_conversation.values():
+        turns.sort(key=lambda r: r["turn"])
+        for before, after in itertools.pairwise(turns):
+            reusable = before["cache_n"] + before["prompt_n"] + before["predicted_n"]
+            bound += min(after["cache_n"] + after["prompt_n"], reusable)
+    errors: dict[str, int] = {}
+    for r in records:
+        if r["error"] is not None:
+            errors[r["error"]] = errors.get(r["error"], 0) + 1
+    e2e = [r["e2e"] for r in ok]
+    ttft = [r["ttft"] for r in ok if r["ttft"] is not None]
+    return {
+        "requests": len(records),
+        "ok": len(ok),
+        "errors": len(records) - len(ok),
+        "error_kinds": errors,
+        "prompt_tokens": prompt,
+        "cached_tokens": cached,
+        "reuse": cached / prompt if prompt else None,
+        "reuse_bound": bound / prompt if prompt else None,
+        "prefill_s": sum(r["prompt_ms"] for r in ok) / 1000,
+        "e2e_p50": percentile(e2e, 0.5),
+        "e2e_p99": percentile(e2e, 0.99),
+        "ttft_p50": percentile(ttft, 0.5),
+        "ttft_p99": percentile(ttft, 0.99),
+    }
+
+
+@dataclass
+class Rig:
+    """The servers and the fronts, started once for every run: a front is one or more
+    balancers (the clients' turns alternate between them)."""
+
+    servers: list[LlamaServer]
+    fronts: dict[str, list[Front]]
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def start_fronts(
+    runner: procs.Procs, servers: list[LlamaServer], wanted: set[str], work: Path
+) -> Rig:
+    """Start every front of `wanted`; say why any is left out."""
+    upstreams = [Upstream(s.address, s.slots) for s in servers]
+    rig = Rig(servers, {})
+    routing = routing_available()
+    rowers = []
+    for policy in ALL_FRONTS:
+        if policy.name not in wanted:
+            continue
+        if policy.kind == "rower":
+            if policy.routing == "cache-aware" and not routing:
+                rig.skipped[policy.name] = "this Rower has no --routing flag yet"
+            else:
+                rowers.append(policy)
+        elif not available(policy):
+            rig.skipped[policy.name] = f"{policy.kind} is not installed (bench/setup.sh)"
+        else:
+            rig.fronts[policy.name] = [start_policy(runner, policy, upstreams, work)]
+    # One balancer per Rower front (two for the alternating one), all fed by the same agents.
+    balancers = [replace(p, routing=p.routing if routing else None) for p in rowers]
+    if TWO_BALANCERS in rowers:
+        balancers.append(balancers[rowers.index(TWO_BALANCERS)])
+    if balancers:
+        started = start_rowers(
+            runner, balancers, upstreams, work, extra=("--metrics-endpoint-enable",)
+        )
+        for policy, front in zip(rowers, started, strict=False):
+            rig.fronts[policy.name] = [front]
+        if TWO_BALANCERS in rowers:
+            rig.fronts[TWO_BALANCERS.name].append(started[-1])
+    return rig
+
+
+def rower_counters(fronts: Sequence[Front]) -> dict[str, float]:
+    """Rower's own routing and prompt-token counters (`/metrics`), summed over its balancers
+    and agents (their labels dropped)."""
+    total: dict[str, float] = {}
+    for front in fronts:
+        if front.management is None:
+            continue
+        with urllib.request.urlopen(f"http://{front.management}/metrics", timeout=3) as answer:
+            samples = llama_servers.prometheus_samples(answer.read().decode())
+        for sample, value in samples.items():
+            name = AGENT_LABELS.sub("", sample).replace("{}", "")
+            if ("affinity" in name or "prompt_tokens" in name) and "_created" not in name:
+                total[name] = total.get(name, 0.0) + value
+    return total
+
+
+AGENT_LABELS = re.compile(r'agent_(?:id|name)="[^"]*",?')
+
+
+def run_one(
+    runner: procs.Procs, rig: Rig, policy: Policy, cell: Cell, spec: dict[str, Any], work: Path
+) -> dict[str, Any]:
+    """One front through one workload: the load generator runs it to its end."""
+    fronts = rig.fronts[policy.name]
+    spec_path = work / f"spec-{time.monotonic_ns()}.json"
+    spec_path.write_text(json.dumps(spec))
+    out = spec_path.with_suffix(".out.json")
+    served_before = [llama_servers.metrics(s.port) for s in rig.servers]
+    rower_before = rower_counters(fronts)
+    groups = {
+        "servers": [s.pid for s in rig.servers],
+        "front": [pid for front in fronts for pid in front.pids],
+        "agents": sorted({front.agents for front in fronts if front.agents is not None}),
+    }
+    meter = procs.CpuMeter(groups)
+    loadgen = runner.python("loadgen", "bench.loadgen", "conversations", str(spec_path), str(out))
+    finished = meter.wait("loadgen", loadgen, RUN_LIMIT_S)
+    runner.stop(loadgen)
+    cpu = meter.read()
+    wait_idle(lambda: llama_servers.activity(rig.servers))
+    records = json.loads(out.read_text())["records"] if out.exists() else []
+    result = summarize(records)
+    if not finished:
+        result["error_kinds"][f"load generator stopped after {RUN_LIMIT_S:.0f} s"] = 1
+    served_after = [llama_servers.metrics(s.port) for s in rig.servers]
+    predicted = "llamacpp:tokens_predicted_total"
+    turns = [
+        round((after[predicted] - before[predicted]) / cell.workload.n_predict)
+        for before, after in zip(served_before, served_after, strict=True)
+    ]
+    result["turns_per_server"] = turns
+    result["spread"] = max(turns) / statistics.fmean(turns) if sum(turns) else None
+    rower_after = rower_counters(fronts)
+    result["rower_counters"] = {
+        name: value - rower_before.get(name, 0.0)
+        for name, value in rower_after.items()
+        if value != rower_before.get(name, 0.0)
+    }
+    result["cpu_s"] = cpu
+    result.update(front=policy.name, kind=policy.kind, cell=cell.name, regime=cell.regime)
+    result.update(api=cell.api, variant=cell.variant)
+    return result
+
+
+RUN_LIMIT_S = 300.0
+"""Longest one run may take before its load generator is stopped (a run takes ~5-20 s)."""
+
+
+MEDIAN_KEYS = (
+    "reuse",
+    "reuse_bound",
+    "prefill_s",
+    "e2e_p50",
+    "e2e_p99",
+    "ttft_p50",
+    "ttft_p99",
+    "spread",
+    "errors",
+    "requests",
+)
+
+
+def medians(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (cell, front): the median over repeats of every measure, and of the ratios to the
+    anchor (and, for two balancers, to one) of the same repeat."""
+    found = []
+    cell_order = list(dict.fromkeys(r["cell"] for r in runs))
+    front_order = [p.name for p in ALL_FRONTS]
+    keys = sorted(
+        {(r["cell"], r["front"]) for r in runs},
+        key=lambda k: (cell_order.index(k[0]), front_order.index(k[1])),
+    )
+    for cell, front in keys:
+        mine = [r for r in runs if r["cell"] == cell and r["front"] == front]
+        row: dict[str, Any] = {"cell": cell, "front": front, "repeats": len(mine)}
+        for key in (*MEDIAN_KEYS, *(f"vs_anchor_{k}" for k in ("reuse", "prefill_s", "e2e_p99"))):
+            values = [r[key] for r in mine if r.get(key) is not None]
+            row[key] = statistics.median(values) if values else None
+        for group in ("servers", "front", "agents", "loadgen", "wall"):
+            values = [r["cpu_s"][group] for r in mine if group in r["cpu_s"]]
+            row[f"cpu_{group}_s"] = statistics.median(values) if values else None
+        ratios = [r["vs_one_balancer_reuse"] for r in mine if r.get("vs_one_balancer_reuse")]
+        row["vs_one_balancer_reuse"] = statistics.median(ratios) if ratios else None
+        row.update({k: mine[0][k] for k in ("kind", "regime", "api", "variant")})
+        found.append(row)
+    return found
+
+
+def add_ratios(runs: list[dict[str, Any]], repeat: int, cell: Cell) -> None:
+    """Ratios of this repeat's runs of `cell` to its anchor (and two balancers to one)."""
+    mine = {r["front"]: r for r in runs if r["repeat"] == repeat and r["cell"] == cell.name}
+    anchor = next((r for r in mine.values() if r["kind"] == ANCHOR), None)
+    for run in mine.values():
+        if anchor is None:
+            continue
+        for key in ("reuse", "prefill_s", "e2e_p99"):
+            if run.get(key) is not None and anchor.get(key):
+                run[f"vs_anchor_{key}"] = run[key] / anchor[key]
+    one = mine.get("Rower cache-aware")
+    two = mine.get(TWO_BALANCERS.name)
+    if one and two and one.get("reuse") and two.get("reuse") is not None:
+        two["vs_one_balancer_reuse"] = two["reuse"] / one["reuse"]
+
+
+def run(
+    out: Path,
+    *,
+    quick: bool = False,
+    repeats: int | None = None,
+    only: Sequence[Cell] | None = None,
+    front_names: set[str] | None = None,
+    build: bool = True,
+) -> dict[str, Any]:
+    """Run every cell with every front, `repeats` times interleaved; write affinity.json."""
+    found = llama_servers.tools(build=build)
+    if found is None:
+        results: dict[str, Any] = {
+            "scenario": "affinity",
+            "skipped": "llama-server or model missing",
+        }
+        (out / "affinity.json").write_text(json.dumps(results))
+        return results
+    server, model = found
+    chosen = list(only or cells(quick))
+    repeats = repeats or (1 if quick else 3)
+    wanted = set().union(*(c.fronts for c in chosen))
+    if front_names is not None:
+        wanted &= front_names
+    work = out / "work" / "affinity"
+    work.mkdir(parents=True, exist_ok=True)
+    runs: list[dict[str, Any]] = []
+    started = time.monotonic()
+    with procs.Procs(work / "logs") as runner:
+        cache = ("--cache-ram", str(CACHE_RAM_MIB))
+        servers = llama_servers.start(
+            runner,
+            server,
+            model,
+            count=SERVERS,
+            slots=SLOTS,
+            slot_context=SLOT_CONTEXT,
+            extra=cache,
+        )
+        rig = start_fronts(runner, servers, wanted, work)
+        for repeat in range(repeats):
+            for cell_index, cell in enumerate(chosen):
+                fronts = [p for p in ALL_FRONTS if p.name in cell.fronts and p.name in rig.fronts]
+                shift = repeat % len(fronts) if fronts else 0
+                for policy in fronts[shift:] + fronts[:shift]:
+                    # Text of its own for every run: what an earlier run left in the
+                    # servers' caches is no help; shapes and think times shared in a repeat.
+                    unique = random.Random(f"{repeat} {cell.name} {policy.name}")
+                    spec = conversation_spec(
+                        cell,
+                        shape_seed=1000 * repeat + cell_index,
+                        text_seed=unique.getrandbits(48),
+                        urls=[front.url for front in rig.fronts[policy.name]],
+                        session_header=policy.kind == ANCHOR,
+                    )
+                    result = run_one(runner, rig, policy, cell, spec, work)
+                    result["repeat"] = repeat
+                    runs.append(result)
+                    print(_line(result), flush=True)
+                add_ratios(runs, repeat, cell)
+    results = {
+        "scenario": "affinity",
+        "servers": SERVERS,
+        "slots": SLOTS,
+        "cache_ram_mib": CACHE_RAM_MIB,
+        "slot_context": SLOT_CONTEXT,
+        "repeats": repeats,
+        "seconds": time.monotonic() - started,
+        "cells": [{**asdict(c), "name": c.name} for c in chosen],
+        "skipped": rig.skipped,
+        "runs": runs,
+        "medians": medians(runs),
+    }
+    (out / "affinity.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
+def _line(result: dict[str, Any]) -> str:
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value * 1000:.0f}"
+
+    reuse = result["reuse"]
+    return (
+        f"  #{result['repeat']} {result['cell']:<40} {result['front']:<44} reuse "
+        f"{'-' if reuse is None else f'{reuse:.0%}'}, prefill {result['prefill_s']:.1f} s, "
+        f"e2e p50 {ms(result['e2e_p50'])} p99 {ms(result['e2e_p99'])} ms, "
+        f"turns/server {result['turns_per_server']}, errors {result['errors']}"
+    )
