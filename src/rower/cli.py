@@ -11,8 +11,8 @@ import argparse
 import importlib
 import os
 import sys
-from collections.abc import Sequence
-from typing import Protocol, cast
+from collections.abc import Callable, Sequence
+from typing import Protocol, TypeVar, cast
 
 from rower import __version__
 from rower.addresses import Address, AddressError
@@ -34,6 +34,9 @@ class Subcommand(Protocol):
     def configure(self, parser: argparse.ArgumentParser) -> None: ...
 
     def run(self, args: argparse.Namespace) -> int: ...
+
+
+T = TypeVar("T")
 
 
 def address(text: str) -> Address:
@@ -71,6 +74,32 @@ def positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
     return int(text)
+
+
+def model_name(text: str) -> str:
+    """argparse type for model names: what clients send in `model`."""
+    name = text.strip()
+    if not name or len(name) > 256 or not name.isprintable():
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a model name (1-256 printable characters)"
+        )
+    return name
+
+
+def model_assignment(
+    convert: Callable[[str], T], form: str = "MODEL=VALUE"
+) -> Callable[[str], tuple[str, T]]:
+    """argparse type for `MODEL=VALUE` flags (spelled `form` in errors), the value read by
+    `convert`."""
+
+    def parse(text: str) -> tuple[str, T]:
+        name, sep, value = text.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"{text!r}: write {form}")
+        return model_name(name), convert(value.strip())
+
+    parse.__name__ = getattr(convert, "__name__", "value")
+    return parse
 
 
 def add_logging_flags(parser: argparse.ArgumentParser) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rower.cli import address, milliseconds, non_negative, positive
+from rower.cli import address, milliseconds, model_assignment, model_name, non_negative, positive
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -201,6 +201,47 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "to FILE (appended; reopened when moved), or off (default: stderr)",
     )
     parser.add_argument(
+        "--model",
+        dest="models",
+        action="append",
+        default=[],
+        type=model_name,
+        metavar="NAME",
+        help="a model the fleet serves even before a server of it registers: its requests wait "
+        "in its own buffer (scale from zero per model) (repeatable)",
+    )
+    parser.add_argument(
+        "--default-model",
+        type=model_name,
+        metavar="NAME",
+        help="the model of requests that name none, in a fleet of several models (without it "
+        "they get 400)",
+    )
+    parser.add_argument(
+        "--model-alias",
+        action="append",
+        default=[],
+        type=model_assignment(model_name, "CLIENT=MODEL"),
+        metavar="CLIENT=MODEL",
+        help="requests naming CLIENT go to MODEL (a model id or alias of the fleet) (repeatable)",
+    )
+    parser.add_argument(
+        "--model-max-buffered-requests",
+        action="append",
+        default=[],
+        type=model_assignment(non_negative, "MODEL=N"),
+        metavar="MODEL=N",
+        help="--max-buffered-requests for one model (repeatable)",
+    )
+    parser.add_argument(
+        "--model-buffered-request-timeout",
+        action="append",
+        default=[],
+        type=model_assignment(milliseconds, "MODEL=MS"),
+        metavar="MODEL=MS",
+        help="--buffered-request-timeout for one model (repeatable)",
+    )
+    parser.add_argument(
         "--slot-accounting",
         choices=("rower", "paddler"),
         default="rower",
@@ -211,6 +252,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run `rower balancer`."""
     from rower.balancer.fleet import Routing
+    from rower.balancer.models import ModelRules
     from rower.balancer.service import serve
     from rower.balancer.settings import BalancerSettings
     from rower.balancer.upstream import SlotAccounting
@@ -242,6 +284,13 @@ def run(args: argparse.Namespace) -> int:
         routing=Routing(args.routing),
         prompt_cache_contexts=args.prompt_cache_contexts,
         prefix_memory_entries=args.prefix_memory_entries,
+        models=ModelRules(
+            declared=tuple(dict.fromkeys(args.models)),
+            default=args.default_model,
+            renames=dict(args.model_alias),
+            max_buffered=dict(args.model_max_buffered_requests),
+            buffer_timeout={m: ms / 1000 for m, ms in args.model_buffered_request_timeout},
+        ),
         request_header_timeout=args.request_header_timeout / 1000,
         idle_connection_timeout=args.idle_connection_timeout / 1000,
         max_client_connections=args.max_client_connections,

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from rower.addresses import Address
 from rower.balancer.fleet import Routing
+from rower.balancer.models import ModelRules
 from rower.balancer.prefix_memory import DEFAULT_MAX_ENTRIES
 from rower.balancer.upstream import SlotAccounting
 
@@ -39,6 +40,8 @@ class BalancerSettings:
     routing: Routing = Routing.CACHE_AWARE
     prompt_cache_contexts: int = 8
     prefix_memory_entries: int = DEFAULT_MAX_ENTRIES
+    # Models (docs/models.md).
+    models: ModelRules = field(default_factory=ModelRules)
     # Hostile clients and agents (docs/reliability.md).
     request_header_timeout: float = 10.0
     idle_connection_timeout: float = 15.0
