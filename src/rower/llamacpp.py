@@ -1,4 +1,5 @@
-"""What Rower knows of llama-server's HTTP API: its `/slots` answer and its error shape."""
+"""What Rower knows of llama-server's HTTP API: its `/slots`, `/props` and `/v1/models` answers
+and its error shape."""
 
 from __future__ import annotations
 
@@ -42,10 +43,36 @@ class LlamaProps(msgspec.Struct, frozen=True):
     total_slots: int | None = None
     model_path: str | None = None
     model_alias: str | None = None
+    role: str | None = None
+    """`"router"` for a router-mode server (`--models-dir`, no `-m`); absent otherwise."""
+
+
+class LlamaListedModel(msgspec.Struct, frozen=True):
+    """One element of `GET /v1/models` `data`; other keys are ignored.
+
+    Untyped fields, as `LlamaSlot`'s progress: one odd entry must not hide the others.
+    """
+
+    id: Any = None
+    """The name clients send as `model`: the first `--alias`, else the `-m` path as given; in
+    router mode the file stem (or preset name)."""
+    aliases: Any = None
+    """Every name the model answers to: in single-model mode the `--alias` names (the id
+    included), in router mode the preset's extra names (the id not included)."""
+    status: Any = None
+    """Router mode only: `{"value": "loaded" | "unloaded" | "loading" | "sleeping" | ...}`,
+    plus `"failed": true` and `"exit_code"` when its last load failed."""
+
+
+class LlamaModelList(msgspec.Struct, frozen=True):
+    """llama-server's `GET /v1/models` answer (the OpenAI list part)."""
+
+    data: list[LlamaListedModel]
 
 
 slots_decoder = msgspec.json.Decoder(list[LlamaSlot])
 props_decoder = msgspec.json.Decoder(LlamaProps)
+models_decoder = msgspec.json.Decoder(LlamaModelList)
 
 
 def error_body(code: int, message: str, error_type: str | None = None) -> bytes:

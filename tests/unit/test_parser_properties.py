@@ -2,7 +2,9 @@
 
 The parsers: NDJSON status lines (`status_decoder`, what the balancer reads from agents),
 llama-server's `/slots` answers (`slots_decoder` and the agent's `status_from_poll` mapping),
-and `HOST:PORT` addresses (`Address.parse`, flags and reported addresses).
+its `/props` and `/v1/models` answers and a router's per-model `/slots` (`facts_from_props`,
+`model_listing`, `router_status_from_poll`), and `HOST:PORT` addresses (`Address.parse`,
+flags and reported addresses).
 """
 
 from __future__ import annotations
@@ -17,13 +19,26 @@ from hypothesis import strategies as st
 
 from rower.addresses import Address, AddressError
 from rower.agent.llamacpp_probe import (
+    MAX_MODELS,
     AgentIdentity,
     ServerFacts,
     SlotsAnswer,
+    facts_from_props,
+    model_listing,
+    models_to_poll,
+    router_status_from_poll,
     status_from_poll,
+    with_model_list,
 )
 from rower.llamacpp import slots_decoder
-from rower.status import SlotStatus, StatusUpdate, json_encoder, status_decoder
+from rower.status import (
+    ModelStatus,
+    SlotStatus,
+    StatusUpdate,
+    checked_status,
+    json_encoder,
+    status_decoder,
+)
 
 bounded = settings(max_examples=150, deadline=None)
 
@@ -71,6 +86,19 @@ def test_status_line_of_wrongly_typed_fields_is_parsed_or_refused(fields: dict[s
 
 
 text = st.text(max_size=50)
+names = st.text(min_size=1, max_size=30)
+slot_statuses = st.lists(
+    st.builds(
+        SlotStatus,
+        st.integers(0, 512),
+        st.booleans(),
+        st.integers(0, 10**6),
+        id_task=st.none() | st.integers(0, 2**63 - 1),
+        n_decoded=st.none() | st.integers(0, 2**31),
+        n_remain=st.none() | st.integers(-1, 2**31),
+    ),
+    max_size=8,
+)
 statuses = st.builds(
     StatusUpdate,
     external_llamacpp_addr=st.text(min_size=3, max_size=300),
@@ -84,17 +112,22 @@ statuses = st.builds(
     monitoring_interval_ms=st.integers(1, 10**9),
     sequence=st.integers(0, 2**62),
     is_draining=st.booleans(),
-    slots=st.lists(
+    slots=slot_statuses,
+    model_aliases=st.lists(names, max_size=4),
+    is_router=st.booleans(),
+    models=st.lists(
         st.builds(
-            SlotStatus,
-            st.integers(0, 512),
-            st.booleans(),
-            st.integers(0, 10**6),
-            id_task=st.none() | st.integers(0, 2**63 - 1),
-            n_decoded=st.none() | st.integers(0, 2**31),
-            n_remain=st.none() | st.integers(-1, 2**31),
+            ModelStatus,
+            names,
+            aliases=st.lists(names, max_size=3),
+            is_loaded=st.booleans(),
+            error=st.none() | text,
+            slots_idle=st.integers(0, 512),
+            slots_processing=st.integers(0, 512),
+            slots_total=st.integers(0, 512),
+            slots=slot_statuses,
         ),
-        max_size=8,
+        max_size=4,
     ),
 )
 
@@ -155,13 +188,123 @@ def test_any_slots_answer_maps_to_a_status_the_balancer_accepts(
         assert (status.slots_idle, status.slots_processing) == (0, 0)
 
 
+props_bodies = (
+    st.binary(max_size=200)
+    | json_values.map(lambda v: json.dumps(v).encode())
+    | st.fixed_dictionaries(
+        {},
+        optional={
+            "role": st.sampled_from(["router", "", "model"]) | json_values,
+            "total_slots": st.integers(-5, 64) | json_values,
+            "model_alias": st.text(max_size=300) | json_values,
+            "model_path": st.text(max_size=300) | json_values,
+        },
+    ).map(lambda v: json.dumps(v).encode())
+)
+model_names = st.text(max_size=300) | json_values
+listed_models = st.fixed_dictionaries(
+    {"id": model_names},
+    optional={
+        "aliases": st.lists(model_names, max_size=70) | json_values,
+        "status": st.fixed_dictionaries(
+            {},
+            optional={
+                "value": st.sampled_from(["loaded", "unloaded", "loading", "sleeping"])
+                | json_values,
+                "failed": st.booleans() | json_values,
+                "exit_code": st.integers(-(2**70), 2**70) | json_values,
+            },
+        )
+        | json_values,
+    },
+)
+models_bodies = (
+    st.binary(max_size=200)
+    | json_values.map(lambda v: json.dumps(v).encode())
+    | st.lists(listed_models, max_size=8).map(lambda d: json.dumps({"data": d}).encode())
+    # More models than a status carries: the loaded ones must be kept.
+    | st.integers(MAX_MODELS - 2, MAX_MODELS + 3).map(
+        lambda n: json.dumps(
+            {
+                "data": [
+                    {"id": f"m{i}", "status": {"value": "loaded" if i % 7 else "x"}}
+                    for i in range(n)
+                ]
+            }
+        ).encode()
+    )
+)
+
+
+@bounded
+@given(props_bodies, st.integers(100, 599), models_bodies, st.integers(100, 599), slot_bodies)
+def test_any_props_and_models_answers_name_a_model_the_balancer_accepts(
+    props: bytes, models_code: int, models: bytes, slots_code: int, slots: bytes
+) -> None:
+    facts = facts_from_props(props)
+    if isinstance(facts, str):
+        facts = ServerFacts()
+    listing = model_listing(SlotsAnswer(models_code, models), models_url="http://h:1/v1/models")
+    if isinstance(listing, list) and not facts.is_router:
+        facts = with_model_list(facts, listing)
+    status = status_from_poll(
+        SlotsAnswer(slots_code, slots),
+        slots_url="http://h:1/slots",
+        identity=IDENTITY,
+        facts=facts,
+    )
+    assert status_decoder.decode(json_encoder.encode(status)) == status
+    assert status.model not in status.model_aliases
+
+
+@bounded
+@given(
+    models_bodies,
+    st.integers(100, 599),
+    st.lists(st.tuples(st.integers(100, 599), slot_bodies), max_size=8),
+)
+def test_any_router_poll_maps_to_a_status_the_balancer_accepts(
+    models: bytes, models_code: int, answers: list[tuple[int, bytes]]
+) -> None:
+    listing = model_listing(SlotsAnswer(models_code, models), models_url="http://h:1/v1/models")
+    polled = models_to_poll(listing) if isinstance(listing, list) else []
+    model_slots = {
+        name: SlotsAnswer(*answers[i % len(answers)]) if answers else SlotsAnswer(200, b"[]")
+        for i, name in enumerate(polled)
+    }
+    status = router_status_from_poll(
+        listing, model_slots, base_url="http://h:1", identity=IDENTITY, known_totals={"m1": 3}
+    )
+    # The agent never sends a line its balancer would refuse.
+    assert status_decoder.decode(json_encoder.encode(status)) == status
+    assert checked_status(status, max_slots=10**6) == status
+    assert status.is_router
+    assert status.slots == []
+    assert len(status.models) <= MAX_MODELS
+    for key in ("slots_idle", "slots_processing", "slots_total"):
+        assert getattr(status, key) == sum(getattr(model, key) for model in status.models)
+    for model in status.models:
+        assert model.slots_idle + model.slots_processing <= model.slots_total
+        assert model.model not in model.aliases
+        if not model.is_loaded:
+            assert (model.slots_total, model.slots) == (0, [])
+        if model.error is not None:
+            assert (model.slots_idle, model.slots_processing, model.slots) == (0, 0, [])
+    if isinstance(listing, list):
+        assert status.error is None
+        loaded = [model.model for model in status.models if model.is_loaded]
+        assert loaded == polled
+    else:
+        assert status.error is not None
+        assert status.models == []
+
+
 # Host names as `Address.parse` keeps them: lower-case labels of letters, digits and inner '-',
 # the last one not a number (which would make the name an IPv4 address).
 LABEL = r"[a-z0-9]([a-z0-9-]{0,8}[a-z0-9])?"
-hosts = (
-    st.from_regex(rf"\A({LABEL}\.){{0,3}}[a-z]([a-z0-9-]{{0,8}}[a-z0-9])?\Z")
-    | st.ip_addresses(v=4).map(str)
-)
+hosts = st.from_regex(rf"\A({LABEL}\.){{0,3}}[a-z]([a-z0-9-]{{0,8}}[a-z0-9])?\Z") | st.ip_addresses(
+    v=4
+).map(str)
 
 
 @bounded

@@ -1,11 +1,16 @@
 """The polling loop: asks llama-server about its slots every interval and publishes the status.
 
 This module only does the HTTP exchanges and turns them (or their failure) into the values of
-`llamacpp_probe`, which decides what they mean. `/props` (model, number of slots) is read at
-start, after a failed poll, when the number of slots changed and when the slots' task ids say
-the server restarted between two polls, because it rarely changes and a restarted server may
-run another model. `/health` is read only when `/slots` failed, to tell a server that is
-loading its model apart from one that is broken.
+`llamacpp_probe`, which decides what they mean. What the server serves (`/props`: router or
+not, number of slots; `/v1/models`: the model's id and aliases) is read at start, after a
+failed poll, when the number of slots changed and when the slots' task ids say the server
+restarted between two polls, because it rarely changes and a restarted server may run another
+model. `/health` is read only when `/slots` failed, to tell a server that is loading its model
+apart from one that is broken.
+
+A router-mode server (`--models-dir`) loads and unloads models on its own, so its `/v1/models`
+is read at every poll, and then the slots of each model it says is loaded, all at once. The
+agent never asks for a model that is not loaded: a router loads a model it is asked about.
 """
 
 from __future__ import annotations
@@ -15,7 +20,6 @@ import contextlib
 import errno
 import logging
 import os
-import posixpath
 
 import aiohttp
 import msgspec
@@ -30,10 +34,15 @@ from rower.agent.llamacpp_probe import (
     SlotsFailure,
     SlotsOutcome,
     TransportFailure,
+    facts_from_props,
+    model_listing,
+    model_slots_path,
+    models_to_poll,
     restarted,
+    router_status_from_poll,
     status_from_poll,
+    with_model_list,
 )
-from rower.llamacpp import props_decoder
 from rower.status import SlotStatus, StatusUpdate
 
 logger = logging.getLogger(__name__)
@@ -66,10 +75,14 @@ class Monitor:
         self._timeout = aiohttp.ClientTimeout(total=request_timeout)
         self._request_timeout = request_timeout
         self._facts = ServerFacts()
-        self._needs_props = True
+        self._needs_facts = True
+        self._facts_read = False
         self._sequence = 0
         self._last_slots: list[SlotStatus] = []
+        self._known_totals: dict[str, int] = {}
+        self._loaded_models: list[str] = []
         self.slots_url = local_addr.url("/slots")
+        self.models_url = local_addr.url("/v1/models")
         self.draining = False
         """The agent is stopping: every status says `is_draining`."""
 
@@ -94,10 +107,27 @@ class Monitor:
                 await asyncio.wait_for(stop.wait(), timeout=next_poll - now)
 
     async def poll_once(self) -> StatusUpdate:
-        """One poll: `/slots`, plus `/props` and `/health` when needed; returns the status."""
-        if self._needs_props:
-            await self._read_props()
-        outcome = await self._get_slots()
+        """One poll; returns the status.
+
+        A single-model server: `/slots`, plus `/props`, `/v1/models` and `/health` when needed.
+        A router: `/v1/models`, then `/slots?model=` of each loaded model, concurrently.
+        """
+        if self._needs_facts:
+            await self._read_facts()
+        if self._facts.is_router:
+            status = await self._poll_router()
+        else:
+            status = await self._poll_server()
+        self._needs_facts = status.error is not None or not self._facts_read
+        return status
+
+    async def _poll_server(self) -> StatusUpdate:
+        outcome = await self._get(self.slots_url)
+        if isinstance(outcome, SlotsAnswer) and outcome.status == 400:
+            # What a router answers to `/slots` without a model: it may have restarted as one.
+            await self._read_facts()
+            if self._facts.is_router:
+                return await self._poll_router()
         health = Health.UNKNOWN
         if isinstance(outcome, SlotsFailure) or outcome.status == 503:
             health = await self._read_health()
@@ -114,25 +144,62 @@ class Monitor:
         if status.error is None:
             if status.slots_total != self._facts.total_slots:
                 # Another number of slots: the server restarted, maybe with another model.
-                await self._read_props()
-                status = msgspec.structs.replace(status, model=self._facts.model)
+                status = await self._with_facts_read_again(status)
             elif restarted(self._last_slots, status.slots):
                 logger.info(
                     "llama-server at %s restarted (its task ids began again)", self._local_addr
                 )
-                await self._read_props()
-                status = msgspec.structs.replace(status, model=self._facts.model)
+                status = await self._with_facts_read_again(status)
             self._last_slots = status.slots
         else:
-            # `/props` is read again at the next poll anyway.
+            # What it serves is read again at the next poll anyway.
             self._last_slots = []
-        self._needs_props = status.error is not None
         return status
 
-    async def _get_slots(self) -> SlotsOutcome:
+    async def _with_facts_read_again(self, status: StatusUpdate) -> StatusUpdate:
+        await self._read_facts()
+        return msgspec.structs.replace(
+            status, model=self._facts.model, model_aliases=list(self._facts.aliases)
+        )
+
+    async def _poll_router(self) -> StatusUpdate:
+        listing = model_listing(await self._get(self.models_url), models_url=self.models_url)
+        if isinstance(listing, list) and listing and all(m.state is None for m in listing):
+            # A single-model server's list: it restarted without --models-dir.
+            await self._read_facts()
+            if not self._facts.is_router:
+                return await self._poll_server()
+        names = models_to_poll(listing) if isinstance(listing, list) else []
+        # One request per loaded model, side by side: k models cost one round trip, not k.
+        answers = await asyncio.gather(
+            *(self._get(self._local_addr.url(model_slots_path(name))) for name in names)
+        )
+        self._sequence += 1
+        status = router_status_from_poll(
+            listing,
+            dict(zip(names, answers, strict=True)),
+            base_url=self._local_addr.url(),
+            identity=self._identity,
+            facts=self._facts,
+            sequence=self._sequence,
+            is_draining=self.draining,
+            known_totals=self._known_totals,
+        )
+        self._known_totals = {m.model: m.slots_total for m in status.models if m.slots_total}
+        self._last_slots = []
+        if status.error is None and names != self._loaded_models:
+            logger.info(
+                "llama-server router at %s: %s",
+                self._local_addr,
+                f"models loaded: {', '.join(names)}" if names else "no model loaded",
+            )
+        self._loaded_models = names if status.error is None else self._loaded_models
+        return status
+
+    async def _get(self, url: str) -> SlotsOutcome:
         try:
             async with self._session.get(
-                self.slots_url,
+                url,
                 headers=self._headers,
                 timeout=self._timeout,
                 allow_redirects=False,
@@ -142,50 +209,46 @@ class Monitor:
         except (aiohttp.ClientError, TimeoutError, OSError) as error:
             return failure_from_error(error, timeout=self._request_timeout)
 
-    async def _get_json(self, path: str) -> tuple[int, bytes] | None:
-        try:
-            async with self._session.get(
-                self._local_addr.url(path),
-                headers=self._headers,
-                timeout=self._timeout,
-                allow_redirects=False,
-            ) as answer:
-                return answer.status, await answer.content.read(MAX_BODY_BYTES)
-        except (aiohttp.ClientError, TimeoutError, OSError) as error:
-            logger.debug("GET %s failed: %s", self._local_addr.url(path), error)
-            return None
-
-    async def _read_props(self) -> None:
-        answer = await self._get_json("/props")
-        if answer is None or answer[0] != 200:
-            self._needs_props = True
+    async def _read_facts(self) -> None:
+        """Read what the server serves: `/props`, and `/v1/models` for a single-model server."""
+        answer = await self._get(self._local_addr.url("/props"))
+        if not isinstance(answer, SlotsAnswer) or answer.status != 200:
+            logger.debug("%s: no /props answer: %s", self._local_addr, answer)
+            self._facts_read = False
             return
-        try:
-            props = props_decoder.decode(answer[1])
-        except msgspec.DecodeError as error:
-            logger.debug("%s: unreadable /props answer: %s", self._local_addr, error)
+        facts = facts_from_props(answer.body)
+        if isinstance(facts, str):
+            logger.debug("%s: unreadable /props answer: %s", self._local_addr, facts)
+            self._facts_read = False
             return
-        model = props.model_alias or (
-            posixpath.basename(props.model_path.replace("\\", "/")) if props.model_path else None
-        )
-        facts = ServerFacts(model=model or None, total_slots=props.total_slots)
+        if not facts.is_router:
+            # Best effort: without it the model keeps the name /props gives, with no aliases.
+            listing = model_listing(await self._get(self.models_url), models_url=self.models_url)
+            if isinstance(listing, list):
+                facts = with_model_list(facts, listing)
         if facts != self._facts:
-            logger.info(
-                "llama-server at %s: model %s, %s slots",
-                self._local_addr,
-                facts.model or "(unknown)",
-                facts.total_slots if facts.total_slots is not None else "(unknown)",
-            )
+            if facts.is_router:
+                logger.info(
+                    "llama-server at %s is a router: one child server per model", self._local_addr
+                )
+            else:
+                logger.info(
+                    "llama-server at %s: model %s%s, %s slots",
+                    self._local_addr,
+                    facts.model or "(unknown)",
+                    f" (also {', '.join(facts.aliases)})" if facts.aliases else "",
+                    facts.total_slots if facts.total_slots is not None else "(unknown)",
+                )
         self._facts = facts
-        self._needs_props = False
+        self._facts_read = True
 
     async def _read_health(self) -> Health:
-        answer = await self._get_json("/health")
-        if answer is None:
+        answer = await self._get(self._local_addr.url("/health"))
+        if isinstance(answer, SlotsFailure):
             return Health.UNKNOWN
-        if answer[0] == 200:
+        if answer.status == 200:
             return Health.OK
-        if answer[0] == 503:
+        if answer.status == 503:
             return Health.LOADING
         return Health.UNKNOWN
 
