@@ -1,5 +1,6 @@
 """Real HTTP peers for agent tests: an NDJSON status receiver (the balancer's side of the
-stream) and a small server that answers `/slots`, `/props` and `/health` as llama-server does.
+stream) and a small server that answers `/slots`, `/props`, `/v1/models` and `/health` as
+llama-server does, in single-model or in router mode.
 
 Both listen on 127.0.0.1 at a free port, in the test's own event loop.
 """
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import msgspec
@@ -140,6 +141,16 @@ class LlamaState:
     )
     model_path: str = "/models/tiny-llama.gguf"
     model_alias: str = ""
+    aliases: list[str] = field(default_factory=list)
+    """More names after `model_alias`, as `--alias a,b,c` gives."""
+    router: dict[str, str] | None = None
+    """Router mode (`--models-dir`): each model's `status.value`; every loaded model has
+    `slots`. A `/slots?model=` for a model that is not loaded loads it, as llama-server's
+    autoload does, unless the request says `autoload=false`."""
+    models_status: int | None = None
+    """Answer `/v1/models` with this status and an empty body, when set."""
+    slots_barrier: int = 0
+    """Each `/slots` waits until this many are in progress at once (or answers 500 after 2 s)."""
     api_key: str | None = None
     no_slots: bool = False
     loading: bool = False
@@ -148,6 +159,11 @@ class LlamaState:
     slots_delay: float = 0.0
     slots_requests: int = 0
     props_requests: int = 0
+    models_requests: int = 0
+    slots_queries: list[dict[str, str]] = field(default_factory=list)
+    """The query of every `/slots` request, in order."""
+    loads: list[str] = field(default_factory=list)
+    """Models a `/slots?model=` request loaded (the agent must never make one)."""
     authorizations: list[str | None] = field(default_factory=list)
 
 
@@ -159,7 +175,10 @@ class FakeLlama(Site):
         app = web.Application()
         app.router.add_get("/slots", self._slots)
         app.router.add_get("/props", self._props)
+        app.router.add_get("/v1/models", self._models)
         app.router.add_get("/health", self._health)
+        self._slots_arrived = 0
+        self._slots_together = asyncio.Event()
         super().__init__(app, port)
 
     def _refuse(self, request: web.Request, *, public: bool = False) -> web.Response | None:
@@ -177,13 +196,26 @@ class FakeLlama(Site):
 
     async def _slots(self, request: web.Request) -> web.Response:
         self.state.slots_requests += 1
+        self.state.slots_queries.append(dict(request.query))
         if self.state.slots_delay:
             await asyncio.sleep(self.state.slots_delay)
+        if self.state.slots_barrier:
+            self._slots_arrived += 1
+            if self._slots_arrived >= self.state.slots_barrier:
+                self._slots_together.set()
+            try:
+                await asyncio.wait_for(self._slots_together.wait(), 2.0)
+            except TimeoutError:
+                return _error(500, "the requests did not come together")
         if self.state.slots_status is not None:
             return web.Response(status=self.state.slots_status, body=self.state.slots_body or b"")
         refused = self._refuse(request)
         if refused:
             return refused
+        if self.state.router is not None:
+            refused = self._route(request.query)
+            if refused:
+                return refused
         if self.state.no_slots:
             return web.Response(
                 status=501,
@@ -197,11 +229,50 @@ class FakeLlama(Site):
             content_type="application/json",
         )
 
+    def _route(self, query: Mapping[str, str]) -> web.Response | None:
+        """What a router answers before it hands a `/slots` to the model's child, if anything."""
+        router = self.state.router
+        assert router is not None
+        name = query.get("model", "")
+        if not name:
+            return _error(400, "model name is missing from the request")
+        if name not in router:
+            return _error(400, f"model '{name}' not found")
+        if router[name] != "loaded":
+            if query.get("autoload") in ("false", "0"):
+                return _error(400, "model is not loaded")
+            router[name] = "loaded"
+            self.state.loads.append(name)
+        return None
+
+    async def _models(self, request: web.Request) -> web.Response:
+        self.state.models_requests += 1
+        if self.state.models_status is not None:
+            return web.Response(status=self.state.models_status)
+        refused = self._refuse(request)
+        if refused:
+            return refused
+        router = self.state.router
+        if router is not None:
+            data = [
+                {"id": name, "aliases": [], "object": "model", "status": {"value": value}}
+                for name, value in router.items()
+            ]
+        else:
+            name = self.state.model_alias or self.state.model_path
+            aliases = list(dict.fromkeys([name, *self.state.aliases]))
+            data = [{"id": name, "aliases": aliases, "object": "model", "owned_by": "llamacpp"}]
+        return web.json_response({"object": "list", "data": data})
+
     async def _props(self, request: web.Request) -> web.Response:
         self.state.props_requests += 1
         refused = self._refuse(request)
         if refused:
             return refused
+        if self.state.router is not None:
+            return web.json_response(
+                {"role": "router", "model_alias": "llama-server", "model_path": "none"}
+            )
         return web.json_response(
             {
                 "total_slots": len(self.state.slots),
@@ -215,3 +286,9 @@ class FakeLlama(Site):
     async def _health(self, request: web.Request) -> web.Response:
         refused = self._refuse(request, public=True)
         return refused or web.json_response({"status": "ok"})
+
+
+def _error(code: int, message: str) -> web.Response:
+    return web.Response(
+        status=code, body=error_body(code, message), content_type="application/json"
+    )

@@ -48,7 +48,7 @@ async def test_environment_variables_and_sigterm(llama: FakeLlama, receiver: Rec
         assert status.agent_name == "from-env"
         assert status.external_llamacpp_addr == llama.addr
         assert status.monitoring_interval_ms == 100
-        assert (status.slots_idle, status.model) == (2, "tiny-llama.gguf")
+        assert (status.slots_idle, status.model) == (2, "/models/tiny-llama.gguf")
         assert receiver.headers[0]["Authorization"] == "Bearer tok"
         assert await stopped(agent) == 0
         # Both streams ended cleanly, with a last line marked draining.

@@ -46,12 +46,13 @@ async def test_healthy_server(llama: FakeLlama, session: aiohttp.ClientSession) 
     status = await monitor.poll_once()
     assert status.error is None
     assert (status.slots_idle, status.slots_processing, status.slots_total) == (1, 1, 2)
-    assert status.model == "tiny-llama.gguf"
+    # Without --alias, llama-server's /v1/models names the model by its -m path.
+    assert (status.model, status.model_aliases) == ("/models/tiny-llama.gguf", [])
     assert status.external_llamacpp_addr == "10.1.2.3:8080"
     assert status.sequence == 1
     assert (await monitor.poll_once()).sequence == 2
-    # /props is read once at start, not at every poll.
-    assert llama.state.props_requests == 1
+    # What it serves is read once at start, not at every poll.
+    assert (llama.state.props_requests, llama.state.models_requests) == (1, 1)
 
 
 async def test_model_alias_wins_over_path(llama: FakeLlama, session: aiohttp.ClientSession) -> None:
@@ -68,7 +69,7 @@ async def test_props_reread_when_slot_count_changes(
     llama.state.slots.append({"id": 2, "n_ctx": 2048, "is_processing": False})
     llama.state.model_path = "/m/other.gguf"
     status = await monitor.poll_once()
-    assert (status.slots_total, status.model) == (3, "other.gguf")
+    assert (status.slots_total, status.model) == (3, "/m/other.gguf")
     assert llama.state.props_requests == 2
 
 
@@ -80,13 +81,15 @@ async def test_props_reread_when_task_ids_say_the_server_restarted(
     monitor = monitor_for(session, llama.addr)
     slot = (await monitor.poll_once()).slots[0]
     assert (slot.id_task, slot.n_decoded, slot.n_remain) == (41, 9, 0)
-    assert (await monitor.poll_once()).model == "tiny-llama.gguf"
+    assert (await monitor.poll_once()).model == "/models/tiny-llama.gguf"
     assert llama.state.props_requests == 1
     # Restarted between two polls, same slot count, another model.
     llama.state.slots[0].update(id_task=0)
     llama.state.model_path = "/m/other.gguf"
+    llama.state.aliases = ["other"]
     status = await monitor.poll_once()
-    assert (status.error, status.model, status.slots[0].id_task) == (None, "other.gguf", 0)
+    assert (status.error, status.model, status.slots[0].id_task) == (None, "/m/other.gguf", 0)
+    assert status.model_aliases == ["other"]
     assert llama.state.props_requests == 2
 
 
@@ -133,7 +136,11 @@ async def test_loading_model(llama: FakeLlama, session: aiohttp.ClientSession) -
     assert status.slots_idle == 0
     llama.state.loading = False
     healthy = await monitor.poll_once()
-    assert (healthy.error, healthy.slots_idle, healthy.model) == (None, 2, "tiny-llama.gguf")
+    assert (healthy.error, healthy.slots_idle, healthy.model) == (
+        None,
+        2,
+        "/models/tiny-llama.gguf",
+    )
 
 
 async def test_503_with_healthy_health_is_unexpected(
