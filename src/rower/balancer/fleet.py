@@ -104,6 +104,17 @@ class Buffered:
     model: str = UNKNOWN
 
 
+@dataclass(frozen=True, slots=True)
+class _Unit:
+    """What one report says of one upstream: its key, its model if it is a router's, its
+    status, and whether it is a router's model not loaded yet (`Upstream.cold`)."""
+
+    key: str
+    router_model: str | None
+    status: StatusUpdate
+    cold: bool = False
+
+
 class RejectReason(enum.Enum):
     """Why a request could neither be dispatched nor buffered."""
 
@@ -181,6 +192,8 @@ class Fleet:
         reports are ignored), and whether an operator had drained them."""
         self.superseded_by_last_report: list[str] = []
         """Agents the last `report` replaced (for the caller to log)."""
+        self.router_reports: dict[str, StatusUpdate] = {}
+        """The last report of each router-mode agent (what its models are)."""
         self._names: ModelNames | None = None
         """What model names mean (None: to be worked out again, after a change)."""
         self._dispatch_counter = itertools.count(1)
@@ -298,12 +311,12 @@ class Fleet:
         """
         self.superseded_by_last_report = []
         dispatched: list[Dispatch] = []
-        units = dict(self._units(agent_id, status))
+        units = {unit.key: unit for unit in self._units(agent_id, status)}
         for key in self._agent_units.get(agent_id, set()) - units.keys():
-            # A model the router no longer has loaded.
+            # A model the router no longer has loaded (or that another server loaded).
             self._remove_unit(key)
-        for key, (model, unit_status) in units.items():
-            dispatched.extend(self._report_unit(agent_id, key, model, unit_status, now, wall))
+        for unit in units.values():
+            dispatched.extend(self._report_unit(agent_id, unit, now, wall))
         if units:
             self._agent_units[agent_id] = set(units) & self.upstreams.keys()
         if not self._agent_units.get(agent_id):
@@ -322,6 +335,7 @@ class Fleet:
                 del self._superseded[key]
         for key in self._agent_units.pop(agent_id, set()):
             self._remove_unit(key)
+        self.router_reports.pop(agent_id, None)
         self.revision += 1
 
     def drain(self, agent_id: str) -> bool:
@@ -475,58 +489,58 @@ class Fleet:
 
     # Internals.
 
-    def _units(
-        self, agent_id: str, status: StatusUpdate
-    ) -> Iterator[tuple[str, tuple[str | None, StatusUpdate]]]:
+    def _units(self, agent_id: str, status: StatusUpdate) -> Iterator[_Unit]:
         """The upstreams a report speaks for: the server itself, or each model a router has
-        loaded (with the router's own issue, if it has one)."""
+        loaded (with the router's own issue, if it has one), and a cold one for each model it
+        could load that no server has loaded."""
         if not status.is_router:
-            yield agent_id, (None, status)
+            self.router_reports.pop(agent_id, None)
+            yield _Unit(agent_id, None, status)
             return
+        self.router_reports[agent_id] = status
         if status.has_issue:
             # Nothing is known of its models now: the ones it had stay, with the issue.
             for key in self._agent_units.get(agent_id, set()):
                 unit = self.upstreams[key]
-                yield (
-                    key,
-                    (
-                        unit.router_model,
-                        msgspec.structs.replace(
-                            status, model=unit.model, model_aliases=unit.status.model_aliases
-                        ),
-                    ),
+                named = msgspec.structs.replace(
+                    status, model=unit.model, model_aliases=unit.status.model_aliases
                 )
+                yield _Unit(key, unit.router_model, named, unit.cold)
             return
         for model in status.models:
-            if not model.is_loaded:
+            key = f"{agent_id}/{model.model}"
+            if model.is_loaded:
+                slots = model.slots_idle, model.slots_processing, model.slots_total, model.slots
+                cold = False
+            elif self._served_warm(model.model, elsewhere_than=agent_id):
                 continue
-            yield (
-                f"{agent_id}/{model.model}",
-                (
-                    model.model,
-                    msgspec.structs.replace(
-                        status,
-                        error=model.error,
-                        model=model.model,
-                        model_aliases=model.aliases,
-                        slots_idle=0 if model.error else model.slots_idle,
-                        slots_processing=0 if model.error else model.slots_processing,
-                        slots_total=model.slots_total,
-                        slots=model.slots,
-                        models=[],
-                    ),
-                ),
+            else:
+                # One request may go here: the router loads the model for it.
+                slots, cold = (1, 0, 1, []), True
+            idle, processing, total, slot_list = slots
+            unit_status = msgspec.structs.replace(
+                status,
+                error=model.error,
+                model=model.model,
+                model_aliases=model.aliases,
+                slots_idle=0 if model.error else idle,
+                slots_processing=0 if model.error else processing,
+                slots_total=total,
+                slots=slot_list,
+                models=[],
             )
+            yield _Unit(key, model.model, unit_status, cold)
 
-    def _report_unit(
-        self,
-        agent_id: str,
-        key: str,
-        router_model: str | None,
-        status: StatusUpdate,
-        now: float,
-        wall: float,
-    ) -> list[Dispatch]:
+    def _served_warm(self, model: str, *, elsewhere_than: str) -> bool:
+        """Whether a server other than `elsewhere_than`'s has `model` loaded (as far as the
+        last reports say)."""
+        pool = self.pools.get(model)
+        return pool is not None and any(
+            not u.cold and u.agent_id != elsewhere_than for u in pool.members.values()
+        )
+
+    def _report_unit(self, agent_id: str, unit: _Unit, now: float, wall: float) -> list[Dispatch]:
+        key, router_model, status = unit.key, unit.router_model, unit.status
         identity = (
             status.external_llamacpp_addr
             if router_model is None
@@ -563,6 +577,7 @@ class Fleet:
                 self._names = None
             self._pool(upstream.model).leave(upstream)
         upstream.status = status
+        upstream.cold = unit.cold
         if collides:
             self._supersede_others(upstream)
         pool = self._pool(upstream.model)

@@ -75,6 +75,9 @@ class Upstream:
     """Its key in the fleet: the agent id, or `agent id/model` for a model of a router."""
     router_model: str | None = None
     """For one model of a router-mode llama-server: that model."""
+    cold: bool = False
+    """A router's model that is not loaded: it has one slot, for the request that makes the
+    router load it (docs/models.md)."""
 
     def __post_init__(self) -> None:
         if not self.key:

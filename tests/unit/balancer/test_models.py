@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from rower.balancer.fleet import Buffered, Dispatch, Fleet, Rejected, RejectReason
+from rower.balancer.model_listing import listing
 from rower.balancer.models import UNKNOWN, ModelNames, ModelProblem, ModelRefusal, ModelRules
 from rower.balancer.request_needs import RequestNeeds
 from rower.status import ModelStatus, SlotStatus, StatusUpdate
@@ -153,25 +154,45 @@ def loaded(name: str, total: int = 2) -> ModelStatus:
 
 def test_each_loaded_model_of_a_router_is_its_own_upstream() -> None:
     fleet = Fleet(max_buffered=2)
-    fleet.report(
-        "r", router(9000, loaded("alpha", 1), loaded("beta", 1), ModelStatus("gamma")), 0.0, 0.0
-    )
+    fleet.report("r", router(9000, loaded("alpha", 1), loaded("beta", 1)), 0.0, 0.0)
     assert sorted(fleet.upstreams) == ["r/alpha", "r/beta"]
     alpha, beta = ask(fleet, 1, "alpha"), ask(fleet, 2, "beta")
     assert isinstance(alpha, Dispatch)
     assert isinstance(beta, Dispatch)
     assert alpha.upstream == beta.upstream == "127.0.0.1:9000"
     assert isinstance(ask(fleet, 3, "alpha"), Buffered)
-    # The router unloads beta: its upstream goes, the request on it runs on and is released.
+    # The router unloads beta: the request on it runs on and is released.
     fleet.report("r", router(9000, loaded("alpha", 1), ModelStatus("beta")), 1.0, 1.0)
-    assert sorted(fleet.upstreams) == ["r/alpha"]
+    assert fleet.upstreams["r/beta"].cold
     assert fleet.release(2, 1.0) == []
     (third,) = fleet.release(1, 1.0)
     assert third.request_id == 3
-    assert len(fleet.views(1.0)) == 1
     assert fleet.drain("r")
     fleet.remove_agent("r")
     assert fleet.upstreams == {}
+
+
+def test_a_model_no_server_has_loaded_is_loaded_by_one_request_on_a_router() -> None:
+    fleet = Fleet(max_buffered=5)
+    fleet.report("r", router(9000, loaded("alpha", 1), ModelStatus("gamma")), 0.0, 0.0)
+    assert fleet.names.models == ("alpha", "gamma")
+    first = ask(fleet, 1, "gamma")
+    assert isinstance(first, Dispatch)
+    assert first.upstream == "127.0.0.1:9000"
+    # One request loads it; the others wait for the model's real slots.
+    assert isinstance(ask(fleet, 2, "gamma"), Buffered)
+    (second,) = fleet.report("r", router(9000, loaded("alpha", 1), loaded("gamma", 2)), 1.0, 1.0)
+    assert second.request_id == 2
+    assert not fleet.upstreams["r/gamma"].cold
+
+
+def test_a_router_is_not_asked_to_load_a_model_another_server_has_loaded() -> None:
+    fleet = Fleet(max_buffered=5)
+    fleet.report("s", status(8000, "gamma"), 0.0, 0.0)
+    fleet.report("r", router(9000, loaded("alpha", 1), ModelStatus("gamma")), 0.0, 0.0)
+    assert sorted(fleet.upstreams) == ["r/alpha", "s"]
+    assert isinstance(ask(fleet, 1, "gamma"), Dispatch)
+    assert isinstance(ask(fleet, 2, "gamma"), Buffered)
 
 
 def test_a_router_with_an_issue_keeps_its_models_unusable() -> None:
@@ -199,3 +220,28 @@ def test_a_restarted_router_agent_supersedes_the_old_one_per_model(model: str | 
     assert isinstance(ask(fleet, 2, model), Buffered)
     fleet.report("old", router(9000, loaded("alpha", 1)), 2.0, 2.0)
     assert list(fleet.upstreams) == ["new/alpha"]
+
+
+def test_v1_models_lists_the_whole_fleet() -> None:
+    fleet = Fleet(max_buffered=5, models=ModelRules(declared=("embed",)))
+    fleet.report("a", status(8000, "alpha", 2, aliases=["chat"]), 0.0, 100.0)
+    fleet.report("b", status(8001, "alpha", 1), 0.0, 50.0)
+    fleet.report("r", router(9000, loaded("beta", 1), ModelStatus("gamma")), 0.0, 70.0)
+    ask(fleet, 1, "embed")
+    body = listing(fleet, 0.0, 200.0)
+    assert [m["id"] for m in body["data"]] == ["alpha", "beta", "embed", "gamma"]
+    alpha, beta, embed, gamma = body["data"]
+    assert alpha["aliases"] == ["chat"]
+    assert (alpha["object"], alpha["owned_by"], alpha["created"]) == ("model", "llamacpp", 50)
+    assert alpha["rower"] == {
+        "state": "ready",
+        "servers": 2,
+        "slots_total": 3,
+        "slots_free": 3,
+        "requests_buffered": 0,
+    }
+    assert beta["rower"]["state"] == "ready"
+    assert (embed["rower"]["state"], embed["rower"]["requests_buffered"]) == ("declared", 1)
+    assert gamma["rower"]["state"] == "loadable"
+    assert body["object"] == "list"
+    assert [m["name"] for m in body["models"]] == ["alpha", "beta", "embed", "gamma"]
