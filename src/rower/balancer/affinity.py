@@ -41,8 +41,8 @@ and cost more to hash and to remember."""
 Chain = tuple[int, ...]
 """Block hashes, in order; element k names the conversation's first k+1 blocks."""
 
-_SEPARATOR = b"\x1e"
-_FIELD = b"\x1f"
+_SEPARATOR = "\x1e"
+_FIELD = "\x1f"
 _encode = msgspec.json.Encoder(order="deterministic").encode
 _hash = xxhash.xxh3_64_intdigest
 
@@ -78,7 +78,9 @@ def conversation_head(path: str, body: Mapping[str, Any]) -> Head:
     Empty for paths whose prompt is not reused (embeddings, rerank) or when the body has
     nothing a prompt is made of.
     """
-    parts: list[bytes] = []
+    # Text pieces, encoded once at the end: one encode of the whole costs less than one per
+    # message. `shared` is how many pieces make the shared part.
+    parts: list[str] = []
     shared = 0
     if path in ("/v1/chat/completions", "/chat/completions"):
         _tools(body, parts)
@@ -88,108 +90,115 @@ def conversation_head(path: str, body: Mapping[str, Any]) -> Head:
             while system < len(messages) and _is_system(messages[system]):
                 system += 1
             _messages(messages[:system], parts)
-            shared = _length(parts)
+            shared = len(parts)
             _messages(messages[system:], parts)
     elif path in ("/completion", "/completions", "/v1/completions"):
         _prompt(body.get("prompt"), parts)
     elif path == "/v1/responses":
         _tools(body, parts)
         _text(body.get("instructions"), parts)
-        shared = _length(parts)
+        shared = len(parts)
         value = body.get("input")
         if isinstance(value, str):
-            parts.append(value.encode())
+            parts.append(value)
         else:
             _messages(value, parts)
     elif path == "/v1/messages":
         _tools(body, parts)
         _content(body.get("system"), parts)
-        shared = _length(parts)
+        shared = len(parts)
         _messages(body.get("messages"), parts)
     elif path == "/infill":
         extra = body.get("input_extra")
         if isinstance(extra, list):
-            for chunk in extra:
-                parts.append(_encode(chunk))
-        shared = _length(parts)
+            parts.extend(_json(chunk) for chunk in extra)
+        shared = len(parts)
         _text(body.get("input_prefix"), parts)
-    return Head(b"".join(parts), shared)
+    head = "".join(parts[:shared]).encode("utf-8", "surrogatepass")
+    rest = "".join(parts[shared:]).encode("utf-8", "surrogatepass")
+    return Head(head + rest, len(head))
 
 
-def _length(parts: list[bytes]) -> int:
-    return sum(len(part) for part in parts)
+def _json(value: object) -> str:
+    return _encode(value).decode()
 
 
 def _is_system(message: object) -> bool:
     return isinstance(message, dict) and message.get("role") in ("system", "developer")
 
 
-def _tools(body: Mapping[str, Any], parts: list[bytes]) -> None:
+def _tools(body: Mapping[str, Any], parts: list[str]) -> None:
     tools = body.get("tools")
     if tools:
-        parts.append(_encode(tools))
+        parts.append(_json(tools))
         parts.append(_SEPARATOR)
 
 
-def _text(value: object, parts: list[bytes]) -> None:
+def _text(value: object, parts: list[str]) -> None:
     if isinstance(value, str):
-        parts.append(value.encode())
+        parts.append(value)
         parts.append(_SEPARATOR)
 
 
-def _messages(messages: object, parts: list[bytes]) -> None:
+def _messages(messages: object, parts: list[str]) -> None:
     if not isinstance(messages, list):
         return
+    append = parts.append
     for message in messages:
-        if not isinstance(message, dict):
-            parts.append(_encode(message))
+        if type(message) is not dict:
+            append(_json(message))
             continue
         role = message.get("role")
-        if isinstance(role, str):
-            parts.append(role.encode())
-        parts.append(_FIELD)
-        _content(message.get("content"), parts)
-        for key in ("tool_calls", "tool_call_id", "name"):
-            if key in message:
-                parts.append(_encode(message[key]))
-        if message.get("type") not in (None, "message"):
-            # A Responses API item that is not a message (a function call, its output).
-            parts.append(_encode(message))
-        parts.append(_SEPARATOR)
+        append(role if type(role) is str else "")
+        append(_FIELD)
+        content = message.get("content")
+        if type(content) is str:
+            append(content)
+        else:
+            _content(content, parts)
+        if len(message) > 2:
+            for key in ("tool_calls", "tool_call_id", "name"):
+                if key in message:
+                    append(_json(message[key]))
+            if message.get("type") not in (None, "message"):
+                # A Responses API item that is not a message (a function call, its output).
+                append(_json(message))
+        append(_SEPARATOR)
 
 
-def _content(content: object, parts: list[bytes]) -> None:
+def _content(content: object, parts: list[str]) -> None:
     if isinstance(content, str):
-        parts.append(content.encode())
+        parts.append(content)
     elif isinstance(content, list):
         for part in content:
             text = part.get("text") if isinstance(part, dict) else None
             # Text parts by their text; images, audio and tool blocks by their JSON (a data URL
             # names the picture; the chat template puts the media where the part stands).
-            parts.append(text.encode() if isinstance(text, str) else _encode(part))
+            parts.append(text if isinstance(text, str) else _json(part))
     elif content is not None:
-        parts.append(_encode(content))
+        parts.append(_json(content))
 
 
-def _prompt(prompt: object, parts: list[bytes]) -> None:
+def _prompt(prompt: object, parts: list[str]) -> None:
     if isinstance(prompt, str):
-        parts.append(prompt.encode())
+        parts.append(prompt)
     elif isinstance(prompt, dict):
         # llama-server's multimodal prompt object.
         _prompt(prompt.get("prompt_string"), parts)
     elif isinstance(prompt, list) and prompt:
         if all(type(token) is int for token in prompt):
-            parts.append(_token_bytes(prompt))
+            parts.append(_token_text(prompt))
         elif all(isinstance(item, str | list | dict) for item in prompt):
             # Several prompts in one request: they run on as many slots; key on the first.
             _prompt(prompt[0], parts)
         else:
             # Token ids mixed with text, llama-server's other prompt form.
-            parts.append(_encode(prompt))
+            parts.append(_json(prompt))
 
 
-def _token_bytes(tokens: Sequence[int]) -> bytes:
+def _token_text(tokens: Sequence[int]) -> str:
+    # Eight bytes a token, as text (latin-1 maps each byte to one character).
     try:
-        return array("q", tokens).tobytes()
+        return array("q", tokens).tobytes().decode("latin-1")
     except OverflowError:
-        return _encode(tokens)
+        return _json(tokens)
