@@ -311,3 +311,154 @@ async def test_a_client_leaving_the_buffer_is_logged_as_499(
         assert (line["status"], line["failure"]) == (499, "client_disconnected")
         assert line["wait_ms"] > 0
         assert await proxy.metric("rower_client_disconnects_total") == 1
+
+
+@dataclass
+class ClosingLlamaServer:
+    """A raw HTTP server that closes connections as llama-server does, or worse.
+
+    It answers a JSON body with `Content-Length` and keeps the connection; a request whose body
+    asks for a stream gets a chunked event stream, after which the connection is closed a
+    moment later whatever came in meanwhile (llama-server closes after every stream, without
+    saying `Connection: close`, unless the request said it). With `close_on_reuse`, a second
+    request on a connection is never answered: the connection closes as it arrives (a server's
+    idle close racing with it). With `close_always`, no request is answered.
+    """
+
+    close_on_reuse: bool = False
+    close_always: bool = False
+    port: int = field(default_factory=free_port)
+    connections: int = 0
+    requests: list[dict[str, str]] = field(default_factory=list)
+    server: asyncio.Server | None = None
+    handlers: set[asyncio.Task[None]] = field(default_factory=set)
+
+    @property
+    def addr(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self.serve, "127.0.0.1", self.port)
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for handler in self.handlers:
+            handler.cancel()
+        await asyncio.gather(*self.handlers, return_exceptions=True)
+        await self.server.wait_closed()
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        handler = asyncio.current_task()
+        assert handler is not None
+        self.handlers.add(handler)
+        served = 0
+        try:
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                lines = head.decode().split("\r\n")
+                headers = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
+                body = await reader.readexactly(int(headers.get("Content-Length", "0")))
+                self.requests.append(headers)
+                if self.close_always or (self.close_on_reuse and served):
+                    return
+                served += 1
+                # As llama-server (cpp-httplib): a request's `Connection: close` is answered.
+                closing = headers.get("Connection") == "close"
+                keep = b"Connection: close" if closing else b"Keep-Alive: timeout=5, max=100"
+                if b'"stream": true' in body or b'"stream":true' in body:
+                    event = b'data: {"content":"a"}\n\n'
+                    writer.write(
+                        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                        b"Transfer-Encoding: chunked\r\n%s\r\n\r\n"
+                        b"%x\r\n%s\r\n0\r\n\r\n" % (keep, len(event), event)
+                    )
+                    await writer.drain()
+                    if not closing:
+                        await asyncio.sleep(0.2)
+                    return
+                answer = b'{"content":"hi"}'
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                    b"%s\r\nContent-Length: %d\r\n\r\n%s" % (keep, len(answer), answer)
+                )
+                await writer.drain()
+                if closing:
+                    return
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return
+        finally:
+            writer.close()
+
+
+@contextlib.asynccontextmanager
+async def closing_upstream(proxy: Proxy, **behaviour: bool) -> AsyncIterator[ClosingLlamaServer]:
+    """A `ClosingLlamaServer` registered with the proxy's balancer as its only server."""
+    upstream = ClosingLlamaServer(**behaviour)
+    await upstream.start()
+    proxy.register(upstream.addr, slots=1)
+    try:
+        yield upstream
+    finally:
+        await upstream.stop()
+
+
+async def test_a_pool_that_reuses_a_connection_after_a_stream_fails(proxy: Proxy) -> None:
+    # The failure kept-alive connections bring, without the proxy's care: aiohttp's own pool.
+    async with closing_upstream(proxy) as upstream, aiohttp.ClientSession() as session:
+        url = f"http://{upstream.addr}/completion"
+        async with session.post(url, json={"stream": True}) as streamed:
+            await streamed.read()
+        with pytest.raises(aiohttp.ServerDisconnectedError):
+            async with session.post(url, json={"prompt": "x"}) as answer:
+                await answer.read()
+    assert upstream.connections == 1
+
+
+async def test_answers_with_a_length_reuse_one_connection(proxy: Proxy) -> None:
+    async with closing_upstream(proxy) as upstream:
+        for _ in range(3):
+            status, _, body = await post(proxy, {"prompt": "x"})
+            assert (status, body) == (200, b'{"content":"hi"}')
+    assert upstream.connections == 1
+    assert await proxy.metric("rower_upstream_connections_reused_total") == 2
+
+
+async def test_a_stream_is_not_followed_on_its_connection(proxy: Proxy) -> None:
+    async with closing_upstream(proxy) as upstream:
+        for body in ({"prompt": "x"}, {"stream": True}, {"prompt": "x"}, {"stream": True}):
+            status, _, _ = await post(proxy, body)
+            assert status == 200
+    # Each answer's connection carried the stream after it, and was closed after that.
+    assert upstream.connections == 2
+    assert [r.get("Connection") for r in upstream.requests] == [None, "close", None, "close"]
+    assert await proxy.metric("rower_upstream_retries_total") == 0
+    assert await proxy.metric("rower_upstream_errors_total") == 0
+
+
+async def test_a_kept_alive_connection_closed_under_a_request_is_retried_once(
+    proxy: Proxy,
+) -> None:
+    async with closing_upstream(proxy, close_on_reuse=True) as upstream:
+        for request_id in ("first", "second"):
+            status, headers, body = await post(proxy, {"prompt": "x"}, {"X-Request-Id": request_id})
+            assert (status, body) == (200, b'{"content":"hi"}')
+            assert headers["X-Request-Id"] == request_id
+    # The second went out on the kept-alive connection, was closed unanswered, went again.
+    assert upstream.connections == 2
+    assert [r["X-Request-Id"] for r in upstream.requests] == ["first", "second", "second"]
+    assert await proxy.metric("rower_upstream_retries_total") == 1
+    assert await proxy.metric("rower_upstream_errors_total") == 0
+    assert [line["failure"] for line in proxy.lines()] == [None, None]
+    # The slot was held across the retry and given back once.
+    assert proxy.balancer.fleet.requests_in_flight == 0
+
+
+async def test_a_new_connection_that_fails_is_not_retried(proxy: Proxy) -> None:
+    async with closing_upstream(proxy, close_always=True) as upstream:
+        status, _, body = await post(proxy, {"prompt": "x"})
+    assert status == 502
+    assert b"failed" in body
+    assert len(upstream.requests) == 1  # it may have run there: never sent twice
+    assert await proxy.metric("rower_upstream_retries_total") == 0
+    assert proxy.lines()[-1]["failure"] == "upstream_failed"

@@ -195,6 +195,17 @@ class BalancerMetrics:
             "Requests that failed at llama-server: refused, unreachable, or broken mid-response",
             registry=self.registry,
         )
+        self.connections_reused = Counter(
+            "rower_upstream_connections_reused",
+            "Requests llama-server answered on a kept-alive connection (the rest opened one)",
+            registry=self.registry,
+        )
+        self.retries = Counter(
+            "rower_upstream_retries",
+            "Requests sent again on a new connection because a kept-alive one failed before "
+            "any byte of the answer (the server had closed it)",
+            registry=self.registry,
+        )
         self.client_disconnects = Counter(
             "rower_client_disconnects",
             "Requests whose client closed the connection before the answer was complete "
@@ -213,6 +224,10 @@ class BalancerMetrics:
             self.time_to_first_byte.labels(path).observe(outcome.seconds_to_first_byte)
         if outcome.upstream is not None and takes_slot(outcome.path):
             self.buffer_wait.observe(outcome.seconds_waiting)
+        if outcome.connection_reused:
+            self.connections_reused.inc()
+        if outcome.retried:
+            self.retries.inc()
         failure = outcome.failure
         if failure is Failure.BUFFER_FULL:
             self.buffer_full.inc()

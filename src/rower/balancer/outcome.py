@@ -70,6 +70,9 @@ class ProxyOutcome:
         seconds_total: time from arrival to the end of the answer (or of the attempt).
         bytes_received: request body bytes read from the client.
         bytes_sent: response body bytes written to the client.
+        connection_reused: whether the upstream answered on a kept-alive connection.
+        retried: whether a kept-alive connection failed before the answer and the request was
+            sent again on a new one (to the same server, on the same slot).
         failure: why the request did not get a whole answer, or None.
         error: the message that goes with `failure`.
         needs: what the request needs, once its body was read.
@@ -87,6 +90,8 @@ class ProxyOutcome:
     seconds_total: float = 0.0
     bytes_received: int = 0
     bytes_sent: int = 0
+    connection_reused: bool = False
+    retried: bool = False
     failure: Failure | None = None
     error: str | None = None
     needs: RequestNeeds | None = None

@@ -11,8 +11,14 @@ answers itself), and keys the request's `ProxyOutcome`, reported exactly once pe
 every path to the listeners (metrics, access log). W3C `traceparent` and `tracestate` pass through
 untouched, as every header that is not hop-by-hop.
 
+Upstream connections are kept alive only where llama-server keeps them too (`upstream_client`:
+after answers with a `Content-Length`, idle for under 2 s), and a request that meets a kept-alive
+connection the server had closed is sent again, once, on a new one to the same server, on the
+same slot: the client never sees "Server disconnected" for it.
+
 The listener runs with `handler_cancellation=True`, so a client that goes away cancels the
-handler: leaving the upstream `async with` then closes the upstream connection. llama-server then
+handler: leaving the upstream `async with` then closes the upstream connection (an answer not
+read to its end is never pooled). llama-server then
 stops a streamed generation at its next token; a non-streamed one runs to its end, which is why
 such a slot is given back as "abandoned". A client that leaves is counted as what it is
 (`client_disconnected`), not as a failure of the upstream.
@@ -49,6 +55,7 @@ from rower.balancer.request_ids import request_id
 from rower.balancer.request_needs import BadRequest, RequestNeeds, read_needs
 from rower.balancer.settings import BalancerSettings
 from rower.balancer.slot_gate import SlotGate, SlotUnavailable
+from rower.balancer.upstream_client import UpstreamClient
 from rower.http_errors import error_response
 
 log = logging.getLogger(__name__)
@@ -67,9 +74,9 @@ HOP_BY_HOP = frozenset(
     }
 )
 
-_NEEDS = "rower.needs"
-_DISPATCH = "rower.dispatch"
-_EXCHANGE = "rower.exchange"
+_NEEDS = web.RequestKey("rower.needs", RequestNeeds)
+_DISPATCH = web.RequestKey("rower.dispatch", Dispatch)
+_EXCHANGE: web.RequestKey[_Exchange] = web.RequestKey("rower.exchange")
 """Where a request keeps what it needs, where it went and how far it got, for its outcome."""
 
 MAX_ATTEMPTS = 3
@@ -91,38 +98,19 @@ _UNAVAILABLE = {
 """The slot gate's refusals, by the status it chose."""
 
 
-def upstream_session() -> aiohttp.ClientSession:
-    """The client for upstream llama-servers.
-
-    No total timeout (a generation may run for minutes), no pool limit (the slot count is the
-    limit), no decompression (bytes pass through as the server sent them), and a new connection
-    for every request: reusing kept-alive connections to llama-server made about one request
-    in 40 fail with "Server disconnected" (the server had closed the connection as it was
-    reused), and an idle kept-alive connection holds one of llama-server's HTTP threads. A
-    loopback or LAN connect costs a fraction of a millisecond; a generation, seconds.
-    """
-    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, force_close=True)
-    return aiohttp.ClientSession(
-        connector=connector,
-        timeout=aiohttp.ClientTimeout(total=None, sock_connect=5.0),
-        auto_decompress=False,
-        skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
-    )
-
-
 class ReverseProxy:
     """aiohttp handler for every method and path of the public listener."""
 
     def __init__(
         self,
         gate: SlotGate,
-        session: aiohttp.ClientSession,
+        upstream: UpstreamClient,
         settings: BalancerSettings,
         *,
         on_outcome: OutcomeListener | None = None,
     ) -> None:
         self.gate = gate
-        self.session = session
+        self.upstream = upstream
         self.settings = settings
         self.on_outcome = on_outcome
 
@@ -262,13 +250,14 @@ class ReverseProxy:
         exchange.upstream = upstream
         url = f"http://{upstream}{request.rel_url}"
         headers = self._upstream_headers(request, upstream)
+        needs: RequestNeeds | None = request.get(_NEEDS)
         try:
-            upstream_response = await self.session.request(
+            answer = await self.upstream.request(
                 request.method,
                 url,
                 headers=headers,
-                data=body if request.body_exists else None,
-                allow_redirects=False,
+                body=body if request.body_exists else None,
+                streaming=needs is not None and needs.streaming,
             )
         except Exception as error:
             if isinstance(error, aiohttp.ClientConnectorError):
@@ -278,6 +267,8 @@ class ReverseProxy:
             if isinstance(error, aiohttp.ClientError | TimeoutError):
                 return self._upstream_failed(request, upstream, error)
             raise
+        upstream_response = answer.response
+        exchange.connection_reused, exchange.retried = answer.reused, answer.retried
         async with upstream_response:
             exchange.first_byte = loop.time() - exchange.started
             if _is_small(request, upstream_response):
@@ -448,6 +439,8 @@ class ReverseProxy:
                 seconds_total=asyncio.get_running_loop().time() - exchange.started,
                 bytes_received=exchange.bytes_received,
                 bytes_sent=exchange.bytes_sent,
+                connection_reused=exchange.connection_reused,
+                retried=exchange.retried,
                 failure=failure,
                 error=error,
                 needs=request.get(_NEEDS),
@@ -497,6 +490,8 @@ class _Exchange:
         status: the status sent to the client, once the headers are gone.
         bytes_sent: response body bytes written to the client.
         streaming: whether an event stream is flowing to the client.
+        connection_reused: whether the upstream answered on a kept-alive connection.
+        retried: whether a kept-alive connection failed first and it was sent again.
         reported: whether its outcome was reported (it is, exactly once).
     """
 
@@ -509,6 +504,8 @@ class _Exchange:
     status: int | None = None
     bytes_sent: int = 0
     streaming: bool = False
+    connection_reused: bool = False
+    retried: bool = False
     reported: bool = False
 
 

@@ -24,10 +24,11 @@ from rower.balancer.http_limits import (
 from rower.balancer.management import management_app
 from rower.balancer.metrics import BalancerMetrics, add_metrics_routes
 from rower.balancer.outcome import OutcomeListener, all_of
-from rower.balancer.proxy import ReverseProxy, proxy_app, upstream_session
+from rower.balancer.proxy import ReverseProxy, proxy_app
 from rower.balancer.settings import BalancerSettings
 from rower.balancer.slot_gate import SlotGate
 from rower.balancer.statsd import StatsdReporter
+from rower.balancer.upstream_client import UpstreamClient
 
 log = logging.getLogger(__name__)
 
@@ -71,19 +72,19 @@ class Balancer:
 
     async def start(self) -> None:
         """Listen on the management and reverse-proxy addresses."""
-        session = upstream_session()
+        upstream = UpstreamClient()
         self.proxy = ReverseProxy(
             self.gate,
-            session,
+            upstream,
             self.settings,
             on_outcome=self._outcome_listener(),
         )
         proxy = proxy_app(self.proxy)
 
-        async def close_session(_: web.Application) -> None:
-            await session.close()
+        async def close_upstream(_: web.Application) -> None:
+            await upstream.close()
 
-        proxy.on_cleanup.append(close_session)
+        proxy.on_cleanup.append(close_upstream)
         self._tasks.append(asyncio.create_task(self.publisher.run(), name="fleet publisher"))
         if self.settings.statsd_addr is not None:
             statsd = StatsdReporter(
