@@ -17,9 +17,11 @@ import pytest
 
 from tests.e2e.real_llama_server import (
     LlamaCppArtifacts,
+    LlamaRouter,
     LlamaServer,
     LlamaServerFactory,
     configured_artifacts,
+    start_llama_router,
     start_llama_server,
 )
 
@@ -65,3 +67,12 @@ def llama_server(llamacpp_artifacts: LlamaCppArtifacts) -> Iterator[LlamaServerF
     yield start
     for server in started:
         server.process.close()
+
+
+@pytest.fixture
+def llama_router(llamacpp_artifacts: LlamaCppArtifacts, tmp_path: Path) -> Iterator[LlamaRouter]:
+    """A router-mode llama-server serving the tiny model as `tiny-a` and `tiny-b`
+    (`--models-max 2`, 2 slots of 4096 tokens per model), none loaded yet."""
+    router = start_llama_router(llamacpp_artifacts, tmp_path / "models")
+    yield router
+    router.close()

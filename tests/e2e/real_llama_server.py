@@ -6,7 +6,10 @@ the tests look exactly where `scripts/setup.sh` put things.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import os
+import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -102,3 +105,66 @@ def start_llama_server(
         process.close()
         raise
     return LlamaServer(process, port, slots, ctx, time.monotonic() - began)
+
+
+@dataclass(frozen=True)
+class LlamaRouter(LoopbackServer):
+    """A running router-mode llama-server (`--models-dir`): one child server per loaded model."""
+
+    process: Process
+    port: int
+    models: tuple[str, ...]
+    """The model names it serves: the file stems in its models directory."""
+    slots: int
+    ctx: int
+
+    def close(self) -> None:
+        """Stop the router, and any child it left (they share its process group)."""
+        self.process.close()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.popen.pid, signal.SIGKILL)
+
+
+def start_llama_router(
+    artifacts: LlamaCppArtifacts,
+    models_dir: Path,
+    *,
+    models: Sequence[str] = ("tiny-a", "tiny-b"),
+    models_max: int = 2,
+    slots: int = 2,
+    ctx: int = 4096,
+    extra_args: Sequence[str] = (),
+) -> LlamaRouter:
+    """Start llama-server in router mode serving the tiny model under each name of `models`.
+
+    `models_dir` gets one link `NAME.gguf` to the tiny model per name (the router names a
+    model by its file stem). Each child gets `slots` slots of `ctx` tokens and one thread, as
+    `start_llama_server`'s servers. Returns once `/health` is 200, which a router answers at
+    once: no model is loaded yet.
+    """
+    models_dir.mkdir(parents=True, exist_ok=True)
+    for name in models:
+        link = models_dir / f"{name}.gguf"
+        if not link.exists():
+            link.symlink_to(artifacts.model.resolve())
+    port = free_port()
+    process = Process(
+        [
+            str(artifacts.server),
+            "--models-dir", str(models_dir),
+            "--models-max", str(models_max),
+            "--host", "127.0.0.1",
+            "--port", str(port),
+            "-np", str(slots),
+            "-c", str(ctx * slots),
+            "--threads", "1",
+            *extra_args,
+        ]
+    )  # fmt: skip
+    router = LlamaRouter(process, port, tuple(models), slots, ctx)
+    try:
+        process.wait_http(f"{router.url}/health", timeout=30)
+    except BaseException:
+        router.close()
+        raise
+    return router

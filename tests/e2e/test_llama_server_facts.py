@@ -13,11 +13,18 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.e2e.real_llama_server import LlamaServer, LlamaServerFactory
+from tests.e2e.real_llama_server import (
+    LlamaCppArtifacts,
+    LlamaRouter,
+    LlamaServer,
+    LlamaServerFactory,
+    start_llama_router,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
 
@@ -246,3 +253,117 @@ def test_a_prompt_pushed_out_of_its_slot_comes_back_from_the_host_ram_cache(
         assert cache_n >= 0.9 * (cache_n + prompt_n), (cache_n, prompt_n)
     else:
         assert cache_n <= 1, (cache_n, prompt_n)
+
+
+# --- What a server serves: names, aliases, router mode ------------------------------------------
+
+
+def test_alias_names_the_model_in_props_and_v1_models(llama_server: LlamaServerFactory) -> None:
+    # The agent reports /v1/models' id as the model and the other aliases as model_aliases.
+    server = llama_server(extra_args=["--alias", "tiny-chat,tiny-fast"])
+    status, props = request(f"{server.url}/props")
+    assert status == 200
+    assert props["model_alias"] == "tiny-chat"
+    assert props["model_path"].endswith(".gguf")
+    status, models = request(f"{server.url}/v1/models")
+    assert status == 200
+    ((listed,),) = [models["data"]]
+    assert (listed["id"], listed["aliases"]) == ("tiny-chat", ["tiny-chat", "tiny-fast"])
+    assert "status" not in listed  # load states are a router's
+    # A single-model server answers with its own name, whatever the request asked for.
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    status, answer = request(f"{server.url}/v1/chat/completions", body)
+    assert (status, answer["model"]) == (200, "tiny-chat")
+
+
+def test_without_alias_the_model_is_named_by_its_path(llama_server: LlamaServerFactory) -> None:
+    server = llama_server()
+    _, props = request(f"{server.url}/props")
+    _, models = request(f"{server.url}/v1/models")
+    ((listed,),) = [models["data"]]
+    assert listed["id"] == props["model_alias"] == props["model_path"]
+    assert listed["aliases"] == [listed["id"]]
+
+
+def router_models(router: LlamaRouter) -> dict[str, dict[str, Any]]:
+    status, body = request(f"{router.url}/v1/models")
+    assert status == 200, body
+    return {model["id"]: model for model in body["data"]}
+
+
+def load_states(router: LlamaRouter) -> dict[str, str]:
+    return {name: model["status"]["value"] for name, model in router_models(router).items()}
+
+
+def test_router_props_v1_models_and_slots(llama_router: LlamaRouter) -> None:
+    router = llama_router
+    status, props = request(f"{router.url}/props")
+    assert status == 200
+    assert props["role"] == "router"
+    assert "total_slots" not in props
+    assert props["model_alias"] == "llama-server"  # a placeholder, not a model
+    assert request(f"{router.url}/health") == (200, {"status": "ok"})
+
+    models = router_models(router)
+    assert sorted(models) == ["tiny-a", "tiny-b"]
+    for model in models.values():
+        assert model["aliases"] == []  # a router's aliases leave the id out
+        assert model["status"]["value"] == "unloaded"
+        assert "failed" not in model["status"]
+
+    # Without a model, /slots and every POST are refused; an unknown model too.
+    status, body = request(f"{router.url}/slots")
+    assert (status, body["error"]["message"]) == (400, "model name is missing from the request")
+    status, body = request(f"{router.url}/completion", {"prompt": "x", "n_predict": 1})
+    assert status == 400, body
+    status, body = request(f"{router.url}/slots?model=nope")
+    assert (status, body["error"]["message"]) == (400, "model 'nope' not found")
+
+    # autoload=false: a model that is not loaded is refused, and stays unloaded.
+    status, body = request(f"{router.url}/slots?model=tiny-a&autoload=false")
+    assert (status, body["error"]["message"]) == (400, "model is not loaded")
+    assert load_states(router) == {"tiny-a": "unloaded", "tiny-b": "unloaded"}
+
+    # A request naming a model loads it; then its /slots answers for it alone.
+    status, body = request(
+        f"{router.url}/completion", {"model": "tiny-a", "prompt": "Hi", "n_predict": 2}
+    )
+    assert (status, body["model"]) == (200, "tiny-a")
+    assert load_states(router) == {"tiny-a": "loaded", "tiny-b": "unloaded"}
+    status, slots = request(f"{router.url}/slots?model=tiny-a&autoload=false")
+    assert status == 200, slots
+    assert [slot["id"] for slot in slots] == list(range(router.slots))
+    assert all(slot["n_ctx"] == router.ctx for slot in slots)
+    assert sum("id_task" in slot for slot in slots) == 1
+    # A loaded model's /v1/models entry carries its child's meta too.
+    assert router_models(router)["tiny-a"]["meta"]["n_ctx"] == router.ctx
+
+
+def test_router_slots_of_an_unloaded_model_load_it(llama_router: LlamaRouter) -> None:
+    # Why the agent asks only for loaded models, and with autoload=false: a plain
+    # /slots?model=X is a load.
+    router = llama_router
+    began = time.monotonic()
+    status, slots = request(f"{router.url}/slots?model=tiny-b")
+    took = time.monotonic() - began
+    assert status == 200, slots
+    assert len(slots) == router.slots
+    assert load_states(router) == {"tiny-a": "unloaded", "tiny-b": "loaded"}
+    print(f"/slots?model=tiny-b loaded it in {took:.2f} s")
+
+
+def test_router_loading_beyond_models_max_unloads_another(
+    llamacpp_artifacts: LlamaCppArtifacts, tmp_path: Path
+) -> None:
+    router = start_llama_router(llamacpp_artifacts, tmp_path / "models", models_max=1)
+    try:
+        status, _ = request(f"{router.url}/slots?model=tiny-a")
+        assert status == 200
+        assert load_states(router) == {"tiny-a": "loaded", "tiny-b": "unloaded"}
+        status, _ = request(f"{router.url}/slots?model=tiny-b")
+        assert status == 200
+        wait_until(
+            lambda: load_states(router) == {"tiny-a": "unloaded", "tiny-b": "loaded"}, timeout=10
+        )
+    finally:
+        router.close()
