@@ -1,8 +1,8 @@
 """Does pinning `id_slot` beat llama-server's own choice of slot? (issue 9, item 4)
 
 One llama-server, 2 slots, `--cache-ram 6` (MiB), 4 and 6 conversations shaped as in the
-affinity scenario (~3,000-token private prefixes, short turns, think time), sent straight to it
-by a client in one of three modes:
+affinity scenario (~3,000-token private prefixes, short turns, users thinking 0.3-3 s), sent
+straight to it by a client in one of three modes:
 
 - `server`: no `id_slot`; llama-server takes the idle slot with the longest common prefix
   (above `--slot-prompt-similarity`), else the least recently used one, and restores a prompt
@@ -15,7 +15,7 @@ by a client in one of three modes:
 Prints and writes (`id_slot.json`) reuse (Σ `cache_n` / Σ prompt tokens), prefill work
 (Σ `prompt_ms`) and E2E latency per mode, for 3 interleaved repeats (mode order rotated).
 
-    python -m bench.experiment_id_slot [--repeats 3] [--turns 8] [--out DIR]
+    python -m bench.experiment_id_slot [--repeats 3] [--out DIR]
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import json
 import random
 import statistics
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +38,7 @@ MODES = {"server": None, "pin-last": "last", "pin-held": "held"}
 SLOTS = 2
 
 
-def run(
-    out: Path, *, repeats: int = 3, turns: int = 8, conversations: tuple[int, ...] = (4, 6)
-) -> dict[str, Any]:
+def run(out: Path, *, repeats: int = 3, conversations: tuple[int, ...] = (4, 6)) -> dict[str, Any]:
     """Every mode at every conversation count, `repeats` times interleaved."""
     found = llama_servers.tools(build=False)
     if found is None:
@@ -60,7 +59,7 @@ def run(
         )
         for repeat in range(repeats):
             for count in conversations:
-                cell = Cell("one server", "completion", Workload(count, turns), ())
+                cell = Cell("one server", "completion", Workload(count), ())
                 modes = list(MODES)
                 modes = modes[repeat % len(modes) :] + modes[: repeat % len(modes)]
                 for mode in modes:
@@ -105,7 +104,7 @@ def run(
                 row[key] = statistics.median(r[key] for r in mine)
                 row[f"{key}_all"] = [r[key] for r in mine]
             summary.append(row)
-    results = {"experiment": "id_slot", "turns": turns, "repeats": repeats}
+    results = {"experiment": "id_slot", "workload": asdict(Workload(0)), "repeats": repeats}
     results.update(runs=runs, summary=summary)
     (out / "id_slot.json").write_text(json.dumps(results, indent=1))
     print("\n| conversations | mode | reuse (median; each repeat) | prefill s | E2E p99 ms |")
@@ -122,10 +121,9 @@ def run(
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.experiment_id_slot", description=__doc__)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--turns", type=int, default=8)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
-    run(args.out, repeats=args.repeats, turns=args.turns)
+    run(args.out, repeats=args.repeats)
 
 
 if __name__ == "__main__":

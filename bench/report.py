@@ -250,10 +250,11 @@ def affinity_section(data: dict[str, Any], out: Path) -> list[str]:
         lines += [
             f"### {cell}",
             "",
-            f"{work['conversations']} conversations x {work['turns']} turns, "
-            f"{work['private_tokens']}-token private prefix{shared}, "
-            f"{work['user_tokens']}-token user messages, {work['n_predict']}-token answers, "
-            f"think {work['think_s']} s ± 50%.",
+            f"{work['conversations']} conversations: {work['private_tokens']}-token private "
+            f"prefix{shared}, {work['user_tokens']}-token user messages, {work['n_predict']}-"
+            f"token answers; each user thinks {work['think_s'][0]}-{work['think_s'][1]} s "
+            f"(log-uniform, ±30% a turn) and makes {work['turns'][0]}-{work['turns'][1]} turns, "
+            f"about {work['active_s']:.0f} s of them.",
             "",
             "| front | reuse | bound | prefill s | reuse / prefill / p99 vs anchor "
             "| E2E p50 ms | E2E p99 ms | TTFT p50 ms | TTFT p99 ms | spread | errors "
@@ -319,8 +320,8 @@ def id_slot_section(data: dict[str, Any]) -> list[str]:
     lines = [
         "## 6. Pinning `id_slot` against llama-server's own choice of slot",
         "",
-        f"One llama-server, 2 slots, `--cache-ram 6`; conversations as in section 5 "
-        f"({data['turns']} turns), sent straight to it. `server`: no `id_slot`; `pin-last`: each "
+        "One llama-server, 2 slots, `--cache-ram 6`; conversations as in section 5, sent "
+        "straight to it. `server`: no `id_slot`; `pin-last`: each "
         "turn pinned to the slot that answered the conversation's previous turn; `pin-held`: "
         "pinned only while no other conversation has been answered from that slot since. "
         f"Medians of {data['repeats']} interleaved repeats (each repeat's value in brackets). "

@@ -64,7 +64,7 @@ def test_cache_affinity_and_report(tmp_path: Path) -> None:
     fronts = ("Rower least-busy", "Rower cache-aware", scenario_affinity.TWO_BALANCERS.name)
     cells = [
         scenario_affinity.Cell(
-            "fits", api, scenario_affinity.Workload(3, 2, private_tokens=300, think_s=0.2), fronts
+            "fits", api, scenario_affinity.Workload(3, 0.4, (0.2, 0.2), (2, 2), 300), fronts
         )
         for api in ("completion", "chat")
     ]
