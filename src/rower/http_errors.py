@@ -24,3 +24,22 @@ def error_response(
         charset="utf-8",
         headers=headers,
     )
+
+
+def openai_error_response(
+    status: int, message: str, *, code: str, param: str | None = None
+) -> web.Response:
+    """`{"error": {"message", "type", "param", "code"}}`: OpenAI's shape, which OpenAI clients
+    turn into their own exceptions (`model_not_found` -> `NotFoundError`)."""
+    return web.json_response(
+        {
+            "error": {
+                "message": message,
+                "type": "invalid_request_error",
+                "param": param,
+                "code": code,
+            }
+        },
+        status=status,
+    )
+

@@ -89,6 +89,9 @@ class Dispatch:
     """Blocks of the request's prefix this balancer had sent that upstream before."""
     model: str = UNKNOWN
     """The model (pool) it was dispatched for."""
+    rename_to: str | None = None
+    """The model name to put in the request's body: set when the upstream is a router's model
+    and the request named it otherwise (or not at all); a router knows only its own names."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -737,6 +740,11 @@ class Fleet:
         upstream.last_dispatch = next(self._dispatch_counter)
         self._assigned[request_id] = upstream
         self.revision += 1
+        rename_to = None
+        if upstream.router_model is not None:
+            asked = needs.model if needs is not None else None
+            if asked != upstream.router_model and asked not in upstream.status.model_aliases:
+                rename_to = upstream.router_model
         return Dispatch(
             request_id,
             upstream.agent_id,
@@ -744,6 +752,7 @@ class Fleet:
             affinity,
             matched_blocks,
             upstream.model,
+            rename_to,
         )
 
     def _reindex(self, upstream: Upstream, now: float) -> None:

@@ -55,15 +55,17 @@ class BadRequest(Exception):
         self.message = message
 
 
-def read_needs(path: str, body: bytes) -> RequestNeeds:
+def read_needs(path: str, body: bytes, query_model: str | None = None) -> RequestNeeds:
     """What a request to `path` (as received, not yet normalized) with `body` needs.
+
+    `query_model` is the `?model=` of the URL, which GET paths take (`/props?model=X`).
 
     Raises:
         BadRequest: an inference request whose body is not a JSON object.
     """
     normal = normalize(path)
     if normal not in INFERENCE_PATHS:
-        return RequestNeeds(normal, takes_slot=False)
+        return RequestNeeds(normal, takes_slot=False, model=query_model or _model_of(body))
     if not body.strip():
         # llama-server answers this itself (an error naming the missing field).
         return RequestNeeds(normal, takes_slot=True)
@@ -88,3 +90,27 @@ def read_needs(path: str, body: bytes) -> RequestNeeds:
         prefix=chain(model, head.text),
         shared_blocks=head.shared // BLOCK_BYTES,
     )
+
+
+def _model_of(body: bytes) -> str | None:
+    """The `model` of a body that is a JSON object, if any (for paths that take no slot, whose
+    bodies the balancer does not check)."""
+    if not body.startswith(b"{") or b'"model"' not in body:
+        return None
+    try:
+        document: Any = _decode(body)
+    except msgspec.DecodeError:
+        return None
+    model = document.get("model") if isinstance(document, dict) else None
+    return model if isinstance(model, str) and model else None
+
+
+def with_model(body: bytes, model: str) -> bytes:
+    """`body` (a JSON object, or empty) naming `model`: what a router-mode llama-server needs
+    when the client named the model otherwise (an alias the balancer maps) or not at all."""
+    document: Any = _decode(body) if body.strip() else {}
+    if not isinstance(document, dict):
+        return body
+    document["model"] = model
+    return msgspec.json.encode(document)
+

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 
 from rower.balancer.answer_timings import AnswerTimings
 from rower.balancer.fleet import Buffered, Dispatch, Fleet, Rejected, RejectReason
+from rower.balancer.models import UNKNOWN
 from rower.balancer.request_needs import RequestNeeds
 from rower.balancer.upstream import Upstream
 from rower.status import StatusUpdate
@@ -133,9 +134,10 @@ class SlotGate:
         self._touch()
         return known
 
-    def any_upstream(self) -> Upstream | None:
-        """An upstream for a request that takes no slot; such requests never wait."""
-        return self.fleet.pick_any(self.clock())
+    def any_upstream(self, model: str | None = None) -> Upstream | None:
+        """An upstream (of `model`, if it names one the fleet serves) for a request that takes
+        no slot; such requests never wait."""
+        return self.fleet.pick_any(self.clock(), model)
 
     def release(self, request_id: int, *, abandoned: bool = False) -> None:
         """The request finished or failed (or, `abandoned`, its client left mid-generation)."""
@@ -147,9 +149,9 @@ class SlotGate:
         self._deliver(self.fleet.refused(request_id, self.clock(), self.wall_clock()))
         self._touch()
 
-    def answered(self, agent_id: str, timings: AnswerTimings) -> None:
+    def answered(self, agent_id: str, timings: AnswerTimings, model: str = UNKNOWN) -> None:
         """An answer said what its prompt and its generation took on its llama-server."""
-        self.fleet.answered(agent_id, timings)
+        self.fleet.answered(agent_id, timings, model)
 
     def quarantine(self, agent_id: str) -> None:
         """An upstream refused a connection outside of any slot (a request that needs none)."""
