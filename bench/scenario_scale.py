@@ -92,6 +92,8 @@ def run(out: Path, *, quick: bool = False, smoke: bool = False) -> dict[str, Any
                 "600000",
                 "--log-level",
                 "warning",
+                "--access-log",
+                "off",  # as nginx's `access_log off` in the baselines
             ),
             port=proxy,
         )

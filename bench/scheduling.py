@@ -139,6 +139,8 @@ def start_rowers(
             policy.kind,
             "--log-level",
             "warning",
+            "--access-log",
+            "off",  # as nginx's `access_log off` in the baselines
             *(("--routing", policy.routing) if policy.routing else ()),
             *extra,
         )

@@ -155,6 +155,8 @@ class Soak:
             "20000",
             "--log-level",
             "warning",
+            "--access-log",
+            "off",  # as nginx's `access_log off` in the baselines
         )
         self.children.append(balancer)
         wait_http(f"http://127.0.0.1:{self.management}/health")
