@@ -132,7 +132,12 @@ class Agent:
         if last is not None:
             self.board.publish(
                 msgspec.structs.replace(
-                    last, is_draining=True, slots_idle=0, sequence=last.sequence + 1
+                    last,
+                    is_draining=True,
+                    slots_idle=0,
+                    sequence=last.sequence + 1,
+                    # A router's models too: none of them takes work any more.
+                    models=[msgspec.structs.replace(m, slots_idle=0) for m in last.models],
                 )
             )
         self.board.close()

@@ -88,6 +88,29 @@ async def test_stop_sends_a_draining_line_and_ends_the_stream(
     assert flags == sorted(flags)
 
 
+async def test_a_routers_last_line_leaves_no_model_idle(
+    llama: FakeLlama, receiver: Receiver
+) -> None:
+    llama.state.router = {"tiny-a": "loaded", "tiny-b": "loaded", "tiny-c": "unloaded"}
+    running = start_agent(llama, receiver.addr)
+    await eventually(lambda: receiver.latest is not None and receiver.latest.slots_idle == 4)
+    await running.stop()
+    last = receiver.latest
+    assert last is not None
+    assert (last.is_draining, last.is_router, last.slots_idle, last.slots_total) == (
+        True,
+        True,
+        0,
+        4,
+    )
+    assert [(m.model, m.slots_idle, m.slots_total) for m in last.models] == [
+        ("tiny-a", 0, 2),
+        ("tiny-b", 0, 2),
+        ("tiny-c", 0, 0),
+    ]
+    assert llama.state.loads == []
+
+
 async def test_a_change_reaches_the_balancer_at_the_next_poll(
     llama: FakeLlama, receiver: Receiver
 ) -> None:
