@@ -103,3 +103,29 @@ async def test_connecting_message_before_the_first_snapshot() -> None:
     async with app.run_test(size=(120, 20)) as pilot:
         assert "Connecting to the balancer" in status_text(app) or "unreachable" in status_text(app)
         await pilot.press("q")
+
+
+async def test_sends_the_token_when_reads_are_guarded(fleet: Fleet) -> None:
+    await asyncio.to_thread(
+        fleet.balancer,
+        *OBSERVABILITY,
+        "--management-token",
+        "dash-token",
+        "--management-token-guards-reads",
+    )
+    without = DashboardApp(fleet.management_addr)
+    async with without.run_test(size=(140, 30)) as pilot:
+        await until(
+            lambda: "--management-token" in status_text(without),
+            within=PATIENCE,
+            what="a message asking for the token",
+        )
+        await pilot.press("q")
+    with_token = DashboardApp(fleet.management_addr, token="dash-token")
+    async with with_token.run_test(size=(140, 30)) as pilot:
+        await until(
+            lambda: "No agent is registered" in status_text(with_token),
+            within=PATIENCE,
+            what="the fleet, read with the token",
+        )
+        await pilot.press("q")

@@ -124,3 +124,31 @@ def test_dashboard_follows_the_fleet_live(fleet: Fleet, page: object) -> None:
     fleet.balancer(*OBSERVABILITY)
     expect(page.locator("#connection")).to_have_attribute("data-state", "live", timeout=20000)
     streamer.join(timeout=1)
+
+
+def test_dashboard_asks_for_the_token_when_reads_are_guarded(fleet: Fleet, page: object) -> None:
+    from playwright.sync_api import Page, expect
+
+    assert isinstance(page, Page)
+    token = "web-token"
+    fleet.balancer(*OBSERVABILITY, "--management-token", token, "--management-token-guards-reads")
+    sim = fleet.sim(slots=2)
+    fleet.agent(sim, name="alpha", flags=["--management-token", token])
+    page.goto(fleet.management + "/dashboard")
+    expect(page.locator("#token-form")).to_be_visible()
+    expect(page.locator("#token-message")).to_contain_text("--management-token-guards-reads")
+    expect(page.locator("#agents tbody tr")).to_have_count(0)
+
+    page.fill("#token-input", "not-the-token")
+    page.click("#token-form button[type=submit]")
+    expect(page.locator("#token-message")).to_contain_text("refused that token")
+
+    page.fill("#token-input", token)
+    page.click("#token-form button[type=submit]")
+    expect(page.locator("#connection")).to_have_attribute("data-state", "live")
+    expect(page.locator("#token-form")).to_be_hidden()
+    expect(page.locator("#agents tbody tr", has_text="alpha")).to_have_count(1)
+    # The token lives in this tab's session: a reload needs no prompt.
+    page.reload()
+    expect(page.locator("#connection")).to_have_attribute("data-state", "live")
+    expect(page.locator("#token-form")).to_be_hidden()

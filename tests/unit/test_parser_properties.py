@@ -34,8 +34,10 @@ from rower.llamacpp import slots_decoder
 from rower.status import (
     ModelStatus,
     SlotStatus,
+    StatusRefused,
     StatusUpdate,
     checked_status,
+    decode_status,
     json_encoder,
     status_decoder,
 )
@@ -59,8 +61,8 @@ def status_like() -> st.SearchStrategy[dict[str, Any]]:
 
 def _decode_status(line: bytes) -> StatusUpdate | None:
     try:
-        return status_decoder.decode(line)
-    except msgspec.DecodeError:  # ValidationError is one too
+        return decode_status(line)
+    except StatusRefused:
         return None
 
 
@@ -68,6 +70,7 @@ def _decode_status(line: bytes) -> StatusUpdate | None:
 @given(st.binary(max_size=300))
 @example(b"")
 @example(b"\xff\xfe")
+@example(b'{"external_llamacpp_addr": "a:1", "agent_name": "\xff"}')
 @example(b'{"external_llamacpp_addr": "a:1", "slots_idle": -1}')
 def test_status_line_of_random_bytes_is_parsed_or_refused(line: bytes) -> None:
     _decode_status(line)
@@ -176,6 +179,7 @@ def test_any_slots_answer_maps_to_a_status_the_balancer_accepts(
     )
     # The agent never sends a line its balancer would refuse with a 400.
     assert status_decoder.decode(json_encoder.encode(status)) == status
+    assert checked_status(status, max_slots=64) == status
     if status.error is None:
         assert status_code == 200
         assert status.slots_idle + status.slots_processing == status.slots_total

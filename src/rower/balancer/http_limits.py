@@ -10,7 +10,8 @@ handler, the one place that sees every connection and every request head of a li
 - **Deadlines**: a request head must be complete within `header_timeout` of its first byte
   (else 408), and a connection with no request under way is closed after `idle_timeout`
   (aiohttp's keep-alive timeout, which also covers a connection that never sends a byte).
-  Bodies are the handlers' business: the proxy reads them under its own deadline.
+  Bodies are the handlers' business: the proxy reads them under its own deadline; what is
+  left of a body after an answer is drained for `LINGER` seconds at most.
 - **Connections**: at most `max_connections` are served at once; one more is answered 503
   with `Retry-After` at once, without reading its request, and closed.
 
@@ -42,6 +43,12 @@ log = logging.getLogger(__name__)
 
 MAX_HEADERS = 128
 """Most header fields in one request (aiohttp's default)."""
+
+LINGER = 1.0
+"""After an answer that left the request body unread (413, 408, a refusal), how long the rest
+of it is read and dropped before the connection is closed, in seconds: long enough for the
+client to read the answer instead of a reset, short enough that a stalled client holds little
+(aiohttp's default is 10 s)."""
 
 OVER_CAPACITY_LINGER = 1.0
 """How long a connection answered 503 for being one too many is kept open, in seconds, so
@@ -281,6 +288,7 @@ class LimitedAppRunner(web.AppRunner):
             max_field_size=limits.max_header_bytes,
             max_headers=MAX_HEADERS,
             keepalive_timeout=limits.idle_timeout,
+            lingering_time=LINGER,
             **kwargs,
         )
         self.limits = limits

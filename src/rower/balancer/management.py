@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from importlib import resources
 
 from aiohttp import web
-from aiohttp.http_exceptions import LineTooLong
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 
 from rower.addresses import Address
 from rower.balancer.dashboard_web import dashboard_paths
@@ -345,6 +345,9 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         if error.status < 400:
             raise
         return error_response(error.status, f"{error.reason}: {request.method} {request.path}")
+    except HttpProcessingError:
+        # A malformed body (a bad chunk size, a short Content-Length): the listener answers 400.
+        raise
     except Exception:
         log_throttled(
             log,

@@ -13,7 +13,8 @@ so that bytes the balancer took for a body reach llama-server as a request of th
   as faulty and close the connection. In HTTP/1.1, only `chunked` alone is served: any other
   coding (`gzip, chunked`) would reach llama-server undecoded, as if it were the body (501).
 - `CONNECT`, and request targets that are neither a path (`/v1/models`) nor an absolute URL
-  (`http://host/v1/models`, whose path alone is used): `*` and `host:port`.
+  (`http://host/v1/models`, whose path alone is used): `*`, `host:port`, and any target with a
+  fragment (`#`), which a client never sends.
 
 Every refusal closes the connection: what follows the head on it cannot be trusted to be a
 new request. Pure functions of the head, no I/O.
@@ -51,7 +52,9 @@ def refusal(
         return Refusal(505, f"HTTP/{major}.{minor} is not supported; send HTTP/1.1")
     if method == "CONNECT":
         return Refusal(405, "CONNECT is not supported: the balancer is a reverse proxy")
-    if not target.startswith("/") and not target[:8].lower().startswith(("http://", "https://")):
+    if "#" in target or (
+        not target.startswith("/") and not target[:8].lower().startswith(("http://", "https://"))
+    ):
         return Refusal(
             400,
             f"The request target must be a path such as /v1/models, not {target[:100]!r}",

@@ -137,6 +137,7 @@ class DashboardApp(App[None]):
 
     Args:
         management: `host:port` of the balancer's management listener.
+        token: the balancer's management token, for a balancer that guards reads with it.
     """
 
     TITLE = "Rower"
@@ -153,9 +154,10 @@ class DashboardApp(App[None]):
     #agents { height: 1fr; }
     """
 
-    def __init__(self, management: str) -> None:
+    def __init__(self, management: str, *, token: str | None = None) -> None:
         super().__init__()
         self.management = management
+        self.token = token
         self.url = f"http://{management}/api/v1/agents/stream"
         self.fleet: FleetView | None = None
         self.sort_index = 0
@@ -176,7 +178,7 @@ class DashboardApp(App[None]):
         self.set_interval(1.0, self._redraw)
 
     async def _follow(self) -> None:
-        async for event in fleet_events(self.url):
+        async for event in fleet_events(self.url, token=self.token):
             if isinstance(event, Connecting):
                 if self.fleet is None:
                     self._say(f"Connecting to the balancer at {self.management}…")

@@ -16,11 +16,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="HOST:PORT",
         help="the balancer's management address (its --management-addr)",
     )
+    parser.add_argument(
+        "--management-token",
+        default=None,
+        metavar="TOKEN",
+        help="the balancer's management token, sent as 'Authorization: Bearer TOKEN'; needed "
+        "when the balancer runs with --management-token-guards-reads",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """Run `rower dashboard` until q or Esc."""
     from rower.dashboard.app import DashboardApp
 
-    DashboardApp(str(args.management_addr)).run()
+    DashboardApp(str(args.management_addr), token=args.management_token).run()
     return 0

@@ -40,18 +40,36 @@ StreamEvent = Connecting | Unreachable | FleetView
 
 
 async def fleet_events(
-    url: str, *, first_retry: float = 0.5, max_retry: float = 5.0
+    url: str,
+    *,
+    token: str | None = None,
+    first_retry: float = 0.5,
+    max_retry: float = 5.0,
 ) -> AsyncIterator[StreamEvent]:
-    """Snapshots from the SSE stream at `url`, with connection states in between, forever."""
+    """Snapshots from the SSE stream at `url`, with connection states in between, forever.
+
+    `token` is sent as `Authorization: Bearer TOKEN`, for a balancer whose management token
+    guards reads (`--management-token-guards-reads`).
+    """
     retry = first_retry
+    headers = {"Accept": "text/event-stream"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
     # sock_read: the balancer sends a keep-alive comment every 15 s, so silence means trouble.
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=3.0, sock_read=45.0)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         while True:
             yield Connecting(url)
             try:
-                async with session.get(url, headers={"Accept": "text/event-stream"}) as response:
-                    if response.status != 200:
+                async with session.get(url, headers=headers) as response:
+                    if response.status == 401:
+                        reason = (
+                            "the balancer wants its management token: start rower dashboard "
+                            "with --management-token TOKEN"
+                            if token is None
+                            else "the balancer refused the token given with --management-token"
+                        )
+                    elif response.status != 200:
                         reason = f"the balancer answered HTTP {response.status}"
                     else:
                         async for fleet in _snapshots(response.content):

@@ -1,9 +1,15 @@
-// Rower's web dashboard: one EventSource on /api/v1/agents/stream, a redraw per snapshot.
-// No framework and no build step: the balancer serves this file as it is.
+// Rower's web dashboard: one stream of /api/v1/agents/stream (server-sent events), a redraw
+// per snapshot. No framework and no build step: the balancer serves this file as it is.
+//
+// The stream is read with fetch, not EventSource, because a balancer started with
+// --management-token-guards-reads wants "Authorization: Bearer TOKEN", which EventSource cannot
+// send. The page asks for the token when the balancer answers 401 and keeps it for this tab only
+// (sessionStorage), never in the URL.
 
 const STREAM_URL = "/api/v1/agents/stream";
 const HISTORY_SECONDS = 300;
 const RETRY_MS = 2000;
+const TOKEN_KEY = "rower.managementToken";
 
 const $ = (id) => document.getElementById(id);
 
@@ -193,28 +199,90 @@ function render() {
   renderChart(nowMs);
 }
 
-function connect() {
-  const source = new EventSource(STREAM_URL);
-  source.onopen = () => setConnection("live", "Live");
-  source.onmessage = (event) => {
-    state.fleet = JSON.parse(event.data);
-    setConnection("live", "Live");
-    record(Date.now());
-    render();
-  };
-  source.onerror = () => {
-    setConnection("lost", "Connection to the balancer lost — retrying…");
-    // The browser retries by itself unless the answer was an error; then we start over.
-    if (source.readyState === EventSource.CLOSED) {
-      source.close();
-      setTimeout(connect, RETRY_MS);
+function onSnapshot(data) {
+  state.fleet = JSON.parse(data);
+  setConnection("live", "Live");
+  record(Date.now());
+  render();
+}
+
+// Feeds `text` (the stream's next piece) to the event parser; calls onSnapshot per event.
+function sseParser() {
+  let buffer = "";
+  let data = [];
+  return (text) => {
+    buffer += text;
+    let end;
+    while ((end = buffer.indexOf("\n")) >= 0) {
+      let line = buffer.slice(0, end);
+      buffer = buffer.slice(end + 1);
+      if (line.endsWith("\r")) line = line.slice(0, -1);
+      if (line === "") {
+        if (data.length > 0) onSnapshot(data.join("\n"));
+        data = [];
+      } else if (line.startsWith("data:")) {
+        data.push(line.slice(line.startsWith("data: ") ? 6 : 5));
+      }
+      // Comments (keep-alives), "event:", "id:" and "retry:" lines carry nothing for us.
     }
   };
+}
+
+function askForToken(refused) {
+  setConnection("lost", "The balancer wants its management token");
+  $("token-message").textContent = refused
+    ? "The balancer refused that token. Enter its --management-token again."
+    : "This balancer lets only holders of its management token read the fleet " +
+      "(--management-token-guards-reads). Enter the token to see it.";
+  $("token-form").hidden = false;
+  $("token-input").focus();
+}
+
+async function connect() {
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  const headers = { Accept: "text/event-stream" };
+  if (token) headers.Authorization = `Bearer ${token}`;
+  try {
+    const response = await fetch(STREAM_URL, { headers, cache: "no-store" });
+    if (response.status === 401) {
+      sessionStorage.removeItem(TOKEN_KEY);
+      askForToken(Boolean(token));
+      return; // the form's submit connects again
+    }
+    if (!response.ok || !response.body) {
+      setConnection("lost", `The balancer answered HTTP ${response.status} — retrying…`);
+    } else {
+      setConnection("live", "Live");
+      const feed = sseParser();
+      const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        feed(value);
+      }
+      setConnection("lost", "Connection to the balancer lost — retrying…");
+    }
+  } catch {
+    setConnection("lost", "Connection to the balancer lost — retrying…");
+  }
+  setTimeout(connect, RETRY_MS);
+}
+
+function onTokenSubmit(event) {
+  event.preventDefault();
+  const token = $("token-input").value.trim();
+  if (!token) return;
+  sessionStorage.setItem(TOKEN_KEY, token);
+  $("token-input").value = "";
+  $("token-form").hidden = true;
+  setConnection("connecting", "Connecting to the balancer…");
+  connect();
 }
 
 function start() {
   $("empty-addr").textContent = window.location.host;
   $("agents").hidden = true;
+  $("token-form").addEventListener("submit", onTokenSubmit);
   setConnection("connecting", "Connecting to the balancer…");
   connect();
   // Keep "last update" ages and the chart's time axis moving between snapshots.
