@@ -90,6 +90,9 @@ def run(out: Path, *, quick: bool = False, smoke: bool = False) -> dict[str, Any
                 str(buffered * 2),
                 "--buffered-request-timeout",
                 "600000",
+                # Every waiting request is an open client connection.
+                "--max-client-connections",
+                str(buffered * 2 + 1000),
                 "--log-level",
                 "warning",
                 "--access-log",
