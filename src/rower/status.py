@@ -141,6 +141,25 @@ class AgentView(msgspec.Struct, frozen=True):
     """Prompt tokens it reused from its prompt cache for them (`timings.cache_n`)."""
 
 
+class ModelSummary(msgspec.Struct, frozen=True):
+    """One model's share of the fleet: its servers' slots and its own buffer.
+
+    The counts are sums over the agents serving the model, as `/api/v1/agents` shows them
+    (idle excludes unusable servers), except a router's model that is not loaded: its one slot
+    for the request that loads it is not idle capacity, and it is not counted in `agents`.
+    """
+
+    model: str
+    """The model id; `""` for servers whose agent names no model."""
+    agents: int = 0
+    """Entries of `agents` serving it (a router's loaded models are one entry each)."""
+    slots_idle: int = 0
+    slots_processing: int = 0
+    slots_total: int = 0
+    requests_buffered: int = 0
+    """Requests waiting in this model's buffer (or for their home server)."""
+
+
 class FleetView(msgspec.Struct, frozen=True):
     """The body of `/api/v1/agents` and of each `/api/v1/agents/stream` event."""
 
@@ -148,6 +167,9 @@ class FleetView(msgspec.Struct, frozen=True):
     requests_buffered: int = 0
     requests_in_flight: int = 0
     """Requests relayed now, on any upstream (even one whose agent left)."""
+    models: list[ModelSummary] = msgspec.field(default_factory=list)
+    """Per model, sorted by id: every model an agent serves, declared ones (`--model`) too,
+    and any with requests waiting. Every agent is counted in exactly one."""
 
 
 status_decoder = msgspec.json.Decoder(StatusUpdate)

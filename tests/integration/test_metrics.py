@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import signal
 import socket
@@ -75,7 +76,7 @@ def test_metrics_after_real_traffic(fleet: Fleet, statsd_socket: socket.socket) 
     assert got[("rower_agents_registered", ())] == 2
     agents = fleet.agents_view()["agents"]
     ids = {agent["status"]["agent_name"]: agent["agent_id"] for agent in agents}
-    beta = (("agent_id", ids["beta"]), ("agent_name", "beta"))
+    beta = (("agent_id", ids["beta"]), ("agent_name", "beta"), ("model", "sim"))
     assert got[("rower_agent_slots_total", beta)] == 3
     assert got[("rower_agent_slots_idle", beta)] == 3
     assert got[("rower_agent_usable", beta)] == 1
@@ -95,6 +96,9 @@ def test_metrics_after_real_traffic(fleet: Fleet, statsd_socket: socket.socket) 
         "gpu.slots_idle": "5|g",
         "gpu.slots_processing": "0|g",
         "gpu.requests_buffered": "0|g",
+        "gpu.model.sim.slots_idle": "5|g",
+        "gpu.model.sim.slots_processing": "0|g",
+        "gpu.model.sim.requests_buffered": "0|g",
     }
     latest: dict[str, str] = {}
 
@@ -128,3 +132,54 @@ def test_metrics_endpoint_is_off_unless_enabled(fleet: Fleet) -> None:
     fleet.balancer()
     assert get(fleet.management + "/metrics") == 404
     assert get(fleet.management + "/dashboard") == 404
+
+
+def test_metrics_per_model_in_a_two_model_fleet(fleet: Fleet) -> None:
+    fleet.balancer(*OBSERVABILITY, "--model", "alpha", "--model", "beta", "--model", "embed")
+    for model in ("alpha", "beta"):
+        sim = fleet.sim(slots=1, speed=50, flags=("--model", model))
+        fleet.agent(sim, name=model)
+    fleet.wait_agents(2)
+
+    def chat(model: str, tokens: int) -> int:
+        messages = [{"role": "user", "content": "hi"}]
+        body = {"model": model, "messages": messages, "max_tokens": tokens}
+        return post(fleet.proxy + "/v1/chat/completions", body)
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        # alpha's one slot busy for ~2 s, and one request in its buffer behind it.
+        busy = [pool.submit(chat, "alpha", 100) for _ in range(2)]
+
+        def alpha_is_full() -> bool:
+            got = scrape(fleet)[1]
+            return got.get(("rower_model_requests_buffered", (("model", "alpha"),))) == 1
+
+        eventually(alpha_is_full, timeout=10.0, what="one alpha request buffered")
+        got = scrape(fleet)[1]
+        assert got[("rower_model_slots_processing", (("model", "alpha"),))] == 1
+        assert got[("rower_model_slots_idle", (("model", "alpha"),))] == 0
+        assert got[("rower_model_slots_idle", (("model", "beta"),))] == 1
+        assert got[("rower_model_requests_buffered", (("model", "beta"),))] == 0
+        # Declared, no server: 0, not missing (an autoscaler's query needs a value).
+        assert got[("rower_model_requests_buffered", (("model", "embed"),))] == 0
+        assert got[("rower_model_agents", (("model", "embed"),))] == 0
+        assert chat("beta", 2) == 200  # not behind alpha's queue
+        assert [future.result() for future in busy] == [200, 200]
+    for name in ("gpt-4o", "llama-3-70b"):
+        assert chat(name, 1) == 404
+
+    got = scrape(fleet)[1]
+    requests = {
+        labels: value
+        for (name, labels), value in got.items()
+        if name == "rower_model_proxied_requests_total"
+    }
+    assert requests == {
+        (("model", "alpha"), ("status", "200")): 2,
+        (("model", "beta"), ("status", "200")): 1,
+        (("model", "(unknown)"), ("status", "404")): 2,
+    }
+    assert got[("rower_model_buffer_wait_seconds_count", (("model", "alpha"),))] == 2
+    assert got[("rower_model_buffer_wait_seconds_sum", (("model", "alpha"),))] > 1.0
+    assert got[("rower_model_buffer_wait_seconds_sum", (("model", "beta"),))] < 0.5
+    assert got[("rower_model_time_to_first_byte_seconds_count", (("model", "beta"),))] == 1

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
+from rower.balancer.fleet_totals import model_summaries
 from rower.balancer.slot_gate import SlotGate
 from rower.status import FleetView, json_encoder
 
@@ -34,12 +35,15 @@ class FleetPublisher:
         self._latest = self.snapshot()
 
     def view(self) -> FleetView:
-        """The fleet as the API shows it now."""
+        """The fleet as the API shows it now, with each model's totals."""
         fleet = self.gate.fleet
+        agents = fleet.views(self.gate.clock())
+        cold = {(u.agent_id, u.model) for u in fleet.upstreams.values() if u.cold}
         return FleetView(
-            agents=fleet.views(self.gate.clock()),
+            agents=agents,
             requests_buffered=fleet.requests_buffered,
             requests_in_flight=fleet.requests_in_flight,
+            models=model_summaries(agents, fleet.buffered_by_model(), cold),
         )
 
     def snapshot(self) -> bytes:

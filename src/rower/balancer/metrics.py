@@ -6,6 +6,12 @@ nothing between scrapes. What happened to proxied requests is counted as it happ
 reverse proxy's `ProxyOutcome`s. Each balancer has its own registry: two balancers in one
 process (as in tests) never mix their numbers, and the process-wide default registry is left
 alone.
+
+Per model (`rower_model_*`, label `model`): the same gauges from the view's model summaries,
+and the inference requests' statuses, waits and first bytes. The label takes only the fleet's
+own models (what agents serve, declared ones) and two fixed values, so a client cannot make a
+series per name it sends: `(unknown)` for a request whose model the fleet does not serve (or
+that named none where it had to) and `(unnamed)` for servers whose agent names no model.
 """
 
 from __future__ import annotations
@@ -21,13 +27,27 @@ from prometheus_client.registry import Collector
 from rower.balancer.fleet_stream import FleetPublisher
 from rower.balancer.fleet_totals import FleetTotals
 from rower.balancer.http_limits import ListenerStats
+from rower.balancer.models import UNKNOWN
 from rower.balancer.outcome import Failure, ProxyOutcome
 from rower.balancer.paths import path_class, takes_slot
+from rower.status import ModelSummary
 
 SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 """From a cached embedding (milliseconds) to a long generation (minutes)."""
 
-AGENT_LABELS = ("agent_id", "agent_name")
+AGENT_LABELS = ("agent_id", "agent_name", "model")
+"""`model` too: a router-mode server's loaded models are one entry each, under one agent id."""
+
+UNKNOWN_MODEL_LABEL = "(unknown)"
+"""`model` of requests for no model the fleet serves: one series, whatever names they sent."""
+UNNAMED_MODEL_LABEL = "(unnamed)"
+"""`model` of servers whose agent names no model (and of requests waiting for such a fleet)."""
+
+
+def model_label(model: str) -> str:
+    """The `model` label of one of the fleet's models (`models.UNKNOWN` included)."""
+    return UNNAMED_MODEL_LABEL if model == UNKNOWN else model
+
 
 UPSTREAM_FAILURES = frozenset(
     {Failure.UPSTREAMS_REFUSED, Failure.UPSTREAM_FAILED, Failure.UPSTREAM_CUT}
@@ -72,6 +92,7 @@ class FleetCollector(Collector):
             self.publisher.gate.fleet.quarantines,
         )
         yield from self._listener_families()
+        yield from _model_families(view.models)
         families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
             "idle": GaugeMetricFamily(
                 "rower_agent_slots_idle",
@@ -106,8 +127,8 @@ class FleetCollector(Collector):
             ),
         }
         for agent in view.agents:
-            labels = [agent.agent_id, agent.status.agent_name or ""]
             status = agent.status
+            labels = [agent.agent_id, status.agent_name or "", model_label(status.model or UNKNOWN)]
             total = status.slots_total or status.slots_idle + status.slots_processing
             families["idle"].add_metric(labels, status.slots_idle)
             families["processing"].add_metric(labels, status.slots_processing)
@@ -137,6 +158,44 @@ class FleetCollector(Collector):
         yield refusals
 
 
+def _model_families(models: list[ModelSummary]) -> Iterator[Metric]:
+    families = {
+        "idle": GaugeMetricFamily(
+            "rower_model_slots_idle",
+            "Idle slots of the servers of one model (usable ones; a router's model that is not "
+            "loaded has none)",
+            labels=["model"],
+        ),
+        "processing": GaugeMetricFamily(
+            "rower_model_slots_processing",
+            "Busy slots of the servers of one model",
+            labels=["model"],
+        ),
+        "total": GaugeMetricFamily(
+            "rower_model_slots_total", "Slots of the servers of one model", labels=["model"]
+        ),
+        "buffered": GaugeMetricFamily(
+            "rower_model_requests_buffered",
+            "Requests waiting in one model's buffer: what an autoscaler starts a server of "
+            "that model for (0 for a declared model with no server yet)",
+            labels=["model"],
+        ),
+        "agents": GaugeMetricFamily(
+            "rower_model_agents",
+            "Servers of one model registered (a router's loaded models count one each)",
+            labels=["model"],
+        ),
+    }
+    for model in models:
+        label = [model_label(model.model)]
+        families["idle"].add_metric(label, model.slots_idle)
+        families["processing"].add_metric(label, model.slots_processing)
+        families["total"].add_metric(label, model.slots_total)
+        families["buffered"].add_metric(label, model.requests_buffered)
+        families["agents"].add_metric(label, model.agents)
+    yield from families.values()
+
+
 class BalancerMetrics:
     """The balancer's Prometheus registry; `observe` is the reverse proxy's outcome listener."""
 
@@ -145,6 +204,7 @@ class BalancerMetrics:
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(FleetCollector(publisher, listeners))
+        self.fleet = publisher.gate.fleet
         self.requests = Counter(
             "rower_proxied_requests",
             "Requests answered by the reverse proxy, by path class and HTTP status",
@@ -206,6 +266,26 @@ class BalancerMetrics:
             "any byte of the answer (the server had closed it)",
             registry=self.registry,
         )
+        self.model_requests = Counter(
+            "rower_model_proxied_requests",
+            "Inference requests answered by the reverse proxy, by model and HTTP status",
+            ["model", "status"],
+            registry=self.registry,
+        )
+        self.model_buffer_wait = Histogram(
+            "rower_model_buffer_wait_seconds",
+            "Time an inference request of one model waited for a free slot before dispatch",
+            ["model"],
+            buckets=SECONDS_BUCKETS,
+            registry=self.registry,
+        )
+        self.model_time_to_first_byte = Histogram(
+            "rower_model_time_to_first_byte_seconds",
+            "Time from an inference request's arrival to llama-server's response headers, by model",
+            ["model"],
+            buckets=SECONDS_BUCKETS,
+            registry=self.registry,
+        )
         self.client_disconnects = Counter(
             "rower_client_disconnects",
             "Requests whose client closed the connection before the answer was complete "
@@ -222,8 +302,10 @@ class BalancerMetrics:
         self.duration.labels(path).observe(outcome.seconds_total)
         if outcome.seconds_to_first_byte is not None:
             self.time_to_first_byte.labels(path).observe(outcome.seconds_to_first_byte)
-        if outcome.upstream is not None and takes_slot(outcome.path):
-            self.buffer_wait.observe(outcome.seconds_waiting)
+        if takes_slot(outcome.path):
+            self._observe_model(outcome)
+            if outcome.upstream is not None:
+                self.buffer_wait.observe(outcome.seconds_waiting)
         if outcome.connection_reused:
             self.connections_reused.inc()
         if outcome.retried:
@@ -237,6 +319,24 @@ class BalancerMetrics:
             self.upstream_errors.inc()
         elif failure is Failure.CLIENT_DISCONNECTED:
             self.client_disconnects.inc()
+
+    def _observe_model(self, outcome: ProxyOutcome) -> None:
+        model = self.model_of(outcome)
+        self.model_requests.labels(model, str(outcome.status)).inc()
+        if outcome.upstream is not None:
+            self.model_buffer_wait.labels(model).observe(outcome.seconds_waiting)
+        if outcome.seconds_to_first_byte is not None:
+            self.model_time_to_first_byte.labels(model).observe(outcome.seconds_to_first_byte)
+
+    def model_of(self, outcome: ProxyOutcome) -> str:
+        """The `model` label of an inference request: the model it was dispatched for, else
+        the one its name reaches now, else `(unknown)`."""
+        if outcome.dispatch is not None:
+            return model_label(outcome.dispatch.model)
+        # A 429, 504 or client gone before dispatch: its name resolved again (the fleet's
+        # models only, whatever it sent).
+        resolved = self.fleet.resolve(outcome.model)
+        return model_label(resolved) if isinstance(resolved, str) else UNKNOWN_MODEL_LABEL
 
     def exposition(self) -> bytes:
         """The registry in Prometheus' text format."""

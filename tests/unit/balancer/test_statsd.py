@@ -7,7 +7,8 @@ import contextlib
 
 from rower.addresses import Address
 from rower.balancer.fleet_totals import FleetTotals
-from rower.balancer.statsd import StatsdReporter, gauge_datagrams
+from rower.balancer.statsd import StatsdReporter, gauge_datagrams, statsd_model_name
+from rower.status import ModelSummary
 
 
 class Listener(asyncio.DatagramProtocol):
@@ -25,6 +26,47 @@ def test_one_gauge_per_datagram_with_the_prefix() -> None:
         b"fleet.a.slots_processing:5|g",
         b"fleet.a.requests_buffered:2|g",
     ]
+
+
+def test_each_model_has_its_gauges_after_the_fleets_under_a_safe_name() -> None:
+    models = (
+        ModelSummary("", 1, 2, 0, 2, 0),
+        ModelSummary("Qwen2.5-7B:q4|x", 1, 1, 3, 4, 5),
+        ModelSummary("qwen2_5-7B_q4_x", 1, 1, 0, 1, 1),
+        ModelSummary("embed"),
+    )
+    totals = FleetTotals(4, 3, 6, 3, models)
+    datagrams = gauge_datagrams("rower", totals)
+    assert datagrams[:3] == [
+        b"rower.slots_idle:4|g",
+        b"rower.slots_processing:3|g",
+        b"rower.requests_buffered:6|g",
+    ]
+    assert datagrams[3:] == [
+        b"rower.model.unnamed.slots_idle:2|g",
+        b"rower.model.unnamed.slots_processing:0|g",
+        b"rower.model.unnamed.requests_buffered:0|g",
+        b"rower.model.Qwen2_5-7B_q4_x.slots_idle:1|g",
+        b"rower.model.Qwen2_5-7B_q4_x.slots_processing:3|g",
+        b"rower.model.Qwen2_5-7B_q4_x.requests_buffered:5|g",
+        # Another model with that safe name (case differs): its own gauges.
+        b"rower.model.qwen2_5-7B_q4_x.slots_idle:1|g",
+        b"rower.model.qwen2_5-7B_q4_x.slots_processing:0|g",
+        b"rower.model.qwen2_5-7B_q4_x.requests_buffered:1|g",
+        b"rower.model.embed.slots_idle:0|g",
+        b"rower.model.embed.slots_processing:0|g",
+        b"rower.model.embed.requests_buffered:0|g",
+    ]
+
+
+def test_models_with_the_same_safe_name_are_summed() -> None:
+    models = (ModelSummary("a.b", 1, 1, 1, 2, 1), ModelSummary("a:b", 1, 2, 0, 2, 3))
+    assert gauge_datagrams("p", FleetTotals(3, 1, 4, 2, models))[3:] == [
+        b"p.model.a_b.slots_idle:3|g",
+        b"p.model.a_b.slots_processing:1|g",
+        b"p.model.a_b.requests_buffered:4|g",
+    ]
+    assert statsd_model_name("llama-3.1-8b-instruct/Q4_K_M") == "llama-3_1-8b-instruct_Q4_K_M"
 
 
 async def test_reports_current_totals_every_interval() -> None:
