@@ -43,20 +43,21 @@ from rower.balancer.answer_timings import (
     from_stream_tail,
 )
 from rower.balancer.fleet import Dispatch
+from rower.balancer.model_listing import MODELS_PATHS, listing
 from rower.balancer.outcome import (
     CLIENT_CLOSED_REQUEST,
     Failure,
     OutcomeListener,
     ProxyOutcome,
 )
-from rower.balancer.paths import is_slots_endpoint
+from rower.balancer.paths import is_slots_endpoint, normalize
 from rower.balancer.request_ids import HEADER as REQUEST_ID
 from rower.balancer.request_ids import request_id
-from rower.balancer.request_needs import BadRequest, RequestNeeds, read_needs
+from rower.balancer.request_needs import BadRequest, RequestNeeds, read_needs, with_model
 from rower.balancer.settings import BalancerSettings
 from rower.balancer.slot_gate import SlotGate, SlotUnavailable
 from rower.balancer.upstream_client import UpstreamClient
-from rower.http_errors import error_response
+from rower.http_errors import error_response, openai_error_response
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +149,12 @@ class ReverseProxy:
             return self._refuse(
                 request, 503, Failure.SHUTTING_DOWN, message, headers={"Retry-After": "1"}
             )
+        if request.method == "GET" and normalize(request.path) in MODELS_PATHS:
+            # The fleet's models, not one server's.
+            answer = listing(self.gate.fleet, self.gate.clock(), self.gate.wall_clock())
+            response = web.json_response(answer)
+            self._report(request, 200)
+            return response
         try:
             body = await self._read_body(request)
         except BodyTooLarge:
@@ -156,7 +163,7 @@ class ReverseProxy:
             return self._body_too_slow(request)
         request[_EXCHANGE].bytes_received = len(body)
         try:
-            needs = request[_NEEDS] = read_needs(request.path, body)
+            needs = request[_NEEDS] = read_needs(request.path, body, request.query.get("model"))
         except BadRequest as error:
             return self._refuse(
                 request,
@@ -167,7 +174,7 @@ class ReverseProxy:
             )
         if needs.takes_slot:
             return await self._relay_on_slot(request, body, needs)
-        return await self._relay_anywhere(request, body)
+        return await self._relay_anywhere(request, body, needs)
 
     async def _read_body(self, request: web.Request) -> bytes:
         """The whole request body, within `--max-request-body-bytes` and the read deadline."""
@@ -199,10 +206,18 @@ class ReverseProxy:
             except SlotUnavailable as error:
                 headers = {"Retry-After": str(error.retry_after)} if error.retry_after else None
                 failure = _UNAVAILABLE.get(error.status, Failure.BUFFER_FULL)
-                return self._refuse(request, error.status, failure, error.message, headers=headers)
+                return self._refuse(
+                    request,
+                    error.status,
+                    failure,
+                    error.message,
+                    headers=headers,
+                    openai_code=error.openai_code,
+                )
             request[_DISPATCH] = dispatch
+            sent = with_model(body, dispatch.rename_to) if dispatch.rename_to else body
             try:
-                return await self._forward(request, body, dispatch.upstream)
+                return await self._forward(request, sent, dispatch.upstream)
             except UpstreamRefused:
                 log.warning("llama-server at %s refused the connection", dispatch.upstream)
                 self.gate.refused(slot_request)
@@ -225,9 +240,11 @@ class ReverseProxy:
             # Granted, refused, or its client gone: the wait is over either way.
             exchange.waited = asyncio.get_running_loop().time() - exchange.started
 
-    async def _relay_anywhere(self, request: web.Request, body: bytes) -> web.StreamResponse:
+    async def _relay_anywhere(
+        self, request: web.Request, body: bytes, needs: RequestNeeds
+    ) -> web.StreamResponse:
         for _ in range(MAX_ATTEMPTS):
-            upstream = self.gate.any_upstream()
+            upstream = self.gate.any_upstream(needs.model)
             if upstream is None:
                 message = "No llama.cpp server is registered and healthy; start an agent"
                 return self._refuse(request, 503, Failure.NO_UPSTREAM, message)
@@ -250,6 +267,7 @@ class ReverseProxy:
         exchange.upstream = upstream
         url = f"http://{upstream}{request.rel_url}"
         headers = self._upstream_headers(request, upstream)
+        self._body_headers(headers, body)
         needs: RequestNeeds | None = request.get(_NEEDS)
         try:
             answer = await self.upstream.request(
@@ -393,10 +411,15 @@ class ReverseProxy:
         headers[REQUEST_ID] = request[_EXCHANGE].request_id
         return headers
 
+    def _body_headers(self, headers: CIMultiDict[str], body: bytes) -> None:
+        # A router's model may have been renamed in the body (`Dispatch.rename_to`).
+        if "Content-Length" in headers:
+            headers["Content-Length"] = str(len(body))
+
     def _count_prompt(self, request: web.Request, tokens: AnswerTimings | None) -> None:
         dispatch: Dispatch | None = request.get(_DISPATCH)
         if tokens is not None and dispatch is not None:
-            self.gate.answered(dispatch.agent_id, tokens)
+            self.gate.answered(dispatch.agent_id, tokens, dispatch.model)
 
     def _refuse(
         self,
@@ -407,9 +430,14 @@ class ReverseProxy:
         *,
         headers: Mapping[str, str] | None = None,
         error_type: str | None = None,
+        openai_code: str | None = None,
     ) -> web.Response:
-        """An error answered by the balancer itself, reported as `failure`."""
-        response = error_response(status, message, headers=headers, error_type=error_type)
+        """An error answered by the balancer itself, reported as `failure` (in OpenAI's shape
+        when it has an `openai_code`, else llama.cpp's)."""
+        if openai_code is not None:
+            response = openai_error_response(status, message, code=openai_code, param="model")
+        else:
+            response = error_response(status, message, headers=headers, error_type=error_type)
         assert isinstance(response.body, bytes)
         request[_EXCHANGE].bytes_sent = len(response.body)
         self._report(request, status, failure, message)
