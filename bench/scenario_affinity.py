@@ -294,7 +294,7 @@ def rower_counters(fronts: Sequence[Front]) -> dict[str, float]:
     return total
 
 
-AGENT_LABELS = re.compile(r'agent_(?:id|name)="[^"]*",?')
+AGENT_LABELS = re.compile(r'(?:agent_id|agent_name|model)="[^"]*",?')
 
 
 def run_one(
