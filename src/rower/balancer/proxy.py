@@ -58,6 +58,7 @@ from rower.balancer.settings import BalancerSettings
 from rower.balancer.slot_gate import SlotGate, SlotUnavailable
 from rower.balancer.upstream_client import UpstreamClient
 from rower.http_errors import error_response, openai_error_response
+from rower.logs import log_throttled
 
 log = logging.getLogger(__name__)
 
@@ -375,8 +376,14 @@ class ReverseProxy:
             f"The request body did not arrive within {timeout:g} s; send it at once, "
             "or raise --request-body-timeout"
         )
-        log.warning(
-            "refused a %s %s from %s: body too slow", request.method, request.path, request.remote
+        log_throttled(
+            log,
+            logging.WARNING,
+            "body too slow",
+            "refused a %s %s from %s: body too slow",
+            request.method,
+            request.path,
+            request.remote,
         )
         response = self._refuse(
             request, 408, Failure.BODY_TIMEOUT, message, error_type="invalid_request_error"
@@ -390,7 +397,16 @@ class ReverseProxy:
         message = (
             f"The request body is over {limit} bytes; send less, or raise --max-request-body-bytes"
         )
-        log.warning("refused a %s %s: body over %d bytes", request.method, request.path, limit)
+        log_throttled(
+            log,
+            logging.WARNING,
+            "body too large",
+            "refused a %s %s from %s: body over %d bytes",
+            request.method,
+            request.path,
+            request.remote,
+            limit,
+        )
         response = self._refuse(request, 413, Failure.BODY_TOO_LARGE, message)
         # The rest of the body is not read: the connection cannot carry another request.
         response.force_close()
