@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -119,7 +120,7 @@ class ReverseProxy:
     async def __call__(self, request: web.Request) -> web.StreamResponse:
         """Relay one request."""
         exchange = request[_EXCHANGE] = _Exchange(
-            request_id(request.headers.get(REQUEST_ID)), asyncio.get_running_loop().time()
+            request_id(request.headers.get(REQUEST_ID)), time.perf_counter()
         )
         try:
             response = await self._relay(request)
@@ -239,7 +240,7 @@ class ReverseProxy:
             return await self.gate.acquire(slot_request, needs=needs, retry=retry)
         finally:
             # Granted, refused, or its client gone: the wait is over either way.
-            exchange.waited = asyncio.get_running_loop().time() - exchange.started
+            exchange.waited = time.perf_counter() - exchange.started
 
     async def _relay_anywhere(
         self, request: web.Request, body: bytes, needs: RequestNeeds
@@ -263,7 +264,6 @@ class ReverseProxy:
     async def _forward(
         self, request: web.Request, body: bytes, upstream: str
     ) -> web.StreamResponse:
-        loop = asyncio.get_running_loop()
         exchange: _Exchange = request[_EXCHANGE]
         exchange.upstream = upstream
         url = f"http://{upstream}{request.rel_url}"
@@ -289,7 +289,7 @@ class ReverseProxy:
         upstream_response = answer.response
         exchange.connection_reused, exchange.retried = answer.reused, answer.retried
         async with upstream_response:
-            exchange.first_byte = loop.time() - exchange.started
+            exchange.first_byte = time.perf_counter() - exchange.started
             if _is_small(request, upstream_response):
                 return await self._relay_whole(request, upstream_response, upstream)
             response = web.StreamResponse(
@@ -480,7 +480,7 @@ class ReverseProxy:
                 upstream=exchange.upstream,
                 seconds_waiting=exchange.waited,
                 seconds_to_first_byte=exchange.first_byte,
-                seconds_total=asyncio.get_running_loop().time() - exchange.started,
+                seconds_total=time.perf_counter() - exchange.started,
                 bytes_received=exchange.bytes_received,
                 bytes_sent=exchange.bytes_sent,
                 connection_reused=exchange.connection_reused,
@@ -526,7 +526,8 @@ class _Exchange:
 
     Attributes:
         request_id: its id (`X-Request-Id`).
-        started: when it arrived (loop time).
+        started: when it arrived (`time.perf_counter`: the event loop's clock is in whole
+            milliseconds under uvloop, too coarse for a proxy's own cost).
         bytes_received: the request body's size, once read.
         upstream: the llama-server it was last sent to.
         waited: seconds in the buffer before its slot.
