@@ -37,6 +37,7 @@ SMUGGLED = b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
 PIPELINED = b"GET /pipelined HTTP/1.1\r\nHost: x\r\n\r\n"
 """A request sent after another on one connection, which is no fault."""
 
+
 def hostile(examples: int) -> settings:
     """Hypothesis settings for `examples` cases against the module's balancer (each ~30 ms)."""
     return settings(
@@ -674,4 +675,20 @@ async def test_a_flood_of_malformed_requests_logs_a_line_or_two_and_no_traceback
     assert logged <= 4, f"{logged} lines for 200 malformed requests"
     assert "Traceback" not in output
     assert " ERROR " not in output
+    await still_sound(rig)
+
+
+async def test_a_status_stream_that_never_says_anything_is_closed(rig: Rig) -> None:
+    opened = head(
+        b"POST /api/v1/agent_status_update/silent HTTP/1.1",
+        b"Host: x",
+        b"Authorization: Bearer " + TOKEN.encode(),
+        b"Transfer-Encoding: chunked",
+    )
+    for after_head in (b"", b"1\r\n\n\r\n" * 3):  # nothing, or blank lines only
+        seen = await exchange(
+            rig.fleet.management_port, opened + after_head, wait=BODY_TIMEOUT_MS / 1000 + 3
+        )
+        error = refused(seen, 408)
+        assert "--request-body-timeout" in error["message"]
     await still_sound(rig)

@@ -132,10 +132,23 @@ class ManagementApi:
         registered = False
         vetted_address: str | None = None
         max_line = self.settings.max_status_line_bytes
+        # An agent sends its first line at its first poll of llama-server (seconds at most); a
+        # stream that says nothing would hold its connection forever. Later lines may take any
+        # time: a frozen agent goes stale, it is not cut off.
+        first_line_by = asyncio.get_running_loop().time() + self.settings.request_body_timeout
         try:
             while True:
                 try:
-                    line = await request.content.readline(max_line_length=max_line)
+                    async with asyncio.timeout_at(None if registered else first_line_by):
+                        line = await request.content.readline(max_line_length=max_line)
+                except TimeoutError:
+                    return self._bad_line(
+                        request,
+                        agent_id,
+                        f"no status line within {self.settings.request_body_timeout:g} s of "
+                        "connecting (--request-body-timeout)",
+                        status=408,
+                    )
                 except LineTooLong:
                     return self._bad_line(
                         request,
