@@ -41,7 +41,7 @@ async def test_table_follows_the_fleet(fleet: Fleet) -> None:
         by_name = {row[0]: row for row in table}
         assert by_name["beta"][1] == "none"
         assert by_name["beta"][2] == beta.addr
-        assert by_name["beta"][4:] == ["3", "0"]
+        assert by_name["beta"][4:] == ["3", "0", "-"]  # idle, processing, no reuse yet
         assert "2 agents" in status_text(app)
 
         # s cycles the sort: balancer order -> name.

@@ -8,9 +8,11 @@ missing Chromium fails the test instead of skipping it.
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import shutil
 import threading
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -82,6 +84,16 @@ def test_dashboard_follows_the_fleet_live(fleet: Fleet, page: object) -> None:
     expect(alpha.locator(".issues")).to_have_text("none")
     expect(page.locator("#total-agents")).to_have_text("2")
     expect(page.locator("#total-idle")).to_have_text("6")
+    expect(page.locator("#agents td.reuse", has_text="%")).to_have_count(0)
+
+    # The same long prompt twice: the second finds its prefix in the cache of the server that
+    # served the first (cache-aware routing), and that row shows the reuse.
+    prompt = json.dumps({"prompt": "A long shared prefix. " * 60, "n_predict": 2}).encode()
+    for _ in range(2):
+        urllib.request.urlopen(
+            urllib.request.Request(f"{fleet.proxy}/completion", data=prompt), timeout=15
+        ).read()
+    expect(page.locator("#agents td.reuse", has_text="%")).to_have_count(1)
 
     # A long streaming request through the proxy makes a slot busy.
     first_chunk = threading.Event()

@@ -25,7 +25,7 @@ from rower.dashboard.issues import agent_issues
 from rower.dashboard.stream import Connecting, Unreachable, fleet_events
 from rower.status import AgentView, FleetView
 
-COLUMNS = ("Name", "Issues", "llama.cpp address", "Last update", "Idle", "Processing")
+COLUMNS = ("Name", "Issues", "llama.cpp address", "Last update", "Idle", "Processing", "Reuse")
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +86,7 @@ def agent_details(agent: AgentView, now: float) -> str:
         f"Usable:            {'yes' if agent.is_usable else 'no'}",
         f"Slots:             {status.slots_idle} idle, {status.slots_processing} processing, "
         f"{status.slots_total} total, {agent.slots_free} free for new requests",
+        f"Cache reuse:       {cache_reuse(agent)} of the prompt tokens of this balancer's requests",
         f"Taken by balancer: {agent.slots_taken} now, "
         f"{agent.slots_taken_since_last_status_update} since the last report",
         f"Slot states:       {slots or '(not reported)'}",
@@ -95,6 +96,13 @@ def agent_details(agent: AgentView, now: float) -> str:
         f"Quarantined until: {quarantined}",
     ]
     return "\n".join(lines)
+
+
+def cache_reuse(agent: AgentView) -> str:
+    """The share of prompt tokens the server found in its prompt cache, or `-` before any."""
+    cached = agent.prompt_tokens_cached
+    total = cached + agent.prompt_tokens_evaluated
+    return f"{round(100 * cached / total)}%" if total else "-"
 
 
 class AgentDetails(ModalScreen[None]):
@@ -240,6 +248,7 @@ class DashboardApp(App[None]):
                 ago(agent.last_update.timestamp(), now),
                 str(agent.status.slots_idle),
                 str(agent.status.slots_processing),
+                cache_reuse(agent),
                 key=agent.agent_id,
             )
         if selected is not None and selected in table.rows:

@@ -114,6 +114,7 @@ function renderAgents(fleet, nowMs) {
       el("td", { class: "address" }, s.external_llamacpp_addr),
       issueCell,
       slots,
+      el("td", { class: "reuse" }, cacheReuse(agent)),
       el("td", { class: "updated" }, ago(agent.last_update.secs_since_epoch, nowMs)),
     );
     return row;
@@ -121,6 +122,13 @@ function renderAgents(fleet, nowMs) {
   body.replaceChildren(...rows);
   $("empty").hidden = fleet.agents.length > 0;
   $("agents").hidden = fleet.agents.length === 0;
+}
+
+// Share of prompt tokens the server found in its prompt cache, from its answers' timings.
+function cacheReuse(agent) {
+  const cached = agent.prompt_tokens_cached || 0;
+  const all = cached + (agent.prompt_tokens_evaluated || 0);
+  return all > 0 ? `${Math.round((100 * cached) / all)}%` : "–";
 }
 
 function renderTotals(fleet) {
