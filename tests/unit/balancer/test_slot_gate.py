@@ -87,3 +87,46 @@ async def test_agent_appearing_serves_the_buffer() -> None:
     report(g, "late", 2, "127.0.0.1:9")
     dispatch = await asyncio.wait_for(waiting, 1)
     assert dispatch.upstream == "127.0.0.1:9"
+
+
+async def test_a_request_waiting_for_its_busy_home_goes_elsewhere_at_its_deadline() -> None:
+    from rower.balancer.answer_timings import AnswerTimings
+    from rower.balancer.cache_routing import Affinity
+    from rower.balancer.request_needs import RequestNeeds
+    from rower.status import SlotStatus
+
+    g = gate()
+    report(g, "home", 1, "127.0.0.1:1")
+    report(g, "other", 1, "127.0.0.1:2")
+    for agent in ("home", "other"):
+        # Prefill of 1,000 tokens/s: 2 blocks (~256 tokens) cost ~0.26 s to compute again.
+        g.answered(agent, AnswerTimings(1000, 0, 1.0, 1000, 1.0))
+    turn = RequestNeeds("/completion", True, prefix=(1, 2))
+    first = await g.acquire(g.new_request_id(), needs=turn)
+    g.release(first.request_id)
+    home = first.agent_id
+    holder = await g.acquire(
+        g.new_request_id(), needs=RequestNeeds("/completion", True, prefix=(1, 2, 3))
+    )
+    assert holder.agent_id == home
+    # Its one slot: 10 tokens to go at 1,000 tokens/s, so waiting looks cheaper than prefill.
+    busy = SlotStatus(id=0, is_processing=True, n_remain=10)
+    address = "127.0.0.1:1" if home == "home" else "127.0.0.1:2"
+    g.report(
+        home,
+        StatusUpdate(
+            external_llamacpp_addr=address, slots_processing=1, slots_total=1, slots=[busy]
+        ),
+    )
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    # The home never frees its slot (the estimate was wrong): at the deadline the request
+    # goes to the other server, at most the prefill it would have saved later.
+    moved = await g.acquire(
+        g.new_request_id(), needs=RequestNeeds("/completion", True, prefix=(1, 2, 3, 4))
+    )
+    waited = loop.time() - started
+    assert moved.agent_id != home
+    assert moved.affinity is Affinity.SPILL_BUSY
+    assert 0.3 < waited < 1.5, waited  # 384 tokens to prefill at 1,000 tokens/s: 0.38 s
+    assert g.fleet.requests_buffered == 0
