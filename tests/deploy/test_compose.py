@@ -2,7 +2,9 @@
 
 No container engine runs here, so the file is checked twice over: statically against `rower`'s
 own parser and the other services' flags, then by starting the same fleet (with `rower sim` in
-place of the llama.cpp containers) on loopback, each address rewritten to a free port.
+place of the llama.cpp containers, each named as its container's `--alias`) on loopback, each
+address rewritten to a free port. The fleet serves two models: each request goes to the one
+it names.
 """
 
 from __future__ import annotations
@@ -94,6 +96,20 @@ def test_the_topology_of_the_seed_readme() -> None:
     for service in llamacpp_services().values():
         assert "--slots" in service["command"], "agents read /slots"
         assert "-np" in service["command"]
+
+
+def models() -> dict[str, str]:
+    """llama.cpp service -> the model it serves (its `--alias`, what clients name)."""
+    return {name: option(s["command"], "--alias") for name, s in llamacpp_services().items()}
+
+
+def test_two_models_declared_in_the_balancer() -> None:
+    served = models()
+    assert len(set(served.values())) == len(served) == 2, served
+    (balancer,) = rower_services("balancer")
+    args = parsed(balancer)
+    assert sorted(args.models) == sorted(served.values())
+    assert args.default_model in served.values()
 
 
 def test_every_rower_command_line_is_accepted_by_rower() -> None:
@@ -218,7 +234,10 @@ def test_the_compose_topology_runs_as_processes(statsd_socket: socket.socket) ->
         for name, service in llamacpp_services().items():
             port = loopback.port(name, llamacpp_port(service))
             slots = option(service["command"], "-np")
-            sims[name] = start(rower("sim", "--addr", f"127.0.0.1:{port}", "--slots", slots))
+            model = ("--model", option(service["command"], "--alias"))
+            sims[name] = start(
+                rower("sim", "--addr", f"127.0.0.1:{port}", "--slots", slots, *model)
+            )
         (balancer_name,) = rower_services("balancer")
         argv, env = loopback.command(balancer_name, services()[balancer_name])
         # The compose file keeps StatsD's 10 s default; the flag would win over this variable.
@@ -234,25 +253,42 @@ def test_the_compose_topology_runs_as_processes(statsd_socket: socket.socket) ->
             start(rower(*agent_argv, env=agent_env))
 
         agents = eventually_agents(management, 2)
-        assert {a["status"]["agent_name"] for a in agents} == {"llamacpp-1", "llamacpp-2"}
+        served = models()
+        assert {a["status"]["agent_name"]: a["status"]["model"] for a in agents} == served
 
-        request = urllib.request.Request(
-            f"{proxy}/v1/chat/completions",
-            data=json.dumps({"messages": [{"role": "user", "content": "Hi"}]}).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=15) as answer:
-            assert answer.status == 200
-            assert json.load(answer)["choices"][0]["message"]["content"]
+        balancer_args = parsed(balancer_name)
+        asked = [*served.values(), None]  # None: the default model's
+        for model in asked:
+            body: dict[str, Any] = {"messages": [{"role": "user", "content": "Hi"}]}
+            if model is not None:
+                body["model"] = model
+            request = urllib.request.Request(
+                f"{proxy}/v1/chat/completions",
+                data=json.dumps(body).encode(),
+                headers={"Content-Type": "application/json"},
+            )
+            with urllib.request.urlopen(request, timeout=15) as answer:
+                assert answer.status == 200
+                assert json.load(answer)["choices"][0]["message"]["content"]
+        listed = json.loads(get(f"{proxy}/v1/models"))
+        assert sorted(entry["id"] for entry in listed["data"]) == sorted(served.values())
 
         metrics = get(f"{management}/metrics").decode()
         for name in ("rower_slots_idle", "rower_slots_processing", "rower_requests_buffered"):
             assert re.search(rf"^{name} ", metrics, re.MULTILINE), f"{name} not in /metrics"
+        # Each model's requests went to its own servers (and the unnamed one to the default).
+        for model in served.values():
+            count = 1 + (model == balancer_args.default_model)
+            line = rf'^rower_model_proxied_requests_total{{model="{model}",status="200"}} {count}'
+            assert re.search(line, metrics, re.MULTILINE), f"{model}: {count} answers"
         assert get(f"{management}/dashboard")
 
         datagrams = b""
-        while b"rower.slots_idle:" not in datagrams:
-            datagrams += statsd_socket.recv(4096) + b"\n"
+        for model in served.values():
+            gauge = f"rower.model.{model.replace('.', '_')}.slots_idle:".encode()
+            while gauge not in datagrams:
+                datagrams += statsd_socket.recv(4096) + b"\n"
+        assert b"rower.slots_idle:" in datagrams
         assert b"|g" in datagrams
 
 

@@ -2,12 +2,15 @@
 
 Every `rower` container's arguments and `ROWER_*` variables go through `rower`'s own parser
 (downward-API and Secret values replaced by examples); Services must select pods and reach a
-declared port; KEDA must scale the llama-server Deployment on metrics a balancer serves.
+declared port; each model has its llama-server Deployment, declared in the balancer, and its
+KEDA ScaledObject scaling that Deployment on that model's series, which a balancer serves.
 """
 
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -145,61 +148,120 @@ def test_the_balancer_listens_on_its_container_ports_and_probes_health() -> None
     assert annotations["prometheus.io/path"] == "/metrics"
 
 
-def test_the_agent_sidecar_points_at_its_llama_server_and_the_balancer() -> None:
-    ((name, agent),) = rower_containers("agent").items()
-    deployment = name.split("/")[0]
-    llama = containers()[f"{deployment}/llama-server"]
-    llama_port = int(llama["args"][llama["args"].index("--port") + 1])
-    assert "--slots" in llama["args"]
-    assert named_ports(llama)["http"] == llama_port
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        check = llama[probe]["httpGet"]
-        assert check["path"] == "/health"
-        assert named_ports(llama)[check["port"]] == llama_port
-
-    args = parsed(agent)
-    assert (args.local_llamacpp_addr.host, args.local_llamacpp_addr.port) == (
-        "127.0.0.1",
-        llama_port,
-    )
-    external = args.external_llamacpp_addr
-    assert (external.host, external.port) == (EXAMPLE_VALUES["status.podIP"], llama_port)
-    assert args.name == EXAMPLE_VALUES["metadata.name"]
-
+def test_each_agent_sidecar_points_at_its_llama_server_and_the_balancer() -> None:
+    agents = rower_containers("agent")
+    assert len(agents) == len(llama_deployments())
     (balancer,) = rower_containers("balancer").values()
     management_port = parsed(balancer).management_addr.port
-    (target,) = args.management_addr
-    service = of_kind("Service")[target.host]
-    (port,) = [p for p in service["spec"]["ports"] if p["port"] == target.port]
-    assert named_ports(balancer)[port["targetPort"]] == management_port
+    for name, agent in agents.items():
+        deployment = name.split("/")[0]
+        llama = containers()[f"{deployment}/llama-server"]
+        llama_port = int(option(llama["args"], "--port"))
+        assert "--slots" in llama["args"]
+        assert named_ports(llama)["http"] == llama_port
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            check = llama[probe]["httpGet"]
+            assert check["path"] == "/health"
+            assert named_ports(llama)[check["port"]] == llama_port
+
+        args = parsed(agent)
+        assert (args.local_llamacpp_addr.host, args.local_llamacpp_addr.port) == (
+            "127.0.0.1",
+            llama_port,
+        )
+        external = args.external_llamacpp_addr
+        assert (external.host, external.port) == (EXAMPLE_VALUES["status.podIP"], llama_port)
+        assert args.name == EXAMPLE_VALUES["metadata.name"]
+
+        (target,) = args.management_addr
+        service = of_kind("Service")[target.host]
+        (port,) = [p for p in service["spec"]["ports"] if p["port"] == target.port]
+        assert named_ports(balancer)[port["targetPort"]] == management_port
 
 
-def scaled_object() -> dict[str, Any]:
-    (found,) = of_kind("ScaledObject").values()
+def option(argv: list[str], flag: str) -> str:
+    assert flag in argv, f"{flag} not in {argv}"
+    return str(argv[argv.index(flag) + 1])
+
+
+def llama_deployments() -> dict[str, str]:
+    """Deployments running llama-server -> the model they serve (its `--alias`)."""
+    found = {}
+    for name, deployment in of_kind("Deployment").items():
+        for container in deployment["spec"]["template"]["spec"]["containers"]:
+            if container["image"].startswith("ghcr.io/ggml-org/llama.cpp:"):
+                found[name] = option(container["args"], "--alias")
     return found
 
 
-def test_keda_scales_llama_server_from_zero() -> None:
-    spec = scaled_object()["spec"]
-    assert spec["scaleTargetRef"]["kind"] == "Deployment"
-    assert spec["scaleTargetRef"]["name"] in of_kind("Deployment")
-    target = of_kind("Deployment")[spec["scaleTargetRef"]["name"]]
-    images = [c["image"] for c in target["spec"]["template"]["spec"]["containers"]]
-    assert any(image.startswith("ghcr.io/ggml-org/llama.cpp:") for image in images)
-    assert spec["minReplicaCount"] == 0
-    (trigger,) = spec["triggers"]
-    assert trigger["type"] == "prometheus"
-    assert float(trigger["metadata"]["activationThreshold"]) == 0
-    llama = containers()[f"{spec['scaleTargetRef']['name']}/llama-server"]
-    slots = llama["args"][llama["args"].index("-np") + 1]
-    assert trigger["metadata"]["threshold"] == slots, "threshold = slots per pod"
+def test_two_models_each_with_its_own_deployment_declared_in_the_balancer() -> None:
+    models = llama_deployments()
+    assert len(set(models.values())) == len(models) >= 2, models
+    (balancer,) = rower_containers("balancer").values()
+    args = parsed(balancer)
+    # Declared: each model buffers (and is exported) before its first pod is up.
+    assert sorted(args.models) == sorted(models.values())
+    assert args.default_model in models.values()
+    # No Deployment's selector takes another's pods (each scales on its own model).
+    deployments = of_kind("Deployment")
+    for name, deployment in deployments.items():
+        selector = deployment["spec"]["selector"]["matchLabels"]
+        for other, pod in deployments.items():
+            labels = pod["spec"]["template"]["metadata"]["labels"]
+            assert (other == name) == (selector.items() <= labels.items()), (name, other)
+
+
+MODEL_SERIES = re.compile(r'\b(rower_\w+)\{model="([^"]+)"\}')
+"""A per-model series in a PromQL query: its name and its model."""
+
+
+def test_keda_scales_each_models_deployment_from_zero_on_that_models_demand() -> None:
+    models = llama_deployments()
+    scaled = of_kind("ScaledObject")
+    targets = [o["spec"]["scaleTargetRef"]["name"] for o in scaled.values()]
+    assert sorted(targets) == sorted(models), "one ScaledObject per model's Deployment"
+    for name, scaled_object in scaled.items():
+        spec = scaled_object["spec"]
+        assert spec["scaleTargetRef"]["kind"] == "Deployment"
+        deployment = spec["scaleTargetRef"]["name"]
+        assert spec["minReplicaCount"] == 0
+        (trigger,) = spec["triggers"]
+        assert trigger["type"] == "prometheus"
+        assert float(trigger["metadata"]["activationThreshold"]) == 0
+        llama = containers()[f"{deployment}/llama-server"]
+        slots = option(llama["args"], "-np")
+        assert trigger["metadata"]["threshold"] == slots, "threshold = slots per pod"
+        series = MODEL_SERIES.findall(trigger["metadata"]["query"])
+        assert {n for n, _ in series} == {
+            "rower_model_requests_buffered",
+            "rower_model_slots_processing",
+        }, name
+        assert {m for _, m in series} == {models[deployment]}, f"{name}: another model's demand"
+
+
+def keda_series() -> set[tuple[str, str]]:
+    return {
+        found
+        for scaled_object in of_kind("ScaledObject").values()
+        for trigger in scaled_object["spec"]["triggers"]
+        for found in MODEL_SERIES.findall(trigger["metadata"]["query"])
+    }
 
 
 @pytest.mark.timeout(60)
-def test_the_keda_query_uses_metrics_a_balancer_serves() -> None:
-    query = scaled_object()["spec"]["triggers"][0]["metadata"]["query"]
-    names = set(re.findall(r"\brower_\w+", query))
-    assert {"rower_requests_buffered", "rower_slots_processing"} <= names
+def test_the_keda_queries_use_series_the_manifests_balancer_serves_with_no_pod_up() -> None:
+    series = keda_series()
+    assert series
+    (balancer,) = rower_containers("balancer").values()
+    env = {k: v for k, v in environment(balancer).items() if k in ("ROWER_MODEL",)}
+    helped = subprocess.run(
+        [sys.executable, "-m", "rower", "balancer", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for flag in ("--model", "--default-model", "--metrics-endpoint-enable"):
+        assert re.search(rf"^\s+{flag}\b", helped, re.MULTILINE), f"rower balancer has no {flag}"
     management = f"127.0.0.1:{free_port()}"
     with running(
         rower(
@@ -209,10 +271,13 @@ def test_the_keda_query_uses_metrics_a_balancer_serves() -> None:
             "--reverseproxy-addr",
             f"127.0.0.1:{free_port()}",
             "--metrics-endpoint-enable",
+            env=env,
         )
-    ) as balancer:
-        balancer.wait_http(f"http://{management}/health")
+    ) as process:
+        process.wait_http(f"http://{management}/health")
         with urllib.request.urlopen(f"http://{management}/metrics", timeout=5) as answer:
             served = answer.read().decode()
-    for name in names:
-        assert re.search(rf"^{name} ", served, re.MULTILINE), f"/metrics has no {name}"
+    # No agent yet: every model's series is there at 0, so KEDA reads 0, not "no data".
+    for name, model in series:
+        line = rf'^{name}\{{model="{re.escape(model)}"\}} 0\.0$'
+        assert re.search(line, served, re.MULTILINE), f"/metrics has no {name} for {model}"
