@@ -1,7 +1,7 @@
 """Several `rower sim` servers and `rower agent`s in one process, to spare a 2-core machine.
 
 `python -m bench.fleethost SPEC.json` where the spec is
-`{"sims": [{"port", "slots", "decode", "prefill", "slowdown"}...],
+`{"sims": [{"port", "slots", "decode", "prefill", "slowdown", "model"}...],
   "agents": [{"target": "127.0.0.1:P", "management": "127.0.0.1:M", "interval_ms"}...]}`;
 `management` may be a list (the agent reports to each balancer). Agents may watch sims of this
 process or real llama-servers elsewhere. Runs until SIGTERM.
@@ -28,7 +28,11 @@ async def main(spec: dict[str, Any]) -> None:
     runners: list[web.AppRunner] = []
     for item in spec.get("sims", []):
         config = SimConfig(
-            identity=Identity(model="sim", n_ctx=item.get("ctx", 8192), total_slots=item["slots"]),
+            identity=Identity(
+                model=item.get("model", "sim"),
+                n_ctx=item.get("ctx", 8192),
+                total_slots=item["slots"],
+            ),
             speed=Speed(
                 prefill_tokens_per_second=item.get("prefill", 2000.0),
                 decode_tokens_per_second=item["decode"],

@@ -85,12 +85,17 @@ def targets(
     proxy: dict[str, Any] | None,
     scale: dict[str, Any] | None,
     affinity: dict[str, Any] | None = None,
+    models: dict[str, Any] | None = None,
 ) -> list[str]:
     rows = ["| target | measured | met? |", "|---|---|---|"]
 
     def row(target: str, measured: str, met: bool | None) -> None:
         verdict = "n/a" if met is None else ("yes" if met else "**no**")
         rows.append(f"| {target} | {measured} | {verdict} |")
+
+    if models and "medians" in models:
+        for target, measured, met in models_targets(models):
+            row(target, measured, met)
 
     if affinity and "medians" in affinity:
         for target, measured, met in affinity_targets(affinity):
@@ -341,11 +346,117 @@ def id_slot_section(data: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+MODELS_TARGET_RATIO = 1.2
+"""B's TTFT p95 over A's burst may grow by 20% at most (the sims' and load generator's jitter
+on a shared 2-core machine); the control shows what head-of-line blocking does."""
+
+
+def _model_rows(data: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(m["fleet"], m["phase"]): m for m in data["medians"]}
+
+
+def models_targets(data: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
+    """A burst for model A does not move model B's TTFT (issue 10)."""
+    a, b = data["models"]
+    rows = _model_rows(data)
+    alone, burst = rows.get(("per model", "alone")), rows.get(("per model", "burst"))
+    if alone is None or burst is None:
+        return []
+    ratio = burst["ratio_window_ttft_p95"]
+    control = rows.get(("one pool (control)", "burst"))
+    versus = (
+        ""
+        if control is None or control["ratio_window_ttft_p95"] is None
+        else f"; one pool (control): {times(control['ratio_window_ttft_p95'])}"
+    )
+    return [
+        (
+            f"a burst for model {a} does not move model {b}'s TTFT (p95 over the burst "
+            f"≤ {MODELS_TARGET_RATIO:.1f}× alone)",
+            f"{b} p95 {ms(alone[f'{b}_window_ttft_p95'])} ms alone, "
+            f"{ms(burst[f'{b}_window_ttft_p95'])} ms during {a}'s burst ({times(ratio)}){versus}",
+            None if ratio is None else ratio <= MODELS_TARGET_RATIO,
+        )
+    ]
+
+
+def models_section(data: dict[str, Any], out: Path) -> list[str]:
+    """Section 7: B's TTFT alone and during A's burst, per model and in one pool."""
+    a, b = data["models"]
+    shape = data["shape"]
+    lines = [
+        f"## 7. Several models: a burst for {a} and the TTFT of {b}",
+        "",
+        f"Two models, {data['servers_per_model']} `rower sim` servers x {data['slots']} slots "
+        f"each ({data['decode']:.0f} tokens/s per slot, prefill {data['prefill']:.0f} tokens/s; "
+        f"each model's servers in their own process), one balancer. {b}: streamed "
+        f"`/completion` requests, Poisson at {data['b_load']:.0%} of its servers' capacity "
+        f"({data['capacity_rps']:.1f} req/s), {shape['duration']:.0f} s per phase. *burst*: the "
+        f"same arrivals of {b}, and {shape['burst']} requests for {a} at once at "
+        f"{data['burst_at'] * shape['duration']:.1f} s ({shape['burst'] // data['slots'] // 2}x "
+        f"its slots). *window*: {b}'s requests that arrived between {a}'s burst and the first "
+        f"token of {a}'s last request (the same arrivals in both phases). Both phases run one "
+        "after the other on the same servers and balancer; medians of "
+        f"{shape['repeats']} repeats, ratios burst / alone of the same repeat.",
+        "",
+        *(f"- *{name}*: {why}." for name, why in data["fleets"].items()),
+        "",
+        f"| fleet | phase | {b} req | {b} TTFT p50 ms | p95 | p99 | window req | window p50 "
+        f"| window p95 | window p95 burst / alone | {a} req | {a} TTFT p50 ms | p95 | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m in data["medians"]:
+        errors = (m[f"{a}_errors"] or 0) + (m[f"{b}_errors"] or 0)
+        lines.append(
+            f"| {m['fleet']} | {m['phase']} | {m[f'{b}_requests']:.0f} "
+            f"| {ms(m[f'{b}_ttft_p50'])} | {ms(m[f'{b}_ttft_p95'])} | {ms(m[f'{b}_ttft_p99'])} "
+            f"| {m[f'{b}_window_requests'] or 0:.0f} | {ms(m[f'{b}_window_ttft_p50'])} "
+            f"| {ms(m[f'{b}_window_ttft_p95'])} | {times(m.get('ratio_window_ttft_p95'))} "
+            f"| {m[f'{a}_requests'] or 0:.0f} | {ms(m[f'{a}_ttft_p50'])} "
+            f"| {ms(m[f'{a}_ttft_p95'])} | {errors:.0f} |"
+        )
+    return [*lines, "", *models_plot(data, out), ""]
+
+
+def models_plot(data: dict[str, Any], out: Path) -> list[str]:
+    """B's TTFT per request against its arrival, alone and during A's burst (first repeat)."""
+    a, b = data["models"]
+    fleets = list(data["fleets"])
+    fig, axes = plt.subplots(1, len(fleets), figsize=(7 * len(fleets), 4.5), squeeze=False)
+    for axis, fleet in zip(axes[0], fleets, strict=True):
+        runs = [r for r in data["runs"] if r["fleet"] == fleet and r["repeat"] == 0]
+        for run in runs:
+            points = run[b]["points"]
+            style = {"alone": ("tab:gray", "o"), "burst": ("tab:red", "x")}[run["phase"]]
+            axis.scatter(
+                [due for due, _ in points],
+                [ttft * 1000 for _, ttft in points],
+                c=style[0],
+                marker=style[1],
+                s=18,
+                label=f"{b}, {run['phase']}" + (f" (+{a}'s burst)" * (run["phase"] == "burst")),
+            )
+            if run["phase"] == "burst":
+                start, end = run["window"]
+                axis.axvspan(start, end, color="tab:red", alpha=0.08, label=f"{a}'s burst")
+        axis.set_yscale("log")
+        axis.set_title(f"{fleet}: {b}'s TTFT per request")
+        axis.set_xlabel("arrival (s into the phase)")
+        axis.set_ylabel("TTFT (ms, log)")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "models.png", dpi=90)
+    plt.close(fig)
+    return ["![models](models.png)"]
+
+
 def write(out: Path, notes: str = "") -> Path:
     """Write REPORT.md (and the plots) from the JSON results in `out`."""
     sim, real = load(out, "sim"), load(out, "real")
     proxy, scale = load(out, "proxy"), load(out, "scale")
     affinity = load(out, "affinity")
+    models = load(out, "models")
     meta = load(out, "meta") or {}
     lines = [
         "# Rower benchmark report",
@@ -357,7 +468,7 @@ def write(out: Path, notes: str = "") -> Path:
         "",
         "## Targets",
         "",
-        *targets(sim, proxy, scale, affinity),
+        *targets(sim, proxy, scale, affinity, models),
         "",
     ]
     if notes:
@@ -476,6 +587,8 @@ def write(out: Path, notes: str = "") -> Path:
     id_slot = load(out, "id_slot")
     if id_slot:
         lines += id_slot_section(id_slot)
+    if models:
+        lines += models_section(models, out)
     path = out / "REPORT.md"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -2,8 +2,9 @@
 
 Scenarios: sim (scheduling on simulated servers), real (on llama-servers), proxy (what the
 proxy costs), scale (1,000 agents, 10,000 buffered requests), affinity (multi-turn chat on
-llama-servers: prompt-cache reuse). Results, plots and REPORT.md go to bench/results/ (or
---out). The full run takes about 30 minutes on 2 cores.
+llama-servers: prompt-cache reuse), models (a burst for one model and another model's TTFT on
+simulated servers). Results, plots and REPORT.md go to bench/results/ (or --out). The full run
+takes about 35 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from bench import (
     report,
     scenario_affinity,
+    scenario_models,
     scenario_proxy,
     scenario_real,
     scenario_scale,
@@ -30,6 +32,7 @@ SCENARIOS = {
     "proxy": scenario_proxy.run,
     "scale": scenario_scale.run,
     "affinity": scenario_affinity.run,
+    "models": scenario_models.run,
 }
 
 

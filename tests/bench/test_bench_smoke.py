@@ -16,6 +16,7 @@ from bench import (
     llama_servers,
     report,
     scenario_affinity,
+    scenario_models,
     scenario_proxy,
     scenario_real,
     scenario_scale,
@@ -93,3 +94,20 @@ def test_scale_and_report(tmp_path: Path) -> None:
     text = report.write(tmp_path).read_text()
     assert "## Targets" in text
     assert (tmp_path / "scale.png").exists()
+
+
+def test_models_burst_and_report(tmp_path: Path) -> None:
+    results = scenario_models.run(tmp_path, duration=2.5, burst=16, repeats=1)
+    a, b = scenario_models.MODELS
+    assert [(r["fleet"], r["phase"]) for r in results["runs"]] == [
+        (fleet, phase) for fleet in scenario_models.FLEETS for phase in scenario_models.PHASES
+    ]
+    for run in results["runs"]:
+        assert run["not_sent"] == 0
+        assert run[b]["requests"] > 0
+        assert run[b]["errors"] == run[a]["errors"] == 0
+        assert run[a]["requests"] == (16 if run["phase"] == "burst" else 0)
+    text = report.write(tmp_path).read_text()
+    assert "## 7. Several models" in text
+    assert f"a burst for model {a} does not move model {b}'s TTFT" in text
+    assert (tmp_path / "models.png").exists()
