@@ -7,6 +7,7 @@ import asyncio
 from textual.widgets import DataTable, Static
 
 from rower.dashboard.app import AgentDetails, DashboardApp
+from tests.integration.agent.peers import FakeLlama, LlamaState
 from tests.integration.fleet import OBSERVABILITY, Fleet, until
 from tests.processes import free_port
 
@@ -18,8 +19,8 @@ def status_text(app: DashboardApp) -> str:
     return str(app.query_one("#status", Static).render())
 
 
-def rows(app: DashboardApp) -> list[list[str]]:
-    table = app.query_one("#agents", DataTable)
+def rows(app: DashboardApp, table_id: str = "agents") -> list[list[str]]:
+    table = app.query_one(f"#{table_id}", DataTable)
     return [[str(cell) for cell in table.get_row_at(i)] for i in range(table.row_count)]
 
 
@@ -39,9 +40,10 @@ async def test_table_follows_the_fleet(fleet: Fleet) -> None:
         await until(lambda: len(rows(app)) == 2, within=PATIENCE, what="two rows")
         table = rows(app)
         by_name = {row[0]: row for row in table}
-        assert by_name["beta"][1] == "none"
-        assert by_name["beta"][2] == beta.addr
-        assert by_name["beta"][4:] == ["3", "0", "-"]  # idle, processing, no reuse yet
+        assert by_name["beta"][1] == "sim"  # the model its server serves
+        assert by_name["beta"][2] == "none"
+        assert by_name["beta"][3] == beta.addr
+        assert by_name["beta"][5:] == ["3", "0", "-"]  # idle, processing, no reuse yet
         assert "2 agents" in status_text(app)
 
         # s cycles the sort: balancer order -> name.
@@ -68,7 +70,7 @@ async def test_table_follows_the_fleet(fleet: Fleet) -> None:
         # A broken server shows its issue in words; an agent that leaves leaves the table.
         alpha.process.kill()
         await until(
-            lambda: any(row[0] == "alpha" and "unreachable" in row[1] for row in rows(app)),
+            lambda: any(row[0] == "alpha" and "unreachable" in row[2] for row in rows(app)),
             within=PATIENCE,
             what="alpha unreachable",
         )
@@ -129,3 +131,77 @@ async def test_sends_the_token_when_reads_are_guarded(fleet: Fleet) -> None:
             what="the fleet, read with the token",
         )
         await pilot.press("q")
+
+
+async def test_each_agents_model_and_the_totals_per_model(fleet: Fleet) -> None:
+    await asyncio.to_thread(fleet.balancer, *OBSERVABILITY, "--model", "embed")
+
+    def start(name: str, model: str, slots: int) -> None:
+        sim = fleet.sim(slots=slots, flags=("--model", model, "--alias", f"{model}-latest"))
+        fleet.agent(sim, name=name)
+
+    app = DashboardApp(fleet.management_addr)
+    async with app.run_test(size=(140, 30)) as pilot:
+        for name, model, slots in (("a1", "alpha", 2), ("a2", "alpha", 1), ("b1", "beta", 3)):
+            await asyncio.to_thread(start, name, model, slots)
+        await until(lambda: len(rows(app)) == 3, within=PATIENCE, what="three agents")
+        assert {row[0]: row[1] for row in rows(app)} == {"a1": "alpha", "a2": "alpha", "b1": "beta"}
+        # Model, agents, idle, processing, slots, buffered; the declared one with no server.
+        await until(
+            lambda: (
+                rows(app, "models")
+                == [
+                    ["alpha", "2", "3", "0", "3", "0"],
+                    ["beta", "1", "3", "0", "3", "0"],
+                    ["embed", "0", "0", "0", "0", "0"],
+                ]
+            ),
+            within=PATIENCE,
+            what=f"the models table, now {rows(app, 'models')}",
+        )
+        assert "3 models" in status_text(app)
+        await pilot.press("s", "s")
+        assert "sorted by model" in status_text(app)
+        assert [row[1] for row in rows(app)] == ["alpha", "alpha", "beta"]
+        await pilot.press("enter")
+        await until(
+            lambda: isinstance(app.screen, AgentDetails), within=PATIENCE, what="details screen"
+        )
+        details = str(app.screen.query_one("#details", Static).render())
+        assert "alpha (also alpha-latest)" in details
+        await pilot.press("escape", "q")
+
+
+async def test_a_routers_models_are_rows_of_their_own(fleet: Fleet) -> None:
+    router = FakeLlama(LlamaState(router={"alpha": "loaded", "beta": "loaded", "gamma": "x"}))
+    await router.start()
+    try:
+        await asyncio.to_thread(fleet.balancer, *OBSERVABILITY)
+        app = DashboardApp(fleet.management_addr)
+        async with app.run_test(size=(140, 30)) as pilot:
+            await asyncio.to_thread(fleet.agent, router, name="router")  # type: ignore[arg-type]
+            # One row per model of the one agent (gamma: the one request that may load it).
+            await until(
+                lambda: sorted(row[1] for row in rows(app)) == ["alpha", "beta", "gamma"],
+                within=PATIENCE,
+                what=f"a row per model, now {rows(app)}",
+            )
+            assert {row[0] for row in rows(app)} == {"router"}
+            # gamma is not loaded: no idle capacity, no server of its own.
+            by_model = {row[0]: row[1:] for row in rows(app, "models")}
+            assert by_model == {
+                "alpha": ["1", "2", "0", "2", "0"],
+                "beta": ["1", "2", "0", "2", "0"],
+                "gamma": ["0", "0", "0", "0", "0"],
+            }
+            assert "4 idle" in status_text(app)
+            await pilot.press("s", "s")  # by model: alpha, beta, gamma
+            await pilot.press("j", "enter")
+            await until(
+                lambda: isinstance(app.screen, AgentDetails), within=PATIENCE, what="details"
+            )
+            details = str(app.screen.query_one("#details", Static).render())
+            assert "beta of a router-mode llama-server" in details
+            await pilot.press("escape", "q")
+    finally:
+        await router.stop()

@@ -164,3 +164,60 @@ def test_dashboard_asks_for_the_token_when_reads_are_guarded(fleet: Fleet, page:
     page.reload()
     expect(page.locator("#connection")).to_have_attribute("data-state", "live")
     expect(page.locator("#token-form")).to_be_hidden()
+
+
+def test_dashboard_shows_each_agents_model_and_the_totals_per_model(
+    fleet: Fleet, page: object
+) -> None:
+    from playwright.sync_api import Page, expect
+
+    assert isinstance(page, Page)
+    fleet.balancer(*OBSERVABILITY, "--model", "embed")
+    for name, model, slots in (("a1", "alpha", 2), ("b1", "beta", 3)):
+        sim = fleet.sim(slots=slots, speed=20, flags=("--model", model, "--alias", f"{model}-x"))
+        fleet.agent(sim, name=name)
+    page.goto(fleet.management + "/dashboard")
+    expect(page.locator("#agents tbody tr")).to_have_count(2)
+    a1 = page.locator('#agents tr[data-model="alpha"]')
+    expect(a1.locator("td.name")).to_have_text("a1")
+    expect(a1.locator("td.model")).to_have_text("alpha")
+    expect(a1.locator("td.model")).to_have_attribute("title", "also: alpha-x")
+    expect(page.locator("#models-panel")).to_be_visible()
+    models = page.locator("#models tbody tr")
+    expect(models).to_have_count(3)
+    expect(models.locator("td.name")).to_have_text(["alpha", "beta", "embed"])
+    expect(models.locator("td.agents")).to_have_text(["1", "1", "0"])
+    beta = page.locator('#models tr[data-model="beta"]')
+    expect(beta.locator(".slot-counts")).to_have_text("3 idle · 0 busy / 3")
+
+    # alpha's two slots busy and one request in alpha's own buffer; beta untouched.
+    first_chunks = threading.Semaphore(0)
+    cut: list[BaseException] = []
+
+    def stream() -> None:
+        body = {"model": "alpha", "prompt": "Tell me a story", "n_predict": 300, "stream": True}
+        request = urllib.request.Request(
+            f"{fleet.proxy}/completion",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=60) as answer:
+                answer.read1(1)
+                first_chunks.release()
+                while answer.read1(4096):
+                    pass
+        except (OSError, http.client.HTTPException) as error:
+            cut.append(error)
+
+    for _ in range(3):
+        threading.Thread(target=stream, daemon=True).start()
+    for _ in range(2):
+        assert first_chunks.acquire(timeout=15), f"alpha's streams did not start: {cut}"
+    alpha = page.locator('#models tr[data-model="alpha"]')
+    expect(alpha.locator("td.buffered")).to_have_text("1")
+    expect(alpha.locator("td.buffered")).to_have_class("buffered warn")
+    expect(alpha.locator(".slot-counts")).to_have_text("0 idle · 2 busy / 2")
+    expect(beta.locator("td.buffered")).to_have_text("0")
+    expect(page.locator("#total-buffered")).to_have_text("1")
+    expect(page.locator("#total-idle")).to_have_text("3")

@@ -2,7 +2,8 @@
 
 It follows `/api/v1/agents/stream` (see `stream.py`) and redraws the table at each snapshot,
 keeping the cursor on the same agent. A status line always says what the dashboard is doing:
-connecting, unreachable and retrying, or how many agents it sees.
+connecting, unreachable and retrying, or how many agents it sees. Above the agents, a table
+of the fleet's models (the snapshot's per-model totals) says how each model is doing.
 """
 
 from __future__ import annotations
@@ -23,9 +24,19 @@ from textual.widgets.data_table import CellDoesNotExist
 
 from rower.dashboard.issues import agent_issues
 from rower.dashboard.stream import Connecting, Unreachable, fleet_events
-from rower.status import AgentView, FleetView
+from rower.status import AgentView, FleetView, ModelSummary
 
-COLUMNS = ("Name", "Issues", "llama.cpp address", "Last update", "Idle", "Processing", "Reuse")
+COLUMNS = (
+    "Name",
+    "Model",
+    "Issues",
+    "llama.cpp address",
+    "Last update",
+    "Idle",
+    "Processing",
+    "Reuse",
+)
+MODEL_COLUMNS = ("Model", "Agents", "Idle", "Processing", "Slots", "Buffered")
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +51,7 @@ class SortOrder:
 SORT_ORDERS = (
     SortOrder("balancer order", None),
     SortOrder("name", lambda a: (display_name(a).lower(),)),
+    SortOrder("model", lambda a: (model_name(a.status.model), display_name(a).lower())),
     SortOrder("issues", lambda a: (not agent_issues(a), display_name(a).lower())),
     SortOrder("idle slots", lambda a: (-a.status.slots_idle, display_name(a).lower())),
     SortOrder("processing", lambda a: (-a.status.slots_processing, display_name(a).lower())),
@@ -50,6 +62,30 @@ SORT_ORDERS = (
 def display_name(agent: AgentView) -> str:
     """The agent's name, or the start of its id when it has none."""
     return agent.status.agent_name or agent.agent_id[:8]
+
+
+def model_name(model: str | None) -> str:
+    """A model as the tables show it: `(unnamed)` for servers that name none."""
+    return model or "(unnamed)"
+
+
+def entry_key(agent: AgentView) -> str:
+    """Which entry of `/api/v1/agents` this is: a router-mode server's models share its agent
+    id, one entry each."""
+    return f"{agent.agent_id}/{agent.status.model}" if agent.status.is_router else agent.agent_id
+
+
+def model_cells(model: ModelSummary) -> tuple[str | Text, ...]:
+    """One row of the models table."""
+    buffered = str(model.requests_buffered)
+    return (
+        model_name(model.model),
+        str(model.agents),
+        str(model.slots_idle),
+        str(model.slots_processing),
+        str(model.slots_total),
+        Text(buffered, style="bold red") if model.requests_buffered else buffered,
+    )
 
 
 def ago(seconds_since_epoch: float, now: float) -> str:
@@ -80,7 +116,9 @@ def agent_details(agent: AgentView, now: float) -> str:
         f"Name:              {status.agent_name or '(none)'}",
         f"Agent id:          {agent.agent_id}",
         f"llama.cpp address: {status.external_llamacpp_addr}",
-        f"Model:             {status.model or '(unknown)'}",
+        f"Model:             {status.model or '(unnamed)'}"
+        + (f" (also {', '.join(status.model_aliases)})" if status.model_aliases else "")
+        + (" of a router-mode llama-server" if status.is_router else ""),
         f"Issues:            {', '.join(issues) if issues else 'none'}",
         f"Error:             {status.error or '(none)'}",
         f"Usable:            {'yes' if agent.is_usable else 'no'}",
@@ -121,7 +159,7 @@ class AgentDetails(ModalScreen[None]):
 
     def __init__(self, agent: AgentView) -> None:
         super().__init__()
-        self.agent_id = agent.agent_id
+        self.key = entry_key(agent)
         self._agent = agent
 
     def compose(self) -> ComposeResult:
@@ -159,6 +197,7 @@ class DashboardApp(App[None]):
     DEFAULT_CSS = """
     #status { height: auto; padding: 0 1; background: $boost; }
     #status.problem { background: $error 30%; }
+    #models { height: auto; max-height: 40%; margin-bottom: 1; }
     #agents { height: 1fr; }
     """
 
@@ -174,6 +213,10 @@ class DashboardApp(App[None]):
     def compose(self) -> ComposeResult:
         yield Header()
         yield Static(f"Connecting to the balancer at {self.management}…", id="status")
+        models: DataTable[str | Text] = DataTable(id="models", cursor_type="none")
+        models.can_focus = False  # the keys move through the agents
+        models.display = False
+        yield models
         table: DataTable[str | Text] = DataTable(id="agents", cursor_type="row", zebra_stripes=True)
         yield table
         yield Footer()
@@ -182,6 +225,9 @@ class DashboardApp(App[None]):
         table = self.query_one("#agents", DataTable)
         for column in COLUMNS:
             table.add_column(column, key=column)
+        models = self.query_one("#models", DataTable)
+        for column in MODEL_COLUMNS:
+            models.add_column(column, key=column)
         self.run_worker(self._follow(), exclusive=True, name="fleet stream")
         self.set_interval(1.0, self._redraw)
 
@@ -218,10 +264,17 @@ class DashboardApp(App[None]):
                 "--local-llamacpp-addr HOST:PORT` next to each llama-server."
             )
         else:
-            idle = sum(a.status.slots_idle for a in fleet.agents)
+            # The models' sums: a router's model that is not loaded has no idle slot. (A
+            # balancer older than per-model totals sends none: then the agents' sums.)
+            if fleet.models:
+                idle = sum(m.slots_idle for m in fleet.models)
+            else:
+                idle = sum(a.status.slots_idle for a in fleet.agents)
             busy = sum(a.status.slots_processing for a in fleet.agents)
+            served = [m for m in fleet.models if m.model]
+            models = f"{len(served)} models · " if len(served) > 1 else ""
             self._say(
-                f"{len(fleet.agents)} agent{'s' if len(fleet.agents) != 1 else ''} · "
+                f"{len(fleet.agents)} agent{'s' if len(fleet.agents) != 1 else ''} · {models}"
                 f"{idle} idle · {busy} processing · {fleet.requests_buffered} buffered · "
                 f"sorted by {SORT_ORDERS[self.sort_index].label}"
             )
@@ -235,6 +288,7 @@ class DashboardApp(App[None]):
         return agents if key is None else sorted(agents, key=key)
 
     def _redraw_table(self) -> None:
+        self._redraw_models()
         table: DataTable[str | Text] = self.query_one("#agents", DataTable)
         selected = self._selected_id()
         table.clear()
@@ -243,16 +297,25 @@ class DashboardApp(App[None]):
             issues = agent_issues(agent)
             table.add_row(
                 display_name(agent),
+                model_name(agent.status.model),
                 Text(", ".join(issues), style="bold red") if issues else Text("none", "dim"),
                 agent.status.external_llamacpp_addr,
                 ago(agent.last_update.timestamp(), now),
                 str(agent.status.slots_idle),
                 str(agent.status.slots_processing),
                 cache_reuse(agent),
-                key=agent.agent_id,
+                key=entry_key(agent),
             )
         if selected is not None and selected in table.rows:
             table.move_cursor(row=table.get_row_index(selected), animate=False)
+
+    def _redraw_models(self) -> None:
+        models: DataTable[str | Text] = self.query_one("#models", DataTable)
+        models.clear()
+        summaries = self.fleet.models if self.fleet is not None else []
+        for model in summaries:
+            models.add_row(*model_cells(model), key=model.model)
+        models.display = bool(summaries)
 
     def _selected_id(self) -> str | None:
         table = self.query_one("#agents", DataTable)
@@ -269,7 +332,7 @@ class DashboardApp(App[None]):
         if not isinstance(screen, AgentDetails) or self.fleet is None:
             return
         for agent in self.fleet.agents:
-            if agent.agent_id == screen.agent_id:
+            if entry_key(agent) == screen.key:
                 screen.show(agent, gone=False)
                 return
         screen.show(screen._agent, gone=True)
@@ -289,11 +352,11 @@ class DashboardApp(App[None]):
 
     def action_details(self) -> None:
         """Show the selected agent's details."""
-        agent_id = self._selected_id()
-        if agent_id is None or self.fleet is None:
+        key = self._selected_id()
+        if key is None or self.fleet is None:
             return
         for agent in self.fleet.agents:
-            if agent.agent_id == agent_id:
+            if entry_key(agent) == key:
                 self.push_screen(AgentDetails(agent))
                 return
 

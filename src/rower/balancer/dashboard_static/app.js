@@ -41,16 +41,66 @@ function slotsTotal(status) {
   return status.slots_total || status.slots_idle + status.slots_processing;
 }
 
+// The fleet's sums. Each model's totals (fleet.models) already leave out what is no capacity
+// (a router's model that is not loaded offers one slot only to the request that loads it);
+// a balancer without them gets the agents' sums.
 function totals(fleet) {
   let idle = 0;
   let processing = 0;
   let total = 0;
-  for (const agent of fleet.agents) {
-    idle += agent.status.slots_idle;
-    processing += agent.status.slots_processing;
-    total += slotsTotal(agent.status);
+  const parts = fleet.models?.length ? fleet.models : fleet.agents.map((a) => a.status);
+  for (const part of parts) {
+    idle += part.slots_idle;
+    processing += part.slots_processing;
+    total += slotsTotal(part);
   }
   return { idle, processing, total, buffered: fleet.requests_buffered ?? 0 };
+}
+
+function modelName(model) {
+  return model || "(unnamed)";
+}
+
+// A usage bar and "N idle · M busy / T" counts, for an agent or a model.
+function slotsCell(idle, processing, total) {
+  const busyShare = total > 0 ? (100 * processing) / total : 0;
+  return el(
+    "td",
+    { class: "slots" },
+    el(
+      "div",
+      { class: "bar", title: `${processing} busy of ${total}` },
+      el("span", { class: "bar-busy", style: `width: ${busyShare.toFixed(1)}%` }),
+    ),
+    el(
+      "span",
+      { class: "slot-counts" },
+      el("b", { class: "idle" }, String(idle)),
+      " idle · ",
+      el("b", { class: "processing" }, String(processing)),
+      ` busy / ${total}`,
+    ),
+  );
+}
+
+function renderModels(fleet) {
+  const models = fleet.models ?? [];
+  const rows = models.map((m) =>
+    el(
+      "tr",
+      { "data-model": m.model, class: m.agents > 0 ? "usable" : "unusable" },
+      el("td", { class: "name" }, modelName(m.model)),
+      el("td", { class: "agents" }, String(m.agents)),
+      slotsCell(m.slots_idle, m.slots_processing, m.slots_total),
+      el(
+        "td",
+        { class: m.requests_buffered > 0 ? "buffered warn" : "buffered" },
+        String(m.requests_buffered),
+      ),
+    ),
+  );
+  $("models").querySelector("tbody").replaceChildren(...rows);
+  $("models-panel").hidden = models.length === 0;
 }
 
 function ago(secondsSinceEpoch, nowMs) {
@@ -84,36 +134,29 @@ function renderAgents(fleet, nowMs) {
   const rows = fleet.agents.map((agent) => {
     const s = agent.status;
     const issues = agentIssues(agent, nowMs);
-    const total = slotsTotal(s);
-    const busyShare = total > 0 ? (100 * s.slots_processing) / total : 0;
     const issueCell = el("td", { class: "issues" });
     if (issues.length === 0) issueCell.append(el("span", { class: "ok" }, "none"));
     for (const issue of issues) issueCell.append(el("span", { class: "issue" }, issue));
-    const bar = el(
-      "div",
-      { class: "bar", title: `${s.slots_processing} busy of ${total}` },
-      el("span", { class: "bar-busy", style: `width: ${busyShare.toFixed(1)}%` }),
-    );
-    const slots = el(
+    const aliases = (s.model_aliases ?? []).join(", ");
+    const model = el(
       "td",
-      { class: "slots" },
-      bar,
-      el(
-        "span",
-        { class: "slot-counts" },
-        el("b", { class: "idle" }, String(s.slots_idle)),
-        " idle · ",
-        el("b", { class: "processing" }, String(s.slots_processing)),
-        ` busy / ${total}`,
-      ),
+      { class: "model", title: aliases ? `also: ${aliases}` : "" },
+      modelName(s.model),
     );
+    if (s.is_router) model.append(el("span", { class: "router" }, "router"));
+    // A router's models share its agent id: one row each.
     const row = el(
       "tr",
-      { "data-agent-id": agent.agent_id, class: agent.is_usable ? "usable" : "unusable" },
+      {
+        "data-agent-id": agent.agent_id,
+        "data-model": s.model ?? "",
+        class: agent.is_usable ? "usable" : "unusable",
+      },
       el("td", { class: "name" }, s.agent_name || agent.agent_id.slice(0, 8)),
+      model,
       el("td", { class: "address" }, s.external_llamacpp_addr),
       issueCell,
-      slots,
+      slotsCell(s.slots_idle, s.slots_processing, slotsTotal(s)),
       el("td", { class: "reuse" }, cacheReuse(agent)),
       el("td", { class: "updated" }, ago(agent.last_update.secs_since_epoch, nowMs)),
     );
@@ -202,6 +245,7 @@ function render() {
   const nowMs = Date.now();
   if (state.fleet) {
     renderTotals(state.fleet);
+    renderModels(state.fleet);
     renderAgents(state.fleet, nowMs);
   }
   renderChart(nowMs);
