@@ -21,6 +21,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from rower.balancer.http_limits import LINGER
 from tests.chaos.invariants import settled
 from tests.chaos.raw_http import Exchange, RecordingRelay, exchange
 from tests.integration.fleet import Fleet, Sim
@@ -686,8 +687,12 @@ async def test_a_status_stream_that_never_says_anything_is_closed(rig: Rig) -> N
         b"Transfer-Encoding: chunked",
     )
     for after_head in (b"", b"1\r\n\n\r\n" * 3):  # nothing, or blank lines only
+        # The rest of the body is drained for LINGER before the close.
         seen = await exchange(
-            rig.fleet.management_port, opened + after_head, wait=BODY_TIMEOUT_MS / 1000 + 3
+            rig.fleet.management_port,
+            opened + after_head,
+            wait=BODY_TIMEOUT_MS / 1000 + 3,
+            close_wait=LINGER + 2,
         )
         error = refused(seen, 408)
         assert "--request-body-timeout" in error["message"]

@@ -259,7 +259,9 @@ class _LimitedServer(web.Server):
             # say HTTP/1.1 to an HTTP/0.9 or 2.0 request line, the version this server speaks.
             request._version = HttpVersion11
             request._cache.pop("version", None)
-        answer = error_response(refused.status, refused.message, error_type="invalid_request_error")
+        # 501 keeps llama.cpp's not_supported_error; the others are the client's fault.
+        error_type = None if refused.status == 501 else "invalid_request_error"
+        answer = error_response(refused.status, refused.message, error_type=error_type)
         answer.force_close()
         return answer
 

@@ -233,7 +233,11 @@ class ManagementApi:
             message,
         )
         return _closing(
-            error_response(status, message + "; one StatusUpdate JSON object per line is expected")
+            error_response(
+                status,
+                message + "; one StatusUpdate JSON object per line is expected",
+                error_type="invalid_request_error",
+            )
         )
 
     async def drain_agent(self, request: web.Request) -> web.Response:
