@@ -179,6 +179,11 @@ FRAMING = {
         head(POST, b"Host: x", b"Content-Length: 2", b"Content-Length: 38") + b"{}" + SMUGGLED,
         400,
     ),
+    "Transfer_Encoding with an underscore": (
+        head(POST, b"Host: x", b"Content-Length: 4", b"Transfer_Encoding: chunked")
+        + chunked(SMUGGLED),
+        400,
+    ),
     "Content-Length as a list": (head(POST, b"Host: x", b"Content-Length: 2, 2") + b"{}", 400),
     "Content-Length with a sign": (head(POST, b"Host: x", b"Content-Length: +2") + b"{}", 400),
     "obs-fold": (head(b"GET /v1/models HTTP/1.1", b"Host: x", b"X-A: a", b"  folded"), 400),

@@ -12,6 +12,8 @@ so that bytes the balancer took for a body reach llama-server as a request of th
 - `Transfer-Encoding` in an HTTP/1.0 request: RFC 9112 section 6.1 says to treat the framing
   as faulty and close the connection. In HTTP/1.1, only `chunked` alone is served: any other
   coding (`gzip, chunked`) would reach llama-server undecoded, as if it were the body (501).
+- a header name that is a framing header with `_` for `-` (`Transfer_Encoding`): relayed as
+  it is, a server that folds `_` into `-` would frame the body differently.
 - `CONNECT`, and request targets that are neither a path (`/v1/models`) nor an absolute URL
   (`http://host/v1/models`, whose path alone is used): `*`, `host:port`, and any target with a
   fragment (`#`), which a client never sends.
@@ -24,6 +26,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+FRAMING = frozenset({"content-length", "transfer-encoding"})
+"""The header fields that say where a body ends."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +68,12 @@ def refusal(
     lengths: list[str] = []
     for name, value in headers:
         lowered = name.lower()
+        if "_" in lowered and lowered.replace("_", "-") in FRAMING:
+            return Refusal(
+                400,
+                f"Header {name[:40]!r} looks like {lowered.replace('_', '-').title()!r}; some "
+                "servers read it as that: send the real name or none",
+            )
         if lowered == "transfer-encoding":
             codings.extend(coding.strip().lower() for coding in value.split(","))
         elif lowered == "content-length":

@@ -49,6 +49,8 @@ def test_a_plain_request_is_served() -> None:
             "together",
         ),
         ("POST", (1, 1), "/x", [("Content-Length", "2"), ("content-length", "2")], 400, "once"),
+        ("POST", (1, 1), "/x", [("Transfer_Encoding", "chunked")], 400, "Transfer-Encoding"),
+        ("POST", (1, 1), "/x", [("content_length", "5")], 400, "Content-Length"),
     ],
 )
 def test_refused(
