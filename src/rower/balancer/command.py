@@ -167,10 +167,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--idle-connection-timeout",
         type=milliseconds,
-        default=15000,
+        default=20000,
         metavar="MS",
         help="a client connection with no request under way is closed after this long, on "
-        "both listeners (default: 15000)",
+        "both listeners (default: 20000)",
     )
     parser.add_argument(
         "--max-client-connections",

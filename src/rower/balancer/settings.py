@@ -44,7 +44,7 @@ class BalancerSettings:
     models: ModelRules = field(default_factory=ModelRules)
     # Hostile clients and agents (docs/reliability.md).
     request_header_timeout: float = 10.0
-    idle_connection_timeout: float = 15.0
+    idle_connection_timeout: float = 20.0
     max_client_connections: int = 4096
     max_slots_per_agent: int = 1024
     management_token_guards_reads: bool = False
