@@ -88,7 +88,7 @@ async def _main(args: argparse.Namespace) -> int:
     import logging
     import signal
 
-    from rower.addresses import Address
+    from rower.addresses import Address, AddressError
     from rower.agent.agent import Agent, AgentConfig
     from rower.agent.aws_metadata import AwsMetadataError, fetch_local_ipv4
 
@@ -97,11 +97,19 @@ async def _main(args: argparse.Namespace) -> int:
     external: Address = args.external_llamacpp_addr or local
     if external.is_aws_metadata:
         try:
-            external = Address(await fetch_local_ipv4(), external.port)
-        except AwsMetadataError as error:
+            # Through the one parser: what the metadata service says must be an address too.
+            external = Address.parse(f"{await fetch_local_ipv4()}:{external.port}")
+        except (AwsMetadataError, AddressError) as error:
             logger.error("cannot resolve --external-llamacpp-addr: %s", error)
             return 2
         logger.info("EC2 metadata: this instance's private IPv4 is %s", external.host)
+    if external.is_unspecified:
+        logger.error(
+            "%s is where llama-server listens on every address, not one a balancer can reach "
+            "(balancers refuse it): give --external-llamacpp-addr HOST:PORT",
+            external,
+        )
+        return 2
 
     agent = Agent(
         AgentConfig(

@@ -153,6 +153,21 @@ async def test_unreachable_aws_metadata_exits_2(receiver: Receiver) -> None:
             ],
             "not a positive number of milliseconds",
         ),
+        (
+            [
+                "--management-addr",
+                "127.0.0.1:1",
+                "--local-llamacpp-addr",
+                "127.0.0.1:2",
+                "--external-llamacpp-addr",
+                "10.0.0.7:8080/slots",
+            ],
+            "path, query or user part",
+        ),
+        (
+            ["--management-addr", "127.0.0.1:1", "--local-llamacpp-addr", "0.0.0.0:8080"],
+            "give --external-llamacpp-addr",
+        ),
     ],
 )
 async def test_bad_flags_exit_2(args: list[str], message: str) -> None:
