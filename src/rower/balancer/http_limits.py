@@ -17,6 +17,11 @@ handler, the one place that sees every connection and every request head of a li
 
 Each of these answers closes the connection, is logged as one warning line (rate-limited,
 with the client's address, never with a traceback) and is counted in `ListenerStats`.
+
+aiohttp has no public hooks for these, so the handler leans on a few of its internals (the
+per-connection protocol class, its loop, the request's cached version); aiohttp is pinned to
+one minor version, and `tests/chaos/test_raw_sockets.py` checks every behaviour above on a
+running balancer.
 """
 
 from __future__ import annotations
