@@ -42,4 +42,3 @@ def openai_error_response(
         },
         status=status,
     )
-

@@ -218,20 +218,24 @@ async def test_unknown_paths_and_health(fleet: Fleet) -> None:
         async with session.get(fleet.management + "/nope") as answer:
             assert answer.status == 404
             assert (await answer.json())["error"]["code"] == 404
-        async with session.get(fleet.proxy + "/v1/models") as answer:
+        async with session.get(fleet.proxy + "/props") as answer:
             assert answer.status == 503
             assert "start an agent" in (await answer.json())["error"]["message"]
+        # The fleet's models are the balancer's own answer: none yet.
+        async with session.get(fleet.proxy + "/v1/models") as answer:
+            assert answer.status == 200
+            assert (await answer.json())["data"] == []
 
 
 async def test_host_header_is_kept_or_rewritten(fleet: Fleet) -> None:
     seen: list[str] = []
 
-    async def models(request: web.Request) -> web.Response:
+    async def props(request: web.Request) -> web.Response:
         seen.append(request.headers["Host"])
-        return web.json_response({"data": []})
+        return web.json_response({"total_slots": 1})
 
     app = web.Application()
-    app.router.add_get("/v1/models", models)
+    app.router.add_get("/props", props)
     runner = web.AppRunner(app)
     await runner.setup()
     port = free_port()
@@ -245,7 +249,7 @@ async def test_host_header_is_kept_or_rewritten(fleet: Fleet) -> None:
                 stream.lines.put_nowait(status_line(f"127.0.0.1:{port}"))
                 await until(lambda: agent_ids(fleet) == ["echo"], what="registered")
                 async with session.get(
-                    fleet.proxy + "/v1/models", headers={"Host": "client.example"}
+                    fleet.proxy + "/props", headers={"Host": "client.example"}
                 ) as answer:
                     assert answer.status == 200
                 stream.lines.put_nowait(None)

@@ -113,4 +113,3 @@ def with_model(body: bytes, model: str) -> bytes:
         return body
     document["model"] = model
     return msgspec.json.encode(document)
-
