@@ -206,6 +206,18 @@ async def test_w3c_trace_headers_pass_through_untouched(proxy: Proxy) -> None:
     assert (seen["traceparent"], seen["tracestate"]) == (TRACEPARENT, TRACESTATE)
 
 
+async def test_headers_the_connection_header_names_stay_on_this_hop(proxy: Proxy) -> None:
+    # RFC 9110 7.6.1: a proxy drops the headers `Connection` lists, as well as the hop-by-hop
+    # ones it knows.
+    proxy.register(proxy.upstream.addr)
+    sent = {"Connection": "keep-alive, X-Hop", "X-Hop": "secret", "X-End": "kept"}
+    status, _, _ = await post(proxy, {"prompt": "x"}, sent)
+    assert status == 200
+    seen = proxy.upstream.seen[-1]
+    assert "X-Hop" not in seen
+    assert seen["X-End"] == "kept"
+
+
 async def test_a_served_request_is_one_access_log_line_with_every_field(proxy: Proxy) -> None:
     proxy.register(proxy.upstream.addr)
     body = {"prompt": "x", "model": "tiny"}

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from rower.balancer.answer_timings import (
     STREAM_TAIL_READS,
@@ -295,9 +295,8 @@ class ReverseProxy:
             response = web.StreamResponse(
                 status=upstream_response.status, reason=upstream_response.reason
             )
-            for name, value in upstream_response.headers.items():
-                if name.lower() not in HOP_BY_HOP:
-                    response.headers.add(name, value)
+            for name, value in end_to_end(upstream_response.headers):
+                response.headers.add(name, value)
             response.headers[REQUEST_ID] = exchange.request_id
             await response.prepare(request)
             exchange.status = upstream_response.status
@@ -348,8 +347,8 @@ class ReverseProxy:
         self._count_prompt(request, from_body(body))
         headers = CIMultiDict(
             (name, value)
-            for name, value in upstream_response.headers.items()
-            if name.lower() not in HOP_BY_HOP and name.lower() != "content-length"
+            for name, value in end_to_end(upstream_response.headers)
+            if name.lower() != "content-length"
         )
         response = web.Response(
             status=upstream_response.status,
@@ -413,11 +412,7 @@ class ReverseProxy:
         return response
 
     def _upstream_headers(self, request: web.Request, upstream: str) -> CIMultiDict[str]:
-        headers = CIMultiDict(
-            (name, value)
-            for name, value in request.headers.items()
-            if name.lower() not in HOP_BY_HOP
-        )
+        headers = CIMultiDict(end_to_end(request.headers))
         if self.settings.rewrite_host_header:
             headers["Host"] = upstream
         peer = request.remote
@@ -503,6 +498,21 @@ async def _send(response: web.StreamResponse, chunk: bytes | None) -> None:
     except ConnectionError as error:
         # aiohttp's "Cannot write to closing transport" is a ConnectionResetError.
         raise ClientLeft(str(error) or type(error).__name__) from error
+
+
+def end_to_end(headers: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
+    """The headers a proxy passes on: not the hop-by-hop ones, nor those the `Connection`
+    header names as hop-by-hop for this connection (RFC 9110, 7.6.1)."""
+    named = {
+        token.strip().lower()
+        for value in headers.getall("Connection", ())
+        for token in value.split(",")
+    }
+    return [
+        (name, value)
+        for name, value in headers.items()
+        if (lowered := name.lower()) not in HOP_BY_HOP and lowered not in named
+    ]
 
 
 def _is_small(request: web.Request, upstream_response: aiohttp.ClientResponse) -> bool:
