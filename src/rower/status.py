@@ -15,6 +15,10 @@ import msgspec
 
 from rower.addresses import Address, AddressError
 
+MAX_INTERVAL_MS = 60_000
+"""Longest reporting interval a balancer accepts: an agent is stale after 3 of them, so a larger
+one would let an agent that stopped reporting be trusted for minutes."""
+
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 ShortText = Annotated[str, msgspec.Meta(max_length=4096)]
@@ -76,7 +80,7 @@ class StatusUpdate(msgspec.Struct, frozen=True):
     # Rower's additions.
     slots_total: NonNegative = 0
     model: ShortText | None = None
-    monitoring_interval_ms: Annotated[int, msgspec.Meta(ge=1)] = 1000
+    monitoring_interval_ms: Annotated[int, msgspec.Meta(ge=1, le=MAX_INTERVAL_MS)] = 1000
     sequence: NonNegative = 0
     is_draining: bool = False
     slots: list[SlotStatus] = msgspec.field(default_factory=list)

@@ -32,6 +32,7 @@ from rower.agent.llamacpp_probe import (
 )
 from rower.llamacpp import slots_decoder
 from rower.status import (
+    MAX_INTERVAL_MS,
     ModelStatus,
     SlotStatus,
     StatusRefused,
@@ -112,7 +113,7 @@ statuses = st.builds(
     slots_processing=st.integers(0, 10_000),
     slots_total=st.integers(0, 10_000),
     model=st.none() | text,
-    monitoring_interval_ms=st.integers(1, 10**9),
+    monitoring_interval_ms=st.integers(1, MAX_INTERVAL_MS),
     sequence=st.integers(0, 2**62),
     is_draining=st.booleans(),
     slots=slot_statuses,

@@ -5,6 +5,17 @@ from __future__ import annotations
 import argparse
 
 from rower.cli import address, address_or_aws, milliseconds
+from rower.status import MAX_INTERVAL_MS
+
+
+def interval(text: str) -> int:
+    """argparse type for `--monitoring-interval`: at most what a balancer accepts."""
+    value = milliseconds(text)
+    if value > MAX_INTERVAL_MS:
+        raise argparse.ArgumentTypeError(
+            f"{value} ms is over {MAX_INTERVAL_MS} ms, the longest interval a balancer accepts"
+        )
+    return value
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -43,7 +54,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default=None, metavar="NAME", help="display name")
     parser.add_argument(
         "--monitoring-interval",
-        type=milliseconds,
+        type=interval,
         default=1000,
         metavar="MS",
         help="milliseconds between two polls of llama-server (default: 1000)",
