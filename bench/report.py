@@ -395,15 +395,18 @@ def models_section(data: dict[str, Any], out: Path) -> list[str]:
         f"same arrivals of {b}, and {shape['burst']} requests for {a} at once at "
         f"{data['burst_at'] * shape['duration']:.1f} s ({shape['burst'] // data['slots'] // 2}x "
         f"its slots). *window*: {b}'s requests that arrived between {a}'s burst and the first "
-        f"token of {a}'s last request (the same arrivals in both phases). Both phases run one "
-        "after the other on the same servers and balancer; medians of "
-        f"{shape['repeats']} repeats, ratios burst / alone of the same repeat.",
+        f"token of {a}'s last request (the same arrivals in both phases). *paired*: each of "
+        f"{b}'s requests in the window during the burst against its twin alone (same arrival, "
+        "same prompt), the p50 and p95 of TTFT burst / alone. Both phases run one after the "
+        f"other on the same servers and balancer; medians of {shape['repeats']} repeats, "
+        "ratios burst / alone of the same repeat.",
         "",
         *(f"- *{name}*: {why}." for name, why in data["fleets"].items()),
         "",
         f"| fleet | phase | {b} req | {b} TTFT p50 ms | p95 | p99 | window req | window p50 "
-        f"| window p95 | window p95 burst / alone | {a} req | {a} TTFT p50 ms | p95 | errors |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| window p95 | window p50, p95 burst / alone | paired p50, p95 | {a} req "
+        f"| {a} TTFT p50 ms | p95 | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in data["medians"]:
         errors = (m[f"{a}_errors"] or 0) + (m[f"{b}_errors"] or 0)
@@ -411,7 +414,9 @@ def models_section(data: dict[str, Any], out: Path) -> list[str]:
             f"| {m['fleet']} | {m['phase']} | {m[f'{b}_requests']:.0f} "
             f"| {ms(m[f'{b}_ttft_p50'])} | {ms(m[f'{b}_ttft_p95'])} | {ms(m[f'{b}_ttft_p99'])} "
             f"| {m[f'{b}_window_requests'] or 0:.0f} | {ms(m[f'{b}_window_ttft_p50'])} "
-            f"| {ms(m[f'{b}_window_ttft_p95'])} | {times(m.get('ratio_window_ttft_p95'))} "
+            f"| {ms(m[f'{b}_window_ttft_p95'])} | {times(m.get('ratio_window_ttft_p50'))}, "
+            f"{times(m.get('ratio_window_ttft_p95'))} | {times(m.get(f'{b}_paired_p50'))}, "
+            f"{times(m.get(f'{b}_paired_p95'))} "
             f"| {m[f'{a}_requests'] or 0:.0f} | {ms(m[f'{a}_ttft_p50'])} "
             f"| {ms(m[f'{a}_ttft_p95'])} | {errors:.0f} |"
         )

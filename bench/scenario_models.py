@@ -195,8 +195,13 @@ def run_fleet(fleet: str, shape: Shape, work: Path) -> list[dict[str, Any]]:
 
 def add_window(pair: list[dict[str, Any]], shape: Shape) -> None:
     """B's TTFT over the burst's window in both phases: from A's burst until its last request
-    got its first token (the same arrivals of B, with and without the burst)."""
-    burst = pair[PHASES.index("burst")]
+    got its first token (the same arrivals of B, with and without the burst).
+
+    The arrivals are the same, so each request of B during the burst has its twin alone (same
+    time, same prompt): `paired_p50`/`paired_p95` are the quantiles of TTFT during / alone over
+    those pairs, which leaves out what the prompts' lengths do to TTFT.
+    """
+    alone, burst = (pair[PHASES.index(phase)] for phase in PHASES)
     start = BURST_AT * shape.duration
     end = start + (burst[MODELS[0]]["ttft_max"] or 0.0)
     for result in pair:
@@ -207,6 +212,13 @@ def add_window(pair: list[dict[str, Any]], shape: Shape) -> None:
             window_ttft_p50=percentile(ttft, 0.5),
             window_ttft_p95=percentile(ttft, 0.95),
         )
+    twins = {round(due, 6): t for due, t in alone[MODELS[1]]["points"]}
+    paired = [
+        t / twins[round(due, 6)]
+        for due, t in burst[MODELS[1]]["points"]
+        if start <= due <= end and round(due, 6) in twins
+    ]
+    burst[MODELS[1]].update(paired_p50=percentile(paired, 0.5), paired_p95=percentile(paired, 0.95))
 
 
 MEDIAN_KEYS = (
@@ -219,6 +231,8 @@ MEDIAN_KEYS = (
     "window_requests",
     "window_ttft_p50",
     "window_ttft_p95",
+    "paired_p50",
+    "paired_p95",
 )
 
 
