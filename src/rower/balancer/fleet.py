@@ -408,6 +408,7 @@ class Fleet:
             return []
         upstream.in_flight.discard(request_id)
         upstream.recent.discard(request_id)
+        upstream.finished(request_id, now, abandoned=abandoned)
         if abandoned:
             # No longer ours, still busy: in this report's foreign work and in the bound.
             upstream.foreign += 1
@@ -690,7 +691,7 @@ class Fleet:
                     self.revision += 1
                     return Buffered(request_id, until, pool.model)
             upstream, affinity, blocks = choice.upstream, choice.affinity, choice.matched_blocks
-        dispatch = self._assign(request_id, upstream, needs, affinity, blocks)
+        dispatch = self._assign(request_id, now, upstream, needs, affinity, blocks)
         self._reindex(upstream, now)
         return dispatch
 
@@ -707,8 +708,14 @@ class Fleet:
         if home is None or pool.buffered >= pool.max_buffered:
             return None
         wait = home.expected_wait(now)
+        if wait is None:
+            if home.runs_unbounded_tasks:
+                return None
+            # No estimate yet (a server's first requests): waiting up to the bound is still
+            # the better bet than computing the prompt again elsewhere.
+            wait = 0.0
         rate = choice.upstream.prefill_rate or home.prefill_rate
-        if wait is None or rate <= 0:
+        if rate <= 0:
             return None
         there = self.prefixes.matched(choice.upstream.identity, needs.prefix)
         saved_tokens = (choice.home_blocks - there) * BLOCK_BYTES / BYTES_PER_TOKEN
@@ -721,6 +728,7 @@ class Fleet:
     def _assign(
         self,
         request_id: int,
+        now: float,
         upstream: Upstream,
         needs: RequestNeeds | None = None,
         affinity: Affinity | None = None,
@@ -735,6 +743,7 @@ class Fleet:
                 capacity_blocks=upstream.prefix_capacity_blocks * self.prompt_cache_contexts,
             )
         upstream.in_flight.add(request_id)
+        upstream.sent_at[request_id] = now
         upstream.taken_since_report += 1
         upstream.recent.add(request_id)
         upstream.last_dispatch = next(self._dispatch_counter)
@@ -798,6 +807,7 @@ class Fleet:
         """`upstream` now speaks for `previous`'s llama-server: it takes over its requests."""
         upstream.in_flight |= previous.in_flight
         upstream.recent |= previous.recent
+        upstream.sent_at.update(previous.sent_at)
         upstream.abandoned = max(upstream.abandoned, previous.abandoned)
         for request_id in previous.in_flight:
             self._assigned[request_id] = upstream
@@ -818,7 +828,9 @@ class Fleet:
             home = pool.homing.pop(request_id)
             del self._waiting_in[request_id]
             blocks = self.prefixes.matched(touched.identity, home.needs.prefix)
-            dispatched.append(self._assign(request_id, touched, home.needs, Affinity.HIT, blocks))
+            dispatched.append(
+                self._assign(request_id, now, touched, home.needs, Affinity.HIT, blocks)
+            )
         while pool.waiting and touched.slots_free(now) > 0:
             request_id, needs = pool.waiting.popitem(last=False)
             del self._waiting_in[request_id]
@@ -826,7 +838,7 @@ class Fleet:
             if self._routes_by_cache(needs):
                 assert needs is not None
                 affinity, blocks = self._affinity_of_buffered(needs, touched)
-            dispatched.append(self._assign(request_id, touched, needs, affinity, blocks))
+            dispatched.append(self._assign(request_id, now, touched, needs, affinity, blocks))
         return dispatched
 
     def _affinity_of_buffered(self, needs: RequestNeeds, taker: Upstream) -> tuple[Affinity, int]:

@@ -75,6 +75,10 @@ class Upstream:
     """Its key in the fleet: the agent id, or `agent id/model` for a model of a router."""
     router_model: str | None = None
     """For one model of a router-mode llama-server: that model."""
+    sent_at: dict[int, float] = field(default_factory=dict)
+    """When each request in flight was dispatched (a `now` value)."""
+    service_time: float = 0.0
+    """How long this balancer's requests usually take there, in seconds (0: not measured)."""
     cold: bool = False
     """A router's model that is not loaded: it has one slot, for the request that makes the
     router load it (docs/models.md)."""
@@ -97,18 +101,35 @@ class Upstream:
     def expected_wait(self, now: float) -> float | None:
         """Seconds until its first busy slot is expected to free, or None if unknown.
 
-        From the last report's slots (`n_remain`: tokens a task may still generate) and the
-        measured decode speed; a task without a limit (`n_remain` -1) gives no estimate.
+        The sooner of two estimates: from the last report's slots (`n_remain`, tokens a task
+        may still generate, over the measured decode speed; a task without a limit gives
+        none), and from this balancer's own requests there (how long its requests usually
+        take there, less how long each has run). The report may predate the requests that
+        fill the slots now; the balancer's own clock never does.
         """
-        if self.decode_rate <= 0:
-            return None
-        elapsed = now - self.last_seen
-        waits = [
-            slot.n_remain / self.decode_rate - elapsed
-            for slot in self.status.slots
-            if slot.is_processing and slot.n_remain is not None and slot.n_remain >= 0
-        ]
+        waits: list[float] = []
+        if self.decode_rate > 0:
+            elapsed = now - self.last_seen
+            waits.extend(
+                slot.n_remain / self.decode_rate - elapsed
+                for slot in self.status.slots
+                if slot.is_processing and slot.n_remain is not None and slot.n_remain >= 0
+            )
+        if self.service_time > 0 and self.sent_at:
+            waits.append(self.service_time - (now - min(self.sent_at.values())))
         return max(0.0, min(waits)) if waits else None
+
+    @property
+    def runs_unbounded_tasks(self) -> bool:
+        """Whether the last report showed busy slots, all with tasks of no token limit."""
+        busy = [slot.n_remain for slot in self.status.slots if slot.is_processing]
+        return bool(busy) and all(remain == -1 for remain in busy)
+
+    def finished(self, request_id: int, now: float, *, abandoned: bool) -> None:
+        """One of this balancer's requests there ended: fold its duration into the usual one."""
+        sent = self.sent_at.pop(request_id, None)
+        if sent is not None and not abandoned:
+            self.service_time = _blend(self.service_time, now - sent)
 
     def measured(self, timings: AnswerTimings) -> None:
         """Count one answer's prompt tokens and fold its speeds into the estimates."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from rower.balancer.answer_timings import AnswerTimings
 from rower.balancer.cache_routing import Affinity
 from rower.balancer.fleet import MAX_AFFINITY_WAIT, Buffered, Dispatch, Fleet, Routing
@@ -245,7 +247,7 @@ def test_no_wait_when_prefill_elsewhere_is_cheaper() -> None:
     assert (decision.upstream, decision.affinity) != (holder.upstream, Affinity.HIT)
 
 
-def test_no_wait_without_an_estimate_of_the_slots_progress() -> None:
+def test_no_wait_for_a_home_running_tasks_without_a_limit_and_no_known_service_time() -> None:
     fleet, _, holder = busy_home()
     fleet.report(holder.agent_id, progress(fleet, holder.agent_id, n_remain=-1), 0.0, 0.0)
     assert isinstance(fleet.request_slot(50, 0.0, needs=turn(1, 12)), Dispatch)
@@ -267,3 +269,22 @@ def test_a_home_that_becomes_unusable_releases_its_waiters_at_once() -> None:
     (moved,) = fleet.expire_waits(0.0)
     assert moved.request_id == 50
     assert moved.upstream != holder.upstream
+
+
+def test_the_balancers_own_service_times_estimate_the_wait_when_reports_lag() -> None:
+    fleet = fleet_of(1, 1)
+    for agent in fleet.upstreams:
+        fleet.answered(agent, AnswerTimings(100, 0, 10.0, 100, 0.1))
+    first = fleet.request_slot(1, 0.0, needs=turn(1, 8))
+    assert isinstance(first, Dispatch)
+    fleet.release(1, 0.1)  # its requests take 0.1 s there
+    holder = fleet.request_slot(2, 1.0, needs=turn(1, 9))
+    assert isinstance(holder, Dispatch)
+    assert holder.upstream == first.upstream
+    # No report since: the slot looks idle in the last one, but the balancer knows better.
+    decision = fleet.request_slot(3, 1.05, needs=turn(1, 12))
+    assert isinstance(decision, Buffered)
+    assert decision.until is not None
+    assert fleet.upstreams[holder.agent_id].expected_wait(1.05) == pytest.approx(0.05)
+    (home,) = fleet.release(2, 1.1)
+    assert (home.request_id, home.upstream, home.affinity) == (3, first.upstream, Affinity.HIT)
