@@ -862,7 +862,8 @@ class Fleet:
         if not status.has_issue:
             # Slots nothing may be sent to are not idle capacity (autoscalers sum them).
             processing = upstream.slots_processing
-            idle = 0 if reasons else upstream.slots_total - processing
+            # Nor is a router's model that is not loaded: its one slot is for loading it.
+            idle = 0 if reasons or upstream.cold else upstream.slots_total - processing
             status = _with_counts(status, idle, processing)
         if upstream.drain_requested and not status.is_draining:
             status = msgspec.structs.replace(status, is_draining=True)

@@ -176,6 +176,9 @@ def test_a_model_no_server_has_loaded_is_loaded_by_one_request_on_a_router() -> 
     fleet = Fleet(max_buffered=5)
     fleet.report("r", router(9000, loaded("alpha", 1), ModelStatus("gamma")), 0.0, 0.0)
     assert fleet.names.models == ("alpha", "gamma")
+    # Not free capacity in the views: its one slot is for loading it.
+    cold = next(v for v in fleet.views(0.0) if v.status.model == "gamma")
+    assert cold.status.slots_idle == 0
     first = ask(fleet, 1, "gamma")
     assert isinstance(first, Dispatch)
     assert first.upstream == "127.0.0.1:9000"
