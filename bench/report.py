@@ -332,14 +332,14 @@ def id_slot_section(data: dict[str, Any]) -> list[str]:
         f"Medians of {data['repeats']} interleaved repeats (each repeat's value in brackets). "
         "Errors: turns that got no answer within the client's 120 s deadline.",
         "",
-        "| conversations | client | reuse | prefill s | E2E p50 ms | E2E p99 ms | errors |",
+        "| workload | client | reuse | prefill s | E2E p50 ms | E2E p99 ms | errors |",
         "|---|---|---|---|---|---|---|",
     ]
     for row in data["summary"]:
         each = ", ".join(percent(v) for v in row["reuse_all"])
         errors = sum(row["errors_all"])
         lines.append(
-            f"| {row['conversations']} | {row['mode']} | {percent(row['reuse'])} ({each}) "
+            f"| {row['workload']} | {row['mode']} | {percent(row['reuse'])} ({each}) "
             f"| {row['prefill_s']:.1f} | {ms(row['e2e_p50'])} | {ms(row['e2e_p99'])} "
             f"| {errors} in {len(row['errors_all'])} runs |"
         )
