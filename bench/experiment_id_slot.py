@@ -1,7 +1,8 @@
 """Does pinning `id_slot` beat llama-server's own choice of slot? (issue 9, item 4)
 
 One llama-server, 2 slots, `--cache-ram 6` (MiB), 4 and 6 conversations shaped as in the
-affinity scenario (~3,000-token private prefixes, short turns, users thinking 0.3-3 s), sent
+affinity scenario (~3,000-token private prefixes, short turns, users thinking 0.3-3 s), and 2
+conversations that share a 1,500-token system prompt before a 2,000-token private part, sent
 straight to it by a client in one of three modes:
 
 - `server`: no `id_slot`; llama-server takes the idle slot with the longest common prefix
@@ -38,7 +39,14 @@ MODES = {"server": None, "pin-last": "last", "pin-held": "held"}
 SLOTS = 2
 
 
-def run(out: Path, *, repeats: int = 3, conversations: tuple[int, ...] = (4, 6)) -> dict[str, Any]:
+WORKLOADS = {
+    "4 conversations": Workload(4),
+    "6 conversations": Workload(6),
+    "2 sharing a system prompt": Workload(2, private_tokens=2000, shared_tokens=1500),
+}
+
+
+def run(out: Path, *, repeats: int = 3) -> dict[str, Any]:
     """Every mode at every conversation count, `repeats` times interleaved."""
     found = llama_servers.tools(build=False)
     if found is None:
@@ -58,15 +66,15 @@ def run(out: Path, *, repeats: int = 3, conversations: tuple[int, ...] = (4, 6))
             extra=("--cache-ram", str(CACHE_RAM_MIB)),
         )
         for repeat in range(repeats):
-            for count in conversations:
-                cell = Cell("one server", "completion", Workload(count), ())
+            for index, (name, workload) in enumerate(WORKLOADS.items()):
+                cell = Cell("one server", "completion", workload, ())
                 modes = list(MODES)
                 modes = modes[repeat % len(modes) :] + modes[: repeat % len(modes)]
                 for mode in modes:
-                    unique = random.Random(f"id_slot {repeat} {count} {mode}")
+                    unique = random.Random(f"id_slot {repeat} {name} {mode}")
                     spec = conversation_spec(
                         cell,
-                        shape_seed=1000 * repeat + count,
+                        shape_seed=1000 * repeat + index,
                         text_seed=unique.getrandbits(48),
                         urls=[one.url],
                         session_header=False,
@@ -86,33 +94,34 @@ def run(out: Path, *, repeats: int = 3, conversations: tuple[int, ...] = (4, 6))
                     wait_idle(lambda: llama_servers.activity([one]))
                     records = json.loads(result_path.read_text())["records"]
                     result = summarize_turns(records)
-                    result.update(mode=mode, conversations=count, repeat=repeat)
+                    result.update(mode=mode, workload=name, repeat=repeat)
                     runs.append(result)
                     print(
-                        f"  #{repeat} {count} conversations, {mode:<8}: reuse "
+                        f"  #{repeat} {name}, {mode:<8}: reuse "
                         f"{result['reuse']:.1%}, prefill {result['prefill_s']:.2f} s, e2e p50 "
                         f"{result['e2e_p50'] * 1000:.0f} p99 {result['e2e_p99'] * 1000:.0f} ms, "
                         f"errors {result['errors']}",
                         flush=True,
                     )
     summary = []
-    for count in conversations:
+    for name in WORKLOADS:
         for mode in MODES:
-            mine = [r for r in runs if r["mode"] == mode and r["conversations"] == count]
-            row: dict[str, Any] = {"conversations": count, "mode": mode}
+            mine = [r for r in runs if r["mode"] == mode and r["workload"] == name]
+            row: dict[str, Any] = {"workload": name, "mode": mode}
             for key in ("reuse", "prefill_s", "e2e_p50", "e2e_p99", "errors"):
                 row[key] = statistics.median(r[key] for r in mine)
                 row[f"{key}_all"] = [r[key] for r in mine]
             summary.append(row)
-    results = {"experiment": "id_slot", "workload": asdict(Workload(0)), "repeats": repeats}
+    results: dict[str, Any] = {"experiment": "id_slot", "repeats": repeats}
+    results["workloads"] = {name: asdict(w) for name, w in WORKLOADS.items()}
     results.update(runs=runs, summary=summary)
     (out / "id_slot.json").write_text(json.dumps(results, indent=1))
-    print("\n| conversations | mode | reuse (median; each repeat) | prefill s | E2E p99 ms |")
+    print("\n| workload | mode | reuse (median; each repeat) | prefill s | E2E p99 ms |")
     print("|---|---|---|---|---|")
     for row in summary:
         each = ", ".join(f"{v:.1%}" for v in row["reuse_all"])
         print(
-            f"| {row['conversations']} | {row['mode']} | {row['reuse']:.1%} ({each}) "
+            f"| {row['workload']} | {row['mode']} | {row['reuse']:.1%} ({each}) "
             f"| {row['prefill_s']:.2f} | {row['e2e_p99'] * 1000:.0f} |"
         )
     return results
