@@ -43,12 +43,16 @@ class Affinity(enum.Enum):
 
     HIT = "hit"
     """Sent to the server holding the longest head of its prefix."""
+    HIT_AFTER_WAIT = "hit_after_wait"
+    """Sent there after waiting for it to free a slot (`Fleet`'s brief wait for home)."""
     MISS = "miss"
     """No server was sent a head of it: a new conversation (or one this balancer forgot)."""
     SPILL_BUSY = "spill_busy"
     """The server holding its longest head had no free slot."""
     SPILL_LOAD = "spill_load"
     """The server holding its longest head was too much busier than the least busy one."""
+    SPILL_AFTER_WAIT = "spill_after_wait"
+    """It waited for its busy home, which did not free a slot in time."""
     SPILL_UNUSABLE = "spill_unusable"
     """The server holding its longest head is stale, draining, quarantined or failing."""
 

@@ -47,7 +47,7 @@ from __future__ import annotations
 import enum
 import itertools
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import msgspec
 
@@ -58,8 +58,12 @@ from rower.balancer.models import UNKNOWN, ModelNames, ModelRefusal, ModelRules
 from rower.balancer.pool import Homing, Pool
 from rower.balancer.prefix_memory import DEFAULT_MAX_ENTRIES, PrefixMemory
 from rower.balancer.request_needs import RequestNeeds
-from rower.balancer.upstream import BYTES_PER_TOKEN, SlotAccounting, Upstream
+from rower.balancer.upstream import BYTES_PER_TOKEN, SlotAccounting, Upstream, blend
 from rower.status import AgentView, StatusUpdate, SystemTime
+
+SPILL_COST = 2.0
+"""What a spill costs, in prefills of the prompt the home server holds: one now, and about one
+later for the conversation it pushes out of the other server's cache."""
 
 MAX_AFFINITY_WAIT = 1.0
 """Longest a request waits for the busy server holding its prefix while another has a free
@@ -176,6 +180,8 @@ class Fleet:
         self.routing = routing
         self.prompt_cache_contexts = prompt_cache_contexts
         self.prefixes = PrefixMemory(max_entries=prefix_memory_entries)
+        self.bytes_per_token = float(BYTES_PER_TOKEN)
+        """Bytes of conversation head per prompt token, measured from answers (4 until then)."""
         self.max_agents = max_agents
         self.slot_accounting = slot_accounting
         self.model_rules = models or ModelRules()
@@ -436,11 +442,24 @@ class Fleet:
             self._quarantine(upstream, wall)
         return self.release(request_id, now)
 
-    def answered(self, agent_id: str, timings: AnswerTimings, model: str = UNKNOWN) -> None:
-        """An answer from `agent_id`'s llama-server said what its prompt and generation took."""
+    def answered(
+        self,
+        agent_id: str,
+        timings: AnswerTimings,
+        model: str = UNKNOWN,
+        *,
+        head_bytes: int = 0,
+    ) -> None:
+        """An answer from `agent_id`'s llama-server said what its prompt and generation took.
+
+        `head_bytes`, the length of the request's conversation head, with the answer's prompt
+        tokens, says how many bytes a token is for this fleet's prompts.
+        """
         upstream = self.upstreams.get(agent_id) or self.upstreams.get(f"{agent_id}/{model}")
         if upstream is not None:
             upstream.measured(timings)
+        if head_bytes >= BLOCK_BYTES and timings.total >= 64:
+            self.bytes_per_token = blend(self.bytes_per_token, head_bytes / timings.total)
 
     def quarantine(self, agent_id: str, wall: float) -> None:
         """Stop using an agent's llama-server that refused a connection until its agent
@@ -486,6 +505,8 @@ class Fleet:
                     self._wait(pool, request_id, needs, first=True)
                 else:
                     assert isinstance(decision, Dispatch)
+                    if decision.affinity is Affinity.SPILL_BUSY:
+                        decision = replace(decision, affinity=Affinity.SPILL_AFTER_WAIT)
                     dispatched.append(decision)
             if due:
                 self.revision += 1
@@ -718,8 +739,8 @@ class Fleet:
         if rate <= 0:
             return None
         there = self.prefixes.matched(choice.upstream.identity, needs.prefix)
-        saved_tokens = (choice.home_blocks - there) * BLOCK_BYTES / BYTES_PER_TOKEN
-        worth = min(MAX_AFFINITY_WAIT, saved_tokens / rate)
+        saved_tokens = (choice.home_blocks - there) * BLOCK_BYTES / self.bytes_per_token
+        worth = min(MAX_AFFINITY_WAIT, SPILL_COST * saved_tokens / rate)
         return now + worth if wait < worth else None
 
     def _routes_by_cache(self, needs: RequestNeeds | None) -> bool:
@@ -740,7 +761,8 @@ class Fleet:
             self.prefixes.record(
                 upstream.identity,
                 needs.prefix,
-                capacity_blocks=upstream.prefix_capacity_blocks * self.prompt_cache_contexts,
+                capacity_blocks=upstream.prefix_capacity_blocks(self.bytes_per_token)
+                * self.prompt_cache_contexts,
             )
         upstream.in_flight.add(request_id)
         upstream.sent_at[request_id] = now
@@ -829,7 +851,7 @@ class Fleet:
             del self._waiting_in[request_id]
             blocks = self.prefixes.matched(touched.identity, home.needs.prefix)
             dispatched.append(
-                self._assign(request_id, now, touched, home.needs, Affinity.HIT, blocks)
+                self._assign(request_id, now, touched, home.needs, Affinity.HIT_AFTER_WAIT, blocks)
             )
         while pool.waiting and touched.slots_free(now) > 0:
             request_id, needs = pool.waiting.popitem(last=False)

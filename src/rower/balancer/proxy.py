@@ -430,7 +430,9 @@ class ReverseProxy:
     def _count_prompt(self, request: web.Request, tokens: AnswerTimings | None) -> None:
         dispatch: Dispatch | None = request.get(_DISPATCH)
         if tokens is not None and dispatch is not None:
-            self.gate.answered(dispatch.agent_id, tokens, dispatch.model)
+            needs: RequestNeeds | None = request.get(_NEEDS)
+            head_bytes = needs.head_bytes if needs is not None else 0
+            self.gate.answered(dispatch.agent_id, tokens, dispatch.model, head_bytes=head_bytes)
 
     def _refuse(
         self,

@@ -32,6 +32,8 @@ class RequestNeeds:
             path reuses no prompt.
         shared_blocks: how many of `prefix`'s blocks are the part conversations often share
             (tools and system prompt).
+        head_bytes: the length of the conversation head the key was made from (with the
+            answer's prompt tokens, it tells how many bytes a token is).
     """
 
     path: str
@@ -40,6 +42,7 @@ class RequestNeeds:
     model: str | None = None
     prefix: Chain = ()
     shared_blocks: int = 0
+    head_bytes: int = 0
 
     @property
     def is_slots_endpoint(self) -> bool:
@@ -89,6 +92,7 @@ def read_needs(path: str, body: bytes, query_model: str | None = None) -> Reques
         model=model,
         prefix=chain(model, head.text),
         shared_blocks=head.shared // BLOCK_BYTES,
+        head_bytes=len(head.text),
     )
 
 

@@ -149,9 +149,11 @@ class SlotGate:
         self._deliver(self.fleet.refused(request_id, self.clock(), self.wall_clock()))
         self._touch()
 
-    def answered(self, agent_id: str, timings: AnswerTimings, model: str = UNKNOWN) -> None:
+    def answered(
+        self, agent_id: str, timings: AnswerTimings, model: str = UNKNOWN, *, head_bytes: int = 0
+    ) -> None:
         """An answer said what its prompt and its generation took on its llama-server."""
-        self.fleet.answered(agent_id, timings, model)
+        self.fleet.answered(agent_id, timings, model, head_bytes=head_bytes)
 
     def quarantine(self, agent_id: str) -> None:
         """An upstream refused a connection outside of any slot (a request that needs none)."""

@@ -129,19 +129,17 @@ class Upstream:
         """One of this balancer's requests there ended: fold its duration into the usual one."""
         sent = self.sent_at.pop(request_id, None)
         if sent is not None and not abandoned:
-            self.service_time = _blend(self.service_time, now - sent)
+            self.service_time = blend(self.service_time, now - sent)
 
     def measured(self, timings: AnswerTimings) -> None:
         """Count one answer's prompt tokens and fold its speeds into the estimates."""
         self.prompt_tokens_evaluated += timings.evaluated
         self.prompt_tokens_cached += timings.cached
         if timings.evaluated >= 16 and timings.prompt_seconds > 0:
-            self.prefill_rate = _blend(
-                self.prefill_rate, timings.evaluated / timings.prompt_seconds
-            )
+            self.prefill_rate = blend(self.prefill_rate, timings.evaluated / timings.prompt_seconds)
         if timings.generated >= 4 and timings.generation_seconds > 0:
             rate = timings.generated / timings.generation_seconds
-            self.decode_rate = _blend(self.decode_rate, rate)
+            self.decode_rate = blend(self.decode_rate, rate)
 
     def restarted(self, status: StatusUpdate) -> bool:
         """Whether `status` shows a llama-server that lost its prompt cache since the last one.
@@ -162,12 +160,11 @@ class Upstream:
         tasks = [slot.id_task for slot in status.slots if slot.id_task is not None]
         return not tasks or max(tasks) < self.highest_task
 
-    @property
-    def prefix_capacity_blocks(self) -> int:
-        """Prefix blocks the server is assumed to hold per slot context it keeps."""
+    def prefix_capacity_blocks(self, bytes_per_token: float) -> int:
+        """Prefix blocks the server holds in its slots' context."""
         context = sum(slot.n_ctx for slot in self.status.slots)
         context = context or self.slots_total * DEFAULT_SLOT_CONTEXT
-        return max(1, context * BYTES_PER_TOKEN // BLOCK_BYTES)
+        return max(1, int(context * bytes_per_token) // BLOCK_BYTES)
 
     @property
     def address(self) -> str:
@@ -218,5 +215,6 @@ class Upstream:
         return max(0, self.slots_total - len(self.in_flight) - self.others)
 
 
-def _blend(old: float, new: float) -> float:
+def blend(old: float, new: float) -> float:
+    """An exponentially weighted mean: `new` folded into `old` (`new` alone when `old` is 0)."""
     return new if old <= 0 else old + RATE_WEIGHT * (new - old)

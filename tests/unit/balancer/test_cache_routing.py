@@ -223,7 +223,8 @@ def test_a_turn_waits_briefly_for_its_busy_home_when_that_saves_prefill() -> Non
     # The other server stays free for others meanwhile.
     assert isinstance(fleet.request_slot(51, 0.0, needs=None), Dispatch)
     (home,) = fleet.release(holder.request_id, 0.01)
-    assert (home.request_id, home.upstream, home.affinity) == (50, holder.upstream, Affinity.HIT)
+    assert (home.request_id, home.upstream) == (50, holder.upstream)
+    assert home.affinity is Affinity.HIT_AFTER_WAIT
     assert home.matched_blocks == 9
 
 
@@ -236,7 +237,7 @@ def test_a_turn_that_waited_in_vain_goes_where_the_load_says() -> None:
     (moved,) = fleet.expire_waits(decision.until)
     assert moved.request_id == 50
     assert moved.upstream != holder.upstream
-    assert moved.affinity is Affinity.SPILL_BUSY
+    assert moved.affinity is Affinity.SPILL_AFTER_WAIT
     assert not fleet.is_waiting(50)
 
 
@@ -287,4 +288,5 @@ def test_the_balancers_own_service_times_estimate_the_wait_when_reports_lag() ->
     assert decision.until is not None
     assert fleet.upstreams[holder.agent_id].expected_wait(1.05) == pytest.approx(0.05)
     (home,) = fleet.release(2, 1.1)
-    assert (home.request_id, home.upstream, home.affinity) == (3, first.upstream, Affinity.HIT)
+    assert (home.request_id, home.upstream) == (3, first.upstream)
+    assert home.affinity is Affinity.HIT_AFTER_WAIT

@@ -127,6 +127,6 @@ async def test_a_request_waiting_for_its_busy_home_goes_elsewhere_at_its_deadlin
     )
     waited = loop.time() - started
     assert moved.agent_id != home
-    assert moved.affinity is Affinity.SPILL_BUSY
+    assert moved.affinity is Affinity.SPILL_AFTER_WAIT
     assert 0.3 < waited < 1.5, waited  # 384 tokens to prefill at 1,000 tokens/s: 0.38 s
     assert g.fleet.requests_buffered == 0
