@@ -61,11 +61,15 @@ from rower.balancer.request_needs import RequestNeeds
 from rower.balancer.upstream import BYTES_PER_TOKEN, SlotAccounting, Upstream, blend
 from rower.status import AgentView, StatusUpdate, SystemTime
 
-SPILL_COST = 2.0
+EVICTED_BELOW = 0.5
+"""A turn sent back to its server that reuses less than this share of the prefix the balancer
+believed it held means the server evicted it."""
+
+SPILL_COST = 3.0
 """What a spill costs, in prefills of the prompt the home server holds: one now, and about one
 later for the conversation it pushes out of the other server's cache."""
 
-MAX_AFFINITY_WAIT = 1.0
+MAX_AFFINITY_WAIT = 2.0
 """Longest a request waits for the busy server holding its prefix while another has a free
 slot (seconds); it never waits longer than the prefill that waiting saves, either."""
 
@@ -449,17 +453,34 @@ class Fleet:
         model: str = UNKNOWN,
         *,
         head_bytes: int = 0,
+        matched_blocks: int = 0,
     ) -> None:
         """An answer from `agent_id`'s llama-server said what its prompt and generation took.
 
         `head_bytes`, the length of the request's conversation head, with the answer's prompt
-        tokens, says how many bytes a token is for this fleet's prompts.
+        tokens, says how many bytes a token is for this fleet's prompts. `matched_blocks`, what
+        the balancer believed the server held of the prompt, against what it reused, says how
+        much the server really keeps: a prefix found gone shrinks what the memory believes it
+        holds (a server evicts sooner than `--prompt-cache-contexts` assumed), one found there
+        lets it grow back, up to that bound.
         """
         upstream = self.upstreams.get(agent_id) or self.upstreams.get(f"{agent_id}/{model}")
-        if upstream is not None:
-            upstream.measured(timings)
         if head_bytes >= BLOCK_BYTES and timings.total >= 64:
             self.bytes_per_token = blend(self.bytes_per_token, head_bytes / timings.total)
+        if upstream is None:
+            return
+        upstream.measured(timings)
+        if matched_blocks <= 0:
+            return
+        bound = self._configured_capacity(upstream)
+        current = upstream.learned_capacity or bound
+        expected = matched_blocks * BLOCK_BYTES / self.bytes_per_token
+        if timings.cached < EVICTED_BELOW * expected:
+            held = self.prefixes.weight(upstream.identity)
+            upstream.learned_capacity = max(matched_blocks, int(min(current, held) * 0.8))
+            self.prefixes.trim(upstream.identity, upstream.learned_capacity)
+        else:
+            upstream.learned_capacity = min(bound, current + max(1, current // 20))
 
     def quarantine(self, agent_id: str, wall: float) -> None:
         """Stop using an agent's llama-server that refused a connection until its agent
@@ -743,6 +764,16 @@ class Fleet:
         worth = min(MAX_AFFINITY_WAIT, SPILL_COST * saved_tokens / rate)
         return now + worth if wait < worth else None
 
+    def _configured_capacity(self, upstream: Upstream) -> int:
+        return upstream.prefix_capacity_blocks(self.bytes_per_token) * self.prompt_cache_contexts
+
+    def _capacity(self, upstream: Upstream) -> int:
+        """Prefix blocks `upstream` is believed to hold: learned from its answers, within the
+        configured bound."""
+        bound = self._configured_capacity(upstream)
+        learned = upstream.learned_capacity
+        return bound if learned is None else min(bound, learned)
+
     def _routes_by_cache(self, needs: RequestNeeds | None) -> bool:
         return self.routing is Routing.CACHE_AWARE and needs is not None and bool(needs.prefix)
 
@@ -761,8 +792,7 @@ class Fleet:
             self.prefixes.record(
                 upstream.identity,
                 needs.prefix,
-                capacity_blocks=upstream.prefix_capacity_blocks(self.bytes_per_token)
-                * self.prompt_cache_contexts,
+                capacity_blocks=self._capacity(upstream),
             )
         upstream.in_flight.add(request_id)
         upstream.sent_at[request_id] = now

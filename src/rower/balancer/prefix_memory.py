@@ -99,6 +99,17 @@ class PrefixMemory:
         while entries and (server.weight > capacity_blocks or len(entries) > share):
             self._drop(address, server, next(iter(entries)))
 
+    def weight(self, address: str) -> int:
+        """The blocks the memory says `address` holds."""
+        server = self._servers.get(address)
+        return server.weight if server is not None else 0
+
+    def trim(self, address: str, capacity_blocks: int) -> None:
+        """`address` holds at most `capacity_blocks`: forget its oldest entries beyond."""
+        server = self._servers.get(address)
+        while server is not None and server.entries and server.weight > capacity_blocks:
+            self._drop(address, server, next(iter(server.entries)))
+
     def forget(self, address: str) -> None:
         """The server at `address` restarted, reloaded or changed model: its cache is gone."""
         server = self._servers.pop(address, None)

@@ -432,7 +432,13 @@ class ReverseProxy:
         if tokens is not None and dispatch is not None:
             needs: RequestNeeds | None = request.get(_NEEDS)
             head_bytes = needs.head_bytes if needs is not None else 0
-            self.gate.answered(dispatch.agent_id, tokens, dispatch.model, head_bytes=head_bytes)
+            self.gate.answered(
+                dispatch.agent_id,
+                tokens,
+                dispatch.model,
+                head_bytes=head_bytes,
+                matched_blocks=dispatch.matched_blocks,
+            )
 
     def _refuse(
         self,

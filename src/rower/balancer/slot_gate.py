@@ -150,10 +150,18 @@ class SlotGate:
         self._touch()
 
     def answered(
-        self, agent_id: str, timings: AnswerTimings, model: str = UNKNOWN, *, head_bytes: int = 0
+        self,
+        agent_id: str,
+        timings: AnswerTimings,
+        model: str = UNKNOWN,
+        *,
+        head_bytes: int = 0,
+        matched_blocks: int = 0,
     ) -> None:
         """An answer said what its prompt and its generation took on its llama-server."""
-        self.fleet.answered(agent_id, timings, model, head_bytes=head_bytes)
+        self.fleet.answered(
+            agent_id, timings, model, head_bytes=head_bytes, matched_blocks=matched_blocks
+        )
 
     def quarantine(self, agent_id: str) -> None:
         """An upstream refused a connection outside of any slot (a request that needs none)."""

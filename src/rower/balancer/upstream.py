@@ -79,6 +79,9 @@ class Upstream:
     """When each request in flight was dispatched (a `now` value)."""
     service_time: float = 0.0
     """How long this balancer's requests usually take there, in seconds (0: not measured)."""
+    learned_capacity: int | None = None
+    """Prefix blocks it holds as its answers showed (shrunk when a turn sent back to it found
+    its prefix gone); None until an answer told."""
     cold: bool = False
     """A router's model that is not loaded: it has one slot, for the request that makes the
     router load it (docs/models.md)."""

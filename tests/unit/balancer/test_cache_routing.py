@@ -290,3 +290,30 @@ def test_the_balancers_own_service_times_estimate_the_wait_when_reports_lag() ->
     (home,) = fleet.release(2, 1.1)
     assert (home.request_id, home.upstream) == (3, first.upstream)
     assert home.affinity is Affinity.HIT_AFTER_WAIT
+
+
+def test_a_prefix_found_gone_shrinks_what_the_server_is_believed_to_hold() -> None:
+    fleet = fleet_of(2)
+    client = Client(fleet)
+    for conversation in range(1, 6):
+        sent = client.send(turn(conversation, 10))
+        fleet.release(sent.request_id, 0.0)
+    (upstream,) = fleet.upstreams.values()
+    assert fleet.prefixes.weight(upstream.identity) == 50
+    # Conversation 1 comes back: the balancer believes 10 blocks are there, the server had
+    # evicted them (it reused nothing).
+    again = client.send(turn(1, 12))
+    assert again.matched_blocks == 10
+    gone = AnswerTimings(evaluated=1500, cached=0)
+    fleet.answered(again.agent_id, gone, head_bytes=6144, matched_blocks=again.matched_blocks)
+    fleet.release(again.request_id, 0.0)
+    believed = fleet.prefixes.weight(upstream.identity)
+    assert upstream.learned_capacity is not None
+    assert believed <= upstream.learned_capacity < 52
+    # A turn that finds its prefix lets the belief grow back, slowly.
+    last = client.send(turn(5, 12))
+    assert last.matched_blocks == 10
+    before = upstream.learned_capacity
+    found = AnswerTimings(evaluated=100, cached=1400)
+    fleet.answered(last.agent_id, found, head_bytes=6144, matched_blocks=last.matched_blocks)
+    assert upstream.learned_capacity > before
