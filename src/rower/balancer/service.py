@@ -50,8 +50,13 @@ class Balancer:
             routing=settings.routing,
             prompt_cache_contexts=settings.prompt_cache_contexts,
             prefix_memory_entries=settings.prefix_memory_entries,
+            models=settings.models,
         )
-        self.gate = SlotGate(self.fleet, buffer_timeout=settings.buffered_request_timeout)
+        self.gate = SlotGate(
+            self.fleet,
+            buffer_timeout=settings.buffered_request_timeout,
+            model_timeouts=settings.models.buffer_timeout,
+        )
         self.publisher = FleetPublisher(self.gate)
         self.management = management_app(self.gate, self.publisher, settings)
         self.listener_stats = {"reverse-proxy": ListenerStats(), "management": ListenerStats()}
