@@ -115,7 +115,7 @@ async def quarantined_agent(fleet: Fleet) -> AsyncIterator[str]:
         "slots_total": 8,
         "model": "sim",
         "slots": [{"id": i, "is_processing": False, "n_ctx": 4096} for i in range(8)],
-        "monitoring_interval_ms": 600000,
+        "monitoring_interval_ms": 60000,  # the most a balancer accepts: never stale here
     }
     lines: asyncio.Queue[bytes | None] = asyncio.Queue()
     lines.put_nowait(json.dumps(status).encode() + b"\n")

@@ -16,7 +16,7 @@ STATUS = {
     "external_llamacpp_addr": "127.0.0.1:9",
     "slots_idle": 1,
     "slots_total": 1,
-    "monitoring_interval_ms": 100000,
+    "monitoring_interval_ms": 60000,
 }
 
 
