@@ -125,10 +125,18 @@ async def test_agent_reports_each_loaded_models_slots_and_never_loads_one(
 
         # A client loads tiny-a: the agent reports its slots; tiny-b stays unloaded.
         await load(http, router, "tiny-a")
+        # The slot that served the loading request may still read busy in the first poll
+        # that shows the model: wait for it to read idle too.
         await until(
-            lambda: models_of(latest(receiver))["tiny-a"].slots_total == router.slots,
+            lambda: (
+                (
+                    models_of(latest(receiver))["tiny-a"].slots_total,
+                    models_of(latest(receiver))["tiny-a"].slots_idle,
+                )
+                == (router.slots, router.slots)
+            ),
             within=10,
-            what="tiny-a's slots reported",
+            what="tiny-a's slots reported, all idle",
         )
         status = latest(receiver)
         a, b = models_of(status)["tiny-a"], models_of(status)["tiny-b"]
