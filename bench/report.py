@@ -456,12 +456,33 @@ def models_plot(data: dict[str, Any], out: Path) -> list[str]:
     return ["![models](models.png)"]
 
 
+def key_section(key: dict[str, Any]) -> list[str]:
+    """What the affinity key and the prefix memory cost (bench/scenario_key.py)."""
+    rows = [f"| {name} | {us:.1f} |" for name, us in key["microseconds_median"].items()]
+    return [
+        "## Affinity key and prefix memory",
+        "",
+        f"A chat request of {key['conversation_bytes']:,} bytes ({key['head_bytes']:,} bytes of "
+        f"conversation head, {key['blocks']} blocks of 512); medians of interleaved repeats in "
+        "one process.",
+        "",
+        "| work | µs |",
+        "|---|---|",
+        *rows,
+        "",
+        f"Prefix memory: {key['prefix_memory_bytes_per_conversation']:.0f} bytes per remembered "
+        f"conversation, {key['prefix_memory_record_microseconds']:.1f} µs per record.",
+        "",
+    ]
+
+
 def write(out: Path, notes: str = "") -> Path:
     """Write REPORT.md (and the plots) from the JSON results in `out`."""
     sim, real = load(out, "sim"), load(out, "real")
     proxy, scale = load(out, "proxy"), load(out, "scale")
     affinity = load(out, "affinity")
     models = load(out, "models")
+    key = load(out, "key")
     meta = load(out, "meta") or {}
     lines = [
         "# Rower benchmark report",
@@ -478,6 +499,8 @@ def write(out: Path, notes: str = "") -> Path:
     ]
     if notes:
         lines += [notes, ""]
+    if key:
+        lines += key_section(key)
     if sim:
         servers = ", ".join(f"{s['slots']} slots @{s['decode']:.0f} tok/s" for s in sim["servers"])
         lines += [

@@ -19,6 +19,7 @@ from pathlib import Path
 from bench import (
     report,
     scenario_affinity,
+    scenario_key,
     scenario_models,
     scenario_proxy,
     scenario_real,
@@ -33,6 +34,7 @@ SCENARIOS = {
     "scale": scenario_scale.run,
     "affinity": scenario_affinity.run,
     "models": scenario_models.run,
+    "key": scenario_key.run,
 }
 
 

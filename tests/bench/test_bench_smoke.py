@@ -16,6 +16,7 @@ from bench import (
     llama_servers,
     report,
     scenario_affinity,
+    scenario_key,
     scenario_models,
     scenario_proxy,
     scenario_real,
@@ -111,3 +112,11 @@ def test_models_burst_and_report(tmp_path: Path) -> None:
     assert "## 7. Several models" in text
     assert f"a burst for model {a} does not move model {b}'s TTFT" in text
     assert (tmp_path / "models.png").exists()
+
+
+def test_affinity_key_cost(tmp_path: Path) -> None:
+    results = scenario_key.run(tmp_path, quick=True)
+    assert results["blocks"] == results["head_bytes"] // 512 > 50
+    assert all(us > 0 for us in results["microseconds_median"].values())
+    assert results["prefix_memory_bytes_per_conversation"] > 0
+    assert "Affinity key and prefix memory" in report.write(tmp_path).read_text()
