@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Generator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator
 
 import pytest
 
+from tests.integration.agent.peers import Receiver
 from tests.integration.fleet import Fleet
 
 
@@ -37,3 +38,12 @@ def statsd_socket() -> Iterator[socket.socket]:
         sock.bind(("127.0.0.1", 0))
         sock.settimeout(5)
         yield sock
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    """An NDJSON status receiver: the balancer's side of an agent's stream."""
+    server = Receiver()
+    await server.start()
+    yield server
+    await server.stop()

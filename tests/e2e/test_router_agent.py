@@ -32,15 +32,6 @@ BOTH_UNLOADED = {"tiny-a": "unloaded", "tiny-b": "unloaded"}
 
 
 @pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    """An NDJSON status receiver: the balancer's side of the agent's stream."""
-    server = Receiver()
-    await server.start()
-    yield server
-    await server.stop()
-
-
-@pytest.fixture
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
         yield session

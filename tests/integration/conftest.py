@@ -9,22 +9,13 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from tests.integration.agent.peers import FakeLlama, Receiver
+from tests.integration.agent.peers import FakeLlama
 
 
 @pytest.fixture
 async def llama() -> AsyncIterator[FakeLlama]:
     """A server answering `/slots`, `/props` and `/health` as llama-server does."""
     server = FakeLlama()
-    await server.start()
-    yield server
-    await server.stop()
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    """An NDJSON status receiver: the balancer's side of an agent's stream."""
-    server = Receiver()
     await server.start()
     yield server
     await server.stop()

@@ -66,12 +66,13 @@ EVICTED_BELOW = 0.5
 believed it held means the server evicted it."""
 
 SPILL_COST = 3.0
-"""What a spill costs, in prefills of the prompt the home server holds: one now, and about one
-later for the conversation it pushes out of the other server's cache."""
+"""What a spill costs, in prefills of the prompt the home server holds: one now, and more later
+for the conversations it pushes out of the other server's cache. A judgement, not a fit: single
+quick runs of the affinity benchmark could not tell 2 from 3 apart."""
 
 MAX_AFFINITY_WAIT = 2.0
 """Longest a request waits for the busy server holding its prefix while another has a free
-slot (seconds); it never waits longer than the prefill that waiting saves, either."""
+slot (seconds); it never waits longer than the spill it avoids would cost, either."""
 
 
 class Routing(enum.Enum):
