@@ -6,12 +6,16 @@ The rule (docs/routing.md says it for operators):
 2. Among them, the one this balancer last sent the longest head of the request's prefix to
    (`PrefixMemory.matches`) wins, unless it is much busier than the least busy candidate: its
    busy fraction may exceed the least busy one's by at most `SPREAD` (the load-spread guard).
-3. A request that matches nothing, or only its tools and system prompt (a new conversation),
-   goes where the load says: to the least busy candidate, ties broken by rendezvous hashing of
-   its first own block (after the shared part) with each address, so balancers fed by the same
-   agents make the same choice and new conversations spread evenly. Keying a new conversation
-   on a system prompt it shares with others would send them all to one server (the known trap
-   of hashing the first message).
+3. A request that matches nothing, or only its tools and system prompt (a new conversation, or
+   one this balancer forgot), goes to its *hash home*: of the candidates within the same guard
+   of the least busy one, and not holding much more of the cached working set than the others
+   (`WORKING_SET_SLACK`), the first in rendezvous order of its first own block (after the
+   shared part) hashed with each address. That is consistent hashing with bounded load: a
+   conversation's first own block is the same in every turn and in every balancer, so two
+   balancers fed by the same agents place it alike, and a turn the memory forgot still finds
+   the server that was its home; the bounds keep the load and the caches' contents even.
+   Keying a new conversation on a system prompt it shares with others would send them all to
+   one server (the known trap of hashing the first message).
 4. A request without a prefix (short prompts, embeddings) takes the least-busy pick.
 
 Every choice says what it was (`Affinity`), for metrics.
@@ -36,6 +40,12 @@ SPREAD = 0.5
 """How much busier (in busy slots over all slots) a server holding a request's prefix may be
 than the least busy one and still get it. With 2-slot servers any free slot qualifies; with 8
 slots a server 4 slots busier than the least busy loses its conversations to it."""
+
+
+WORKING_SET_SLACK = 1.25
+"""A new conversation skips a server that the memory says holds more than this times the
+fleet's mean of remembered prefix blocks (plus the conversation's own): one server must not
+end up with the conversations the others' caches would hold."""
 
 
 class Affinity(enum.Enum):
@@ -113,10 +123,27 @@ def pick_cached(
         return CachePick(upstream, longest or Affinity.HIT, blocks, home, home_blocks)
     if longest is not None:
         return CachePick(least_busy, longest, 0, home, home_blocks)
+    return CachePick(hash_home(needs, memory, least_busy, candidates), Affinity.MISS)
+
+
+def hash_home(
+    needs: RequestNeeds,
+    memory: PrefixMemory,
+    least_busy: Upstream,
+    candidates: Callable[[], Iterable[Upstream]],
+) -> Upstream:
+    """Where a new conversation goes: the first candidate in the rendezvous order of its first
+    own block that is within `SPREAD` of `least_busy` and within `WORKING_SET_SLACK` of the
+    fleet's mean remembered working set; `least_busy` when none is."""
+    floor = busy_fraction(least_busy)
     seed = needs.prefix[min(needs.shared_blocks, len(needs.prefix) - 1)]
-    best = max(
-        (u for u in candidates() if busy_fraction(u) <= floor),
+    bound = WORKING_SET_SLACK * memory.mean_weight() + len(needs.prefix)
+    ranked = sorted(
+        candidates(),
         key=lambda u: xxhash.xxh3_64_intdigest(u.address.encode(), seed),
-        default=least_busy,
+        reverse=True,
     )
-    return CachePick(best, Affinity.MISS)
+    for upstream in ranked:
+        if busy_fraction(upstream) - floor <= SPREAD and memory.weight(upstream.identity) <= bound:
+            return upstream
+    return least_busy

@@ -477,8 +477,12 @@ class Fleet:
         current = upstream.learned_capacity or bound
         expected = matched_blocks * BLOCK_BYTES / self.bytes_per_token
         if timings.cached < EVICTED_BELOW * expected:
+            # The server held what the memory says, less this conversation at least: it was
+            # evicted for the others. Its LRU evicts the oldest as ours forgets the oldest, so
+            # forgetting one conversation's worth of our oldest matches it; forgetting more
+            # would send conversations the server still holds elsewhere.
             held = self.prefixes.weight(upstream.identity)
-            upstream.learned_capacity = max(matched_blocks, int(min(current, held) * 0.8))
+            upstream.learned_capacity = max(matched_blocks, min(current, held) - matched_blocks)
             self.prefixes.trim(upstream.identity, upstream.learned_capacity)
         else:
             upstream.learned_capacity = min(bound, current + max(1, current // 20))

@@ -112,25 +112,77 @@ def test_new_conversations_spread_and_two_balancers_agree_on_them() -> None:
     assert max(chosen.count(u) for u in set(chosen)) <= 20
 
 
-def test_conversations_sharing_only_a_system_prompt_go_where_the_load_says() -> None:
-    fleet = fleet_of(2, 2)
+def test_conversations_sharing_only_a_system_prompt_spread_and_return_home() -> None:
+    fleet = fleet_of(2, 2, 2)
     client = Client(fleet)
     system = tuple(range(5))
-    first = client.send(
-        RequestNeeds("/v1/chat/completions", True, prefix=(*system, 10, 11), shared_blocks=5)
-    )
-    second = client.send(
-        RequestNeeds("/v1/chat/completions", True, prefix=(*system, 20, 21), shared_blocks=5)
-    )
-    assert second.upstream != first.upstream
-    assert first.affinity is second.affinity is Affinity.MISS
-    # Their next turns return to where each began.
+
+    def chat(conversation: int, own: int) -> RequestNeeds:
+        prefix = (*system, *(conversation * 1000 + b for b in range(own)))
+        return RequestNeeds("/v1/chat/completions", True, prefix=prefix, shared_blocks=5)
+
+    first = {}
+    for conversation in range(1, 13):
+        sent = client.send(chat(conversation, 2))
+        assert sent.affinity is Affinity.MISS
+        first[conversation] = sent.upstream
+        fleet.release(sent.request_id, 0.0)
+    # The shared system prompt did not pull them onto one server.
+    assert len(set(first.values())) == 3
+    assert max(list(first.values()).count(u) for u in set(first.values())) <= 6
+    for conversation, upstream in first.items():
+        again = client.send(chat(conversation, 3))
+        assert (again.upstream, again.affinity) == (upstream, Affinity.HIT)
+        fleet.release(again.request_id, 0.0)
+
+
+def test_a_turn_the_memory_forgot_returns_to_its_hash_home() -> None:
+    fleet = fleet_of(2, 2, 2)
+    client = Client(fleet)
+    first = client.send(turn(7, 4))
     fleet.release(first.request_id, 0.0)
-    fleet.release(second.request_id, 0.0)
-    again = client.send(
-        RequestNeeds("/v1/chat/completions", True, prefix=(*system, 20, 21, 22), shared_blocks=5)
-    )
-    assert (again.upstream, again.affinity) == (second.upstream, Affinity.HIT)
+    # Another conversation is in flight on the home server: it is no longer the least busy.
+    for conversation in range(100, 200):
+        other = client.send(turn(conversation, 4))
+        if other.upstream == first.upstream:
+            break
+        fleet.release(other.request_id, 0.0)
+    assert other.upstream == first.upstream, "the test needs the home server busier"
+    for upstream in fleet.upstreams.values():
+        fleet.prefixes.trim(upstream.identity, 0)
+    again = client.send(turn(7, 6))
+    assert (again.upstream, again.affinity) == (first.upstream, Affinity.MISS)
+
+
+def test_two_balancers_agree_on_a_conversation_only_one_has_seen() -> None:
+    agreed = 0
+    for conversation in range(20):
+        one, two = Client(fleet_of(2, 2, 2)), Client(fleet_of(2, 2, 2))
+        # The first balancer has other work in flight; the second none.
+        others = [one.send(turn(500 + n + 2 * conversation, 4)) for n in range(2)]
+        a = one.send(turn(conversation, 4))
+        b = two.send(turn(conversation, 6))
+        home_full = [o.upstream for o in others].count(b.upstream) == 2
+        assert home_full or a.upstream == b.upstream
+        agreed += a.upstream == b.upstream
+    assert agreed >= 15
+
+
+def test_a_new_conversation_skips_a_server_holding_far_more_of_the_working_set() -> None:
+    fleet = fleet_of(2, 2)
+    client = Client(fleet)
+    probe = turn(1, 4)
+    home = client.send(probe)
+    fleet.release(home.request_id, 0.0)
+    (other,) = [u for u in fleet.upstreams.values() if u.address != home.upstream]
+    (held,) = [u for u in fleet.upstreams.values() if u.address == home.upstream]
+    fleet.prefixes.forget(held.identity)
+    # The home server is said to hold 10 conversations of 40 blocks, the other none.
+    for n in range(10):
+        fleet.prefixes.record(held.identity, turn(200 + n, 40).prefix, capacity_blocks=10_000)
+    fleet.prefixes.record(other.identity, turn(300, 4).prefix, capacity_blocks=10_000)
+    moved = client.send(turn(1, 5))
+    assert (moved.upstream, moved.affinity) == (other.address, Affinity.MISS)
 
 
 def test_least_busy_routing_ignores_prefixes() -> None:
