@@ -441,8 +441,9 @@ async def test_a_stream_is_not_followed_on_its_connection(proxy: Proxy) -> None:
         for body in ({"prompt": "x"}, {"stream": True}, {"prompt": "x"}, {"stream": True}):
             status, _, _ = await post(proxy, body)
             assert status == 200
-    # Each answer's connection carried the stream after it, and was closed after that.
-    assert upstream.connections == 2
+    # Each stream had a connection of its own (the stream relay's), closed after it; the
+    # answers with a length shared the pooled one.
+    assert upstream.connections == 3
     assert [r.get("Connection") for r in upstream.requests] == [None, "close", None, "close"]
     assert await proxy.metric("rower_upstream_retries_total") == 0
     assert await proxy.metric("rower_upstream_errors_total") == 0
@@ -474,3 +475,114 @@ async def test_a_new_connection_that_fails_is_not_retried(proxy: Proxy) -> None:
     assert len(upstream.requests) == 1  # it may have run there: never sent twice
     assert await proxy.metric("rower_upstream_retries_total") == 0
     assert proxy.lines()[-1]["failure"] == "upstream_failed"
+
+
+@contextlib.asynccontextmanager
+async def scripted_upstream(proxy: Proxy, answer: bytes) -> AsyncIterator[str]:
+    """A server that reads one request head and body, writes `answer` whole and closes."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = re.search(rb"Content-Length: (\d+)", head)
+            await reader.readexactly(int(length.group(1)) if length else 0)
+            writer.write(answer)
+            await writer.drain()
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    addr = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    proxy.register(addr, slots=1)
+    try:
+        yield addr
+    finally:
+        server.close()
+
+
+STREAM_HEAD = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+)
+
+
+def sse_chunk(text: str) -> bytes:
+    event = f"data: {text}\n\n".encode()
+    return b"%x\r\n%s\r\n" % (len(event), event)
+
+
+async def test_a_stream_passes_through_with_its_timings(proxy: Proxy) -> None:
+    last = json.dumps({"stop": True, "timings": {"prompt_n": 3, "cache_n": 7, "predicted_n": 2}})
+    chunks = sse_chunk('{"content":"a","stop":false}') + sse_chunk(last)
+    async with scripted_upstream(proxy, STREAM_HEAD + chunks + b"0\r\n\r\n"):
+        status, headers, body = await post(proxy, {"prompt": "x", "stream": True})
+    assert status == 200
+    assert headers["Content-Type"] == "text/event-stream"
+    assert body == f'data: {{"content":"a","stop":false}}\n\ndata: {last}\n\n'.encode()
+    line = proxy.lines()[-1]
+    assert line["failure"] is None
+    assert line["bytes_out"] == len(body)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(proxy.management + "/metrics") as metrics,
+    ):
+        text = await metrics.text()
+    assert re.search(r"^rower_agent_prompt_tokens_cached_total\{[^}]*\} 7\.0$", text, re.M)
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [b"zz\r\n", b"5\r\nabcXY", b""],
+    ids=["bad chunk size", "no CRLF after the data", "closed before the last chunk"],
+)
+async def test_a_stream_that_breaks_is_cut_not_passed_on(proxy: Proxy, tail: bytes) -> None:
+    good = sse_chunk('{"content":"a","stop":false}')
+    async with (
+        scripted_upstream(proxy, STREAM_HEAD + good + tail),
+        aiohttp.ClientSession() as session,
+        session.post(proxy.url + "/completion", json={"stream": True}) as answer,
+    ):
+        assert answer.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await answer.read()
+    assert proxy.lines()[-1]["failure"] == "upstream_cut"
+    assert proxy.balancer.fleet.requests_in_flight == 0
+
+
+async def test_a_bad_answer_head_is_a_502(proxy: Proxy) -> None:
+    async with scripted_upstream(proxy, b"HTTP/1.1 200 OK\r\nX: a\nInjected: b\r\n\r\n"):
+        status, _, body = await post(proxy, {"stream": True})
+    assert status == 502
+    assert b"bad header line" in body or b"control characters" in body
+    assert proxy.lines()[-1]["failure"] == "upstream_failed"
+
+
+async def test_a_client_reading_slowly_gets_the_whole_stream(proxy: Proxy) -> None:
+    # Far more than the transports buffer: reading upstream pauses and resumes.
+    events = [sse_chunk(f'{{"content":"{index:06d}{"x" * 200}"}}') for index in range(20_000)]
+    async with (
+        scripted_upstream(proxy, STREAM_HEAD + b"".join(events) + b"0\r\n\r\n"),
+        aiohttp.ClientSession() as session,
+        session.post(proxy.url + "/completion", json={"stream": True}) as answer,
+    ):
+        await asyncio.sleep(0.5)
+        body = await answer.read()
+    assert body.count(b"data: ") == 20_000
+    assert body.endswith(b'{"content":"019999' + b"x" * 200 + b'"}\n\n')
+    assert proxy.lines()[-1]["failure"] is None
+
+
+async def test_an_http_1_0_client_gets_the_stream_unchunked(proxy: Proxy) -> None:
+    proxy.register(proxy.upstream.addr)
+    reader, writer = await asyncio.open_connection(*proxy.url[7:].split(":"))
+    body = b'{"prompt": "x", "stream": true}'
+    writer.write(
+        b"POST /completion HTTP/1.0\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    answer = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200")
+    assert b"chunked" not in head.lower()
+    assert payload.startswith(b'data: {"content": "t0"}\n\n')
+    assert payload.endswith(b"data: [DONE]\n\n")

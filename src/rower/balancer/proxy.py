@@ -14,11 +14,14 @@ untouched, as every header that is not hop-by-hop.
 Upstream connections are kept alive only where llama-server keeps them too (`upstream_client`:
 after answers with a `Content-Length`, idle for under 2 s), and a request that meets a kept-alive
 connection the server had closed is sent again, once, on a new one to the same server, on the
-same slot: the client never sees "Server disconnected" for it.
+same slot: the client never sees "Server disconnected" for it. A request that asks for a stream
+(from an HTTP/1.1 client) goes through `stream_relay` instead, on a connection of its own:
+llama-server's chunks are written to the client's socket from the upstream connection's own
+callback, one system call per token and no task woken (docs/performance.md).
 
 The listener runs with `handler_cancellation=True`, so a client that goes away cancels the
-handler: leaving the upstream `async with` then closes the upstream connection (an answer not
-read to its end is never pooled). llama-server then
+handler: leaving the upstream `async with` (or the stream relay's `finally`) then closes the
+upstream connection (an answer not read to its end is never pooled). llama-server then
 stops a streamed generation at its next token; a non-streamed one runs to its end, which is why
 such a slot is given back as "abandoned". A client that leaves is counted as what it is
 (`client_disconnected`), not as a failure of the upstream.
@@ -35,7 +38,7 @@ from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict, MultiMapping
 
 from rower.balancer.answer_timings import (
     STREAM_TAIL_READS,
@@ -57,7 +60,15 @@ from rower.balancer.request_ids import request_id
 from rower.balancer.request_needs import BadRequest, RequestNeeds, read_needs, with_model
 from rower.balancer.settings import BalancerSettings
 from rower.balancer.slot_gate import SlotGate, SlotUnavailable
+from rower.balancer.stream_relay import (
+    ClientLeft,
+    UpstreamCut,
+    UpstreamStream,
+    open_stream,
+    request_head,
+)
 from rower.balancer.upstream_client import UpstreamClient
+from rower.balancer.upstream_framing import AnswerHead, BadAnswer, Framing
 from rower.http_errors import error_response, openai_error_response
 from rower.logs import log_throttled
 
@@ -266,10 +277,12 @@ class ReverseProxy:
     ) -> web.StreamResponse:
         exchange: _Exchange = request[_EXCHANGE]
         exchange.upstream = upstream
+        needs: RequestNeeds | None = request.get(_NEEDS)
+        if needs is not None and needs.streaming and _relays_as_stream(request):
+            return await self._forward_stream(request, body, upstream)
         url = f"http://{upstream}{request.rel_url}"
         headers = self._upstream_headers(request, upstream)
         self._body_headers(headers, body)
-        needs: RequestNeeds | None = request.get(_NEEDS)
         try:
             answer = await self.upstream.request(
                 request.method,
@@ -332,6 +345,103 @@ class ReverseProxy:
                     request.transport.close()
                 return response
         self._report(request, upstream_response.status)
+        return response
+
+    async def _forward_stream(
+        self, request: web.Request, body: bytes, upstream: str
+    ) -> web.StreamResponse:
+        """A request that asks for a stream, on a connection of its own (`stream_relay`)."""
+        exchange: _Exchange = request[_EXCHANGE]
+        headers = self._upstream_headers(request, upstream)
+        headers["Content-Length"] = str(len(body))
+        headers["Connection"] = "close"
+        # The body is all read: llama-server must not answer `100 Continue` to anything.
+        headers.popall("Expect", None)
+        head = request_head(request.method, str(request.rel_url), headers)
+        try:
+            stream = await open_stream(upstream, head + body)
+        except ConnectionRefusedError as error:
+            raise UpstreamRefused from error
+        except (OSError, TimeoutError) as error:
+            return self._upstream_failed(request, upstream, error)
+        try:
+            try:
+                answer = await stream.head()
+            except (BadAnswer, OSError) as error:
+                return self._upstream_failed(request, upstream, error)
+            exchange.first_byte = time.perf_counter() - exchange.started
+            if answer.framing is Framing.EMPTY or (
+                answer.framing is Framing.LENGTH and answer.length <= SMALL_BODY
+            ):
+                return await self._relay_stream_whole(request, stream, answer, upstream)
+            return await self._relay_stream(request, stream, answer, upstream)
+        finally:
+            stream.close()
+
+    async def _relay_stream(
+        self, request: web.Request, stream: UpstreamStream, answer: AnswerHead, upstream: str
+    ) -> web.StreamResponse:
+        exchange: _Exchange = request[_EXCHANGE]
+        response = web.StreamResponse(status=answer.status, reason=answer.reason)
+        for name, value in end_to_end(CIMultiDict(answer.headers)):
+            if name.lower() != "content-length":
+                response.headers.add(name, value)
+        response.headers[REQUEST_ID] = exchange.request_id
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        exchange.status = answer.status
+        exchange.streaming = response.content_type == "text/event-stream"
+        try:
+            await _send(response, b"")  # the head, before the relayed chunks
+            transport = request.transport
+            if transport is None:
+                raise ClientLeft("the client's connection is closed")
+            try:
+                await stream.relay(transport, request.writer)
+            finally:
+                exchange.bytes_sent = stream.payload_bytes
+            self._count_prompt(request, from_stream_tail(b"".join(stream.tail)))
+            await _send(response, None)
+        except ClientLeft as left:
+            self._report(
+                request,
+                answer.status,
+                Failure.CLIENT_DISCONNECTED,
+                f"the client left mid-response: {left}",
+            )
+            return response
+        except UpstreamCut as error:
+            log.warning("llama-server at %s failed mid-response: %s", upstream, error)
+            self._report(
+                request,
+                answer.status,
+                Failure.UPSTREAM_CUT,
+                f"upstream failed mid-response: {error}",
+            )
+            if request.transport is not None:
+                request.transport.close()
+            return response
+        self._report(request, answer.status)
+        return response
+
+    async def _relay_stream_whole(
+        self, request: web.Request, stream: UpstreamStream, answer: AnswerHead, upstream: str
+    ) -> web.StreamResponse:
+        try:
+            body = await stream.whole()
+        except UpstreamCut as error:
+            return self._upstream_failed(request, upstream, error)
+        self._count_prompt(request, from_body(body))
+        headers = CIMultiDict(
+            (name, value)
+            for name, value in end_to_end(CIMultiDict(answer.headers))
+            if name.lower() != "content-length"
+        )
+        response = web.Response(
+            status=answer.status, reason=answer.reason, body=body, headers=headers
+        )
+        request[_EXCHANGE].bytes_sent = len(body)
+        self._report(request, answer.status)
         return response
 
     async def _relay_whole(
@@ -508,7 +618,7 @@ async def _send(response: web.StreamResponse, chunk: bytes | None) -> None:
         raise ClientLeft(str(error) or type(error).__name__) from error
 
 
-def end_to_end(headers: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
+def end_to_end(headers: MultiMapping[str]) -> list[tuple[str, str]]:
     """The headers a proxy passes on: not the hop-by-hop ones, nor those the `Connection`
     header names as hop-by-hop for this connection (RFC 9110, 7.6.1)."""
     named = {
@@ -521,6 +631,13 @@ def end_to_end(headers: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
         for name, value in headers.items()
         if (lowered := name.lower()) not in HOP_BY_HOP and lowered not in named
     ]
+
+
+def _relays_as_stream(request: web.Request) -> bool:
+    """Whether the answer can go through `stream_relay`: llama-server's chunks passed on as
+    they are need a chunked answer, so an HTTP/1.1 client (an HTTP/1.0 one gets the generic
+    relay, which re-frames the body)."""
+    return request.method == "POST" and request.version >= (1, 1)
 
 
 def _is_small(request: web.Request, upstream_response: aiohttp.ClientResponse) -> bool:
@@ -570,10 +687,6 @@ class _Exchange:
     connection_reused: bool = False
     retried: bool = False
     reported: bool = False
-
-
-class ClientLeft(Exception):
-    """The client's connection closed while its answer was being written."""
 
 
 class UpstreamRefused(Exception):

@@ -1,0 +1,182 @@
+"""Reading a llama-server's answer head and following its chunked body, for the stream relay.
+
+The stream relay (`stream_relay`) passes a streamed answer's bytes from llama-server's socket to
+the client's as they are: llama-server frames an event stream with chunked transfer coding, one
+chunk per event, and the balancer's answer to an HTTP/1.1 client is chunked too, so the bytes
+need no re-encoding. What the relay must know is where the answer ends (to give its slot back
+and end the client's answer), that every chunk is well formed (what it forwards, the client
+parses: a bogus size would desynchronise the client's kept-alive connection), and how many body
+bytes went by. `ChunkedBody` follows the chunks with a few `find` calls per read and hands back
+the bytes to forward; the final `0` chunk is not forwarded, the balancer's own end of the answer
+replaces it (trailers, which llama-server never sends, are dropped).
+
+The head is parsed strictly: anything a proxy could pass on wrongly (a header line with a bare
+CR or LF, obs-fold, a `Content-Length` given twice or not a number, any transfer coding but
+`chunked`, both framings at once, a head over 64 KiB) is a `BadAnswer`, answered 502. Pure: bytes
+in, decisions out.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+
+MAX_HEAD = 64 * 1024
+"""Largest answer head accepted: llama-server's are a few hundred bytes."""
+
+MAX_SIZE_LINE = 1024
+"""Longest chunk-size line accepted (size, extensions, CRLF)."""
+
+_STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([1-5][0-9][0-9])(?: ([\t\x20-\x7e\x80-\xff]*))?")
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_FIELD_VALUE = re.compile(rb"[^\x00-\x08\x0a-\x1f\x7f]*")
+_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,15})[ \t]*(?:;[^\r\n]*)?")
+
+
+class BadAnswer(Exception):
+    """An upstream answer the relay will not pass on; the message says what was wrong."""
+
+
+class Framing(enum.Enum):
+    """How the answer's body ends."""
+
+    EMPTY = "empty"
+    """No body (1xx, 204, 304)."""
+    LENGTH = "length"
+    """`Content-Length` bytes."""
+    CHUNKED = "chunked"
+    """Chunked transfer coding: at the `0` chunk."""
+    CLOSE = "close"
+    """Neither: when the server closes the connection."""
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerHead:
+    """An answer's status line and headers.
+
+    Attributes:
+        status: the status code.
+        reason: the reason phrase (may be empty).
+        headers: every header field, in order, names as sent.
+        framing: how the body ends.
+        length: the `Content-Length`, for `Framing.LENGTH`.
+    """
+
+    status: int
+    reason: str
+    headers: list[tuple[str, str]]
+    framing: Framing
+    length: int = 0
+
+
+def head_end(buffer: bytes | bytearray) -> int:
+    """Where the head in `buffer` ends (just past its empty line), or -1 if not yet in."""
+    at = buffer.find(b"\r\n\r\n")
+    if at < 0:
+        if len(buffer) > MAX_HEAD:
+            raise BadAnswer(f"answer head over {MAX_HEAD} bytes")
+        return -1
+    if at + 4 > MAX_HEAD:
+        raise BadAnswer(f"answer head over {MAX_HEAD} bytes")
+    return at + 4
+
+
+def parse_head(head: bytes) -> AnswerHead:
+    """The status and headers of `head` (up to and with its empty line)."""
+    lines = head[:-4].split(b"\r\n")
+    status_line = _STATUS_LINE.fullmatch(lines[0])
+    if status_line is None:
+        raise BadAnswer(f"not an HTTP/1.x status line: {lines[0][:80]!r}")
+    status = int(status_line.group(1))
+    headers: list[tuple[str, str]] = []
+    lengths: list[bytes] = []
+    codings: list[bytes] = []
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon or _TOKEN.fullmatch(name) is None:
+            raise BadAnswer(f"bad header line: {line[:80]!r}")
+        value = value.strip(b" \t")
+        if _FIELD_VALUE.fullmatch(value) is None:
+            raise BadAnswer(f"control characters in header {name[:40]!r}")
+        lowered = name.lower()
+        if lowered == b"content-length":
+            lengths.append(value)
+        elif lowered == b"transfer-encoding":
+            codings.extend(c.strip().lower() for c in value.split(b","))
+        headers.append((name.decode("latin-1"), value.decode("latin-1")))
+    reason = (status_line.group(2) or b"").decode("latin-1")
+    if status < 200 or status in (204, 304):
+        return AnswerHead(status, reason, headers, Framing.EMPTY)
+    if codings:
+        if lengths:
+            raise BadAnswer("both Transfer-Encoding and Content-Length")
+        if codings != [b"chunked"]:
+            raise BadAnswer(f"transfer coding {b', '.join(codings)!r} is not chunked alone")
+        return AnswerHead(status, reason, headers, Framing.CHUNKED)
+    if lengths:
+        if len(lengths) > 1 or not lengths[0].isdigit() or len(lengths[0]) > 15:
+            raise BadAnswer(f"bad Content-Length {b', '.join(lengths)[:40]!r}")
+        return AnswerHead(status, reason, headers, Framing.LENGTH, int(lengths[0]))
+    return AnswerHead(status, reason, headers, Framing.CLOSE)
+
+
+class ChunkedBody:
+    """Follows a chunked body read by read: which bytes to forward, and where it ends.
+
+    Attributes:
+        payload_bytes: the chunks' data bytes seen so far (the body, without its framing).
+        ended: whether the `0` chunk arrived.
+    """
+
+    __slots__ = ("_carry", "_crlf", "_left", "ended", "payload_bytes")
+
+    def __init__(self) -> None:
+        self._carry = b""
+        self._left = 0
+        self._crlf = False
+        self.payload_bytes = 0
+        self.ended = False
+
+    def feed(self, data: bytes) -> bytes:
+        """The complete chunks (size line, data, CRLF) that `data` ends, to forward verbatim.
+
+        A chunk split across reads is forwarded as far as it is known to be good: data bytes
+        as they come, a size line or the CRLF after the data once whole. Bytes after the `0`
+        chunk are dropped.
+        """
+        if self._carry:
+            data, self._carry = self._carry + data, b""
+        pos, end = 0, len(data)
+        while pos < end:
+            if self._left:
+                step = min(self._left, end - pos)
+                pos += step
+                self._left -= step
+                continue
+            if self._crlf:
+                if end - pos < 2:
+                    self._carry = data[pos:]
+                    return data[:pos]
+                if data[pos : pos + 2] != b"\r\n":
+                    raise BadAnswer("chunk data not followed by CRLF")
+                pos += 2
+                self._crlf = False
+                continue
+            line_end = data.find(b"\r\n", pos, pos + MAX_SIZE_LINE)
+            if line_end < 0:
+                if end - pos >= MAX_SIZE_LINE:
+                    raise BadAnswer("chunk-size line too long")
+                self._carry = data[pos:]
+                return data[:pos]
+            size = _CHUNK_SIZE.fullmatch(data, pos, line_end)
+            if size is None:
+                raise BadAnswer(f"bad chunk-size line {data[pos:line_end][:40]!r}")
+            length = int(size.group(1), 16)
+            if length == 0:
+                self.ended = True
+                return data[:pos]
+            self.payload_bytes += length
+            self._left, self._crlf = length, True
+            pos = line_end + 2
+        return data
