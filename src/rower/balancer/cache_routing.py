@@ -7,15 +7,15 @@ The rule (docs/routing.md says it for operators):
    (`PrefixMemory.matches`) wins, unless it is much busier than the least busy candidate: its
    busy fraction may exceed the least busy one's by at most `SPREAD` (the load-spread guard).
 3. A request that matches nothing, or only its tools and system prompt (a new conversation, or
-   one this balancer forgot), goes to its *hash home*: of the candidates within the same guard
-   of the least busy one, and not holding much more of the cached working set than the others
-   (`WORKING_SET_SLACK`), the first in rendezvous order of its first own block (after the
-   shared part) hashed with each address. That is consistent hashing with bounded load: a
-   conversation's first own block is the same in every turn and in every balancer, so two
-   balancers fed by the same agents place it alike, and a turn the memory forgot still finds
-   the server that was its home; the bounds keep the load and the caches' contents even.
-   Keying a new conversation on a system prompt it shares with others would send them all to
-   one server (the known trap of hashing the first message).
+   one this balancer forgot), and one whose home cannot take it (a spill), go where the load
+   says: to the least busy candidate, ties broken by rendezvous hashing of its first own block
+   (after the shared part) with each address (`hash_rank`), so balancers fed by the same agents
+   make the same choice and new conversations spread evenly. Not the hash home regardless of
+   load: two conversations sharing a system prompt on one server evict each other from its
+   slots (llama-server gives a prompt the idle slot with the longest common prefix), and
+   measured on a model of the fleet (bench/experiment_routing_model.py) hashing within the
+   load guard gained nothing. Keying a new conversation on a system prompt it shares with
+   others would send them all to one server (the known trap of hashing the first message).
 4. A request without a prefix (short prompts, embeddings) takes the least-busy pick.
 
 Every choice says what it was (`Affinity`), for metrics.
@@ -40,12 +40,6 @@ SPREAD = 0.5
 """How much busier (in busy slots over all slots) a server holding a request's prefix may be
 than the least busy one and still get it. With 2-slot servers any free slot qualifies; with 8
 slots a server 4 slots busier than the least busy loses its conversations to it."""
-
-
-WORKING_SET_SLACK = 1.25
-"""A new conversation skips a server that the memory says holds more than this times the
-fleet's mean of remembered prefix blocks (plus the conversation's own): one server must not
-end up with the conversations the others' caches would hold."""
 
 
 class Affinity(enum.Enum):
@@ -91,24 +85,24 @@ def busy_fraction(upstream: Upstream) -> float:
 def pick_cached(
     needs: RequestNeeds,
     memory: PrefixMemory,
-    by_address: Mapping[str, Upstream],
+    members: Mapping[str, Upstream],
     least_busy: Upstream,
     candidates: Callable[[], Iterable[Upstream]],
     now: float,
 ) -> CachePick:
     """The cache-aware choice for `needs` (which has a prefix), given the least-busy pick.
 
-    `candidates` lists the usable upstreams with a free slot (called only for new
-    conversations).
+    `members` are the pool's upstreams by identity; `candidates` lists the usable ones with a
+    free slot (called only when the memory does not decide).
     """
     floor = busy_fraction(least_busy)
     longest: Affinity | None = None
     home: Upstream | None = None
     home_blocks = 0
-    for address, blocks in memory.matches(needs.prefix):
+    for identity, blocks in memory.matches(needs.prefix):
         if blocks <= needs.shared_blocks:
             break  # Only the shared part: a new conversation.
-        upstream = by_address.get(address)
+        upstream = members.get(identity)
         if upstream is None:
             continue
         if not upstream.is_usable(now):
@@ -119,31 +113,22 @@ def pick_cached(
                 longest, home, home_blocks = Affinity.SPILL_BUSY, upstream, blocks
             continue
         if busy_fraction(upstream) - floor > SPREAD:
-            return CachePick(least_busy, longest or Affinity.SPILL_LOAD, 0, home, home_blocks)
+            longest = longest or Affinity.SPILL_LOAD
+            break
         return CachePick(upstream, longest or Affinity.HIT, blocks, home, home_blocks)
-    if longest is not None:
-        return CachePick(least_busy, longest, 0, home, home_blocks)
-    return CachePick(hash_home(needs, memory, least_busy, candidates), Affinity.MISS)
-
-
-def hash_home(
-    needs: RequestNeeds,
-    memory: PrefixMemory,
-    least_busy: Upstream,
-    candidates: Callable[[], Iterable[Upstream]],
-) -> Upstream:
-    """Where a new conversation goes: the first candidate in the rendezvous order of its first
-    own block that is within `SPREAD` of `least_busy` and within `WORKING_SET_SLACK` of the
-    fleet's mean remembered working set; `least_busy` when none is."""
-    floor = busy_fraction(least_busy)
-    seed = needs.prefix[min(needs.shared_blocks, len(needs.prefix) - 1)]
-    bound = WORKING_SET_SLACK * memory.mean_weight() + len(needs.prefix)
-    ranked = sorted(
-        candidates(),
-        key=lambda u: xxhash.xxh3_64_intdigest(u.address.encode(), seed),
-        reverse=True,
+    # Spill, or place a new conversation, where the load says: the least busy server, ties
+    # broken by rendezvous rank, so that balancers fed by the same agents choose alike.
+    elsewhere = max(
+        (u for u in candidates() if busy_fraction(u) <= floor),
+        key=hash_rank(needs),
+        default=least_busy,
     )
-    for upstream in ranked:
-        if busy_fraction(upstream) - floor <= SPREAD and memory.weight(upstream.identity) <= bound:
-            return upstream
-    return least_busy
+    return CachePick(elsewhere, longest or Affinity.MISS, 0, home, home_blocks)
+
+
+def hash_rank(needs: RequestNeeds) -> Callable[[Upstream], int]:
+    """Rendezvous hashing of a conversation with a server: its first own block (after the
+    shared part; the same in every turn) hashed with the server's address. The server of the
+    highest rank is the conversation's hash home; every balancer computes the same."""
+    seed = needs.prefix[min(needs.shared_blocks, len(needs.prefix) - 1)]
+    return lambda upstream: xxhash.xxh3_64_intdigest(upstream.address.encode(), seed)

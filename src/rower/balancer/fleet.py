@@ -53,12 +53,13 @@ import msgspec
 
 from rower.balancer.affinity import BLOCK_BYTES
 from rower.balancer.answer_timings import AnswerTimings
-from rower.balancer.cache_routing import Affinity, CachePick, pick_cached
+from rower.balancer.cache_routing import Affinity, CachePick, hash_rank, pick_cached
 from rower.balancer.models import UNKNOWN, ModelNames, ModelRefusal, ModelRules
 from rower.balancer.pool import Homing, Pool
 from rower.balancer.prefix_memory import DEFAULT_MAX_ENTRIES, PrefixMemory
 from rower.balancer.request_needs import RequestNeeds
 from rower.balancer.upstream import BYTES_PER_TOKEN, SlotAccounting, Upstream, blend
+from rower.balancer.waiting_line import Waiter
 from rower.status import AgentView, StatusUpdate, SystemTime
 
 EVICTED_BELOW = 0.5
@@ -73,6 +74,16 @@ quick runs of the affinity benchmark could not tell 2 from 3 apart."""
 MAX_AFFINITY_WAIT = 2.0
 """Longest a request waits for the busy server holding its prefix while another has a free
 slot (seconds); it never waits longer than the spill it avoids would cost, either."""
+
+
+BUFFER_PATIENCE = MAX_AFFINITY_WAIT
+"""Longest a request in the buffer lets a server's freed slot go to younger requests whose
+prefix that server holds (seconds)."""
+
+HASH_HOMES_UP_TO = 64
+"""A new conversation waiting in a pool of up to this many servers waits in its hash home's
+line (`waiting_line`); in a larger pool ranking every server for every waiting request costs
+more than it saves, and it waits in the pool's line only."""
 
 
 class Routing(enum.Enum):
@@ -395,7 +406,7 @@ class Fleet:
             return Rejected(request_id, RejectReason.BUFFER_DISABLED, resolved)
         if pool.buffered >= pool.max_buffered and not retry:
             return Rejected(request_id, RejectReason.BUFFER_FULL, resolved)
-        self._wait(pool, request_id, needs, first=retry)
+        self._wait(pool, request_id, needs, now, first=retry)
         return Buffered(request_id, model=resolved)
 
     def release(self, request_id: int, now: float, *, abandoned: bool = False) -> list[Dispatch]:
@@ -410,7 +421,7 @@ class Fleet:
         """
         pool = self._waiting_in.pop(request_id, None)
         if pool is not None:
-            pool.waiting.pop(request_id, None)
+            pool.waiting.remove(request_id)
             pool.homing.pop(request_id, None)
             self.revision += 1
             return []
@@ -528,7 +539,7 @@ class Fleet:
                 del self._waiting_in[request_id]
                 decision = self._place(pool, request_id, needs, now, may_wait=False)
                 if decision is None:
-                    self._wait(pool, request_id, needs, first=True)
+                    self._wait(pool, request_id, needs, now, first=True)
                 else:
                     assert isinstance(decision, Dispatch)
                     if decision.affinity is Affinity.SPILL_BUSY:
@@ -690,20 +701,33 @@ class Fleet:
             return
         if self.resolve(None) != pool.model:
             return
-        for request_id, needs in reversed(unrouted.waiting.items()):
+        for request_id, waiter in reversed(list(unrouted.waiting.items())):
             self._waiting_in[request_id] = pool
-            pool.waiting[request_id] = needs
-            pool.waiting.move_to_end(request_id, last=False)
+            pool.waiting.add(request_id, waiter, first=True)
         unrouted.waiting.clear()
 
     def _wait(
-        self, pool: Pool, request_id: int, needs: RequestNeeds | None, *, first: bool
+        self, pool: Pool, request_id: int, needs: RequestNeeds | None, now: float, *, first: bool
     ) -> None:
-        pool.waiting[request_id] = needs
-        if first:
-            pool.waiting.move_to_end(request_id, last=False)
+        pool.waiting.add(request_id, Waiter(needs, now, self._home_of(pool, needs)), first=first)
         self._waiting_in[request_id] = pool
         self.revision += 1
+
+    def _home_of(self, pool: Pool, needs: RequestNeeds | None) -> str | None:
+        """The server of `pool` the balancer sent the longest head of the request's own prefix
+        (beyond the shared part) to; for a new conversation, its hash home (in pools of up to
+        `HASH_HOMES_UP_TO` servers: ranking costs a hash per server); None without a key."""
+        if not self._routes_by_cache(needs):
+            return None
+        assert needs is not None
+        for identity, blocks in self.prefixes.matches(needs.prefix):
+            if blocks <= needs.shared_blocks:
+                break
+            if identity in pool.by_identity:
+                return identity
+        if not pool.members or len(pool.members) > HASH_HOMES_UP_TO:
+            return None
+        return max(pool.members.values(), key=hash_rank(needs)).identity
 
     def _place(
         self,
@@ -889,7 +913,12 @@ class Fleet:
                 self._assign(request_id, now, touched, home.needs, Affinity.HIT_AFTER_WAIT, blocks)
             )
         while pool.waiting and touched.slots_free(now) > 0:
-            request_id, needs = pool.waiting.popitem(last=False)
+            taken = pool.waiting.next_for(touched.identity, now, BUFFER_PATIENCE)
+            assert taken is not None
+            request_id = taken
+            waiter = pool.waiting.remove(request_id)
+            assert waiter is not None
+            needs = waiter.needs
             del self._waiting_in[request_id]
             affinity, blocks = None, 0
             if self._routes_by_cache(needs):

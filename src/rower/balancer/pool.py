@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from rower.balancer.request_needs import RequestNeeds
 from rower.balancer.upstream import Upstream
 from rower.balancer.upstream_index import UpstreamIndex
+from rower.balancer.waiting_line import WaitingLine
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,8 +42,9 @@ class Pool:
         self.index = UpstreamIndex(self.members)
         self.by_identity: dict[str, Upstream] = {}
         """The member of each llama-server (address, and model for a router's): one each."""
-        self.waiting: OrderedDict[int, RequestNeeds | None] = OrderedDict()
-        """Requests waiting for any slot, first come first, with what they need."""
+        self.waiting = WaitingLine()
+        """Requests waiting for any slot: first come first, but a server's freed slot goes
+        first to a request whose prefix it holds (`waiting_line`)."""
         self.homing: OrderedDict[int, Homing] = OrderedDict()
         """Requests waiting a short while for the busy server holding their prefix."""
 

@@ -52,7 +52,6 @@ class PrefixMemory:
         self.max_entries = max_entries
         self._servers: dict[str, _ServerPrefixes] = {}
         self._holder: dict[int, str] = {}
-        self._total_weight = 0
 
     def __len__(self) -> int:
         return sum(len(server.entries) for server in self._servers.values())
@@ -105,10 +104,6 @@ class PrefixMemory:
         server = self._servers.get(address)
         return server.weight if server is not None else 0
 
-    def mean_weight(self) -> float:
-        """The blocks the memory says a server holds, on average over the servers it knows."""
-        return self._total_weight / len(self._servers) if self._servers else 0.0
-
     def trim(self, address: str, capacity_blocks: int) -> None:
         """`address` holds at most `capacity_blocks`: forget its oldest entries beyond."""
         server = self._servers.get(address)
@@ -120,7 +115,6 @@ class PrefixMemory:
         server = self._servers.pop(address, None)
         if server is None:
             return
-        self._total_weight -= server.weight
         for key in server.entries:
             if self._holder.get(key) == address:
                 del self._holder[key]
@@ -129,15 +123,11 @@ class PrefixMemory:
         old = server.entries.pop(key, None)
         if old is not None:
             server.weight -= old
-            self._total_weight -= old
         server.entries[key] = weight
         server.weight += weight
-        self._total_weight += weight
         self._holder[key] = address
 
     def _drop(self, address: str, server: _ServerPrefixes, key: int) -> None:
-        weight = server.entries.pop(key)
-        server.weight -= weight
-        self._total_weight -= weight
+        server.weight -= server.entries.pop(key)
         if self._holder.get(key) == address:
             del self._holder[key]
