@@ -13,6 +13,7 @@ import pytest
 from bench.scheduling import Lengths
 
 from bench import (
+    experiment_routing_model,
     llama_servers,
     report,
     scenario_affinity,
@@ -120,3 +121,11 @@ def test_affinity_key_cost(tmp_path: Path) -> None:
     assert all(us > 0 for us in results["microseconds_median"].values())
     assert results["prefix_memory_bytes_per_conversation"] > 0
     assert "Affinity key and prefix memory" in report.write(tmp_path).read_text()
+
+
+def test_routing_model_runs_the_fleet_core_and_home_lines_keep_conversations() -> None:
+    # Seeded and simulated time: the same result every run.
+    home_lines = experiment_routing_model.run(18, seed=0, seconds=30)
+    first_come = experiment_routing_model.run(18, seed=0, seconds=30, patience=0.0)
+    assert 0 < first_come < home_lines < 1
+    assert 0 < experiment_routing_model.run(12, balancers=2, seed=0, seconds=30) < 1

@@ -191,9 +191,13 @@ class Fleet:
         prompt_cache_contexts: int = 8,
         prefix_memory_entries: int = DEFAULT_MAX_ENTRIES,
         models: ModelRules | None = None,
+        buffer_patience: float = BUFFER_PATIENCE,
     ) -> None:
         self.max_buffered = max_buffered
         self.routing = routing
+        self.buffer_patience = buffer_patience
+        """How long the oldest waiting request lets freed slots go to younger requests whose
+        prefix their server holds (seconds; 0: first come first served)."""
         self.prompt_cache_contexts = prompt_cache_contexts
         self.prefixes = PrefixMemory(max_entries=prefix_memory_entries)
         self.bytes_per_token = float(BYTES_PER_TOKEN)
@@ -913,7 +917,7 @@ class Fleet:
                 self._assign(request_id, now, touched, home.needs, Affinity.HIT_AFTER_WAIT, blocks)
             )
         while pool.waiting and touched.slots_free(now) > 0:
-            taken = pool.waiting.next_for(touched.identity, now, BUFFER_PATIENCE)
+            taken = pool.waiting.next_for(touched.identity, now, self.buffer_patience)
             assert taken is not None
             request_id = taken
             waiter = pool.waiting.remove(request_id)
