@@ -72,9 +72,10 @@ async def stream_one(
         record.error = type(error).__name__
 
 
-def session(limit: int = 0) -> aiohttp.ClientSession:
+def session(limit: int = 0, *, fresh: bool = False) -> aiohttp.ClientSession:
+    """A client; `fresh`: a new connection for every request (as many distinct users)."""
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=limit, force_close=False),
+        connector=aiohttp.TCPConnector(limit=limit, force_close=fresh),
         timeout=aiohttp.ClientTimeout(total=None),
         headers={"Content-Type": "application/json"},
     )
@@ -86,7 +87,7 @@ async def open_loop(schedule: dict[str, Any]) -> list[Record]:
     deadline = float(schedule.get("deadline", 120.0))
     tasks: list[asyncio.Task[None]] = []
     records: list[Record] = []
-    async with session() as client:
+    async with session(fresh=bool(schedule.get("fresh_connections"))) as client:
         t0 = time.perf_counter() + 0.2
         for item in schedule["requests"]:
             record = Record(due=item["at"])

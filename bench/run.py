@@ -3,8 +3,9 @@
 Scenarios: sim (scheduling on simulated servers), real (on llama-servers), proxy (what the
 proxy costs), scale (1,000 agents, 10,000 buffered requests), affinity (multi-turn chat on
 llama-servers: prompt-cache reuse), models (a burst for one model and another model's TTFT on
-simulated servers). Results, plots and REPORT.md go to bench/results/ (or --out). The full run
-takes about 35 minutes on 2 cores.
+simulated servers), unequal (llama-servers of 1, 2 and 3 slots: Rower before and after its pick
+changed, against HAProxy). Results, plots and REPORT.md go to bench/results/ (or --out). The
+full run takes about 45 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from bench import (
     scenario_real,
     scenario_scale,
     scenario_sim,
+    scenario_unequal,
 )
 
 SCENARIOS = {
@@ -35,6 +37,7 @@ SCENARIOS = {
     "affinity": scenario_affinity.run,
     "models": scenario_models.run,
     "key": scenario_key.run,
+    "unequal": scenario_unequal.run,
 }
 
 

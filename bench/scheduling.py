@@ -283,10 +283,21 @@ def run_load(
     counters: Callable[[], dict[str, float]],
     watch_pids: dict[str, list[int]],
     sampler: Callable[[], float] | None = None,
+    fresh_connections: bool = False,
 ) -> dict[str, Any]:
-    """Send `requests` through `front` and measure clients, servers and CPU."""
+    """Send `requests` through `front` and measure clients, servers and CPU.
+
+    `fresh_connections`: the clients open a connection per request instead of keeping them
+    alive (through HAProxy, a kept-alive client connection that llama-server's close after a
+    streamed answer ends fails some of the next requests sent on it).
+    """
     duration = requests[-1]["at"] if requests else 0.0
-    schedule = {"url": front.url + path, "deadline": duration + LOADGEN_GRACE, "requests": requests}
+    schedule = {
+        "url": front.url + path,
+        "deadline": duration + LOADGEN_GRACE,
+        "requests": requests,
+        "fresh_connections": fresh_connections,
+    }
     with tempfile.NamedTemporaryFile("w", suffix=".json", dir=work, delete=False) as file:
         json.dump(schedule, file)
     out = Path(file.name).with_suffix(".out.json")
@@ -321,6 +332,7 @@ def run_load(
     cpu["machine"] = machine
     records = json.loads(out.read_text())["records"] if out.exists() else []
     result = summarize(records, requests, before, after, cpu, max(deferred, default=None))
+    result["cpu_wall"] = wall
     if sampler is not None:
         result["deferred_samples_missed"] = len(missed)
         if missed:
@@ -357,6 +369,7 @@ def summarize(
         "errors": sum(errors.values()),
         "error_kinds": errors,
         "ttft_p50": percentile(ttft, 0.5),
+        "ttft_p95": percentile(ttft, 0.95),
         "ttft_p99": percentile(ttft, 0.99),
         "ttft_mean": statistics.fmean(ttft) if ttft else None,
         "e2e_p50": percentile(e2e, 0.5),

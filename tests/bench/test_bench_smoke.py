@@ -23,6 +23,7 @@ from bench import (
     scenario_real,
     scenario_scale,
     scenario_sim,
+    scenario_unequal,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -60,6 +61,25 @@ def test_real_scheduling(tmp_path: Path) -> None:
         generation=short,
     )
     assert all(run["ok"] == run["requests"] for run in results["runs"])
+
+
+def test_unequal_servers(tmp_path: Path) -> None:
+    require_llama_server()
+    results = scenario_unequal.run(
+        tmp_path,
+        repeats=1,
+        loads=(0.5,),
+        duration=1.5,
+        build=False,
+        generation=Lengths(median=32, sigma=0.3, low=8, high=64),
+        before=None,
+        after=None,
+        calibration_seconds=1.0,
+    )
+    assert {run["policy"] for run in results["runs"]} >= {"Rower"}
+    for run in results["runs"]:
+        assert run["ok"] == run["requests"] > 0, run["error_kinds"]
+    assert all(row["ttft_p95"] is not None for row in scenario_unequal.medians(results))
 
 
 def test_cache_affinity_and_report(tmp_path: Path) -> None:
