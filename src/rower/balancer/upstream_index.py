@@ -1,8 +1,11 @@
 """Upstreams ordered by the pick policy, so the fleet finds the best one in O(log n).
 
-The policy: among upstreams with a free slot, the most free slots, then the fewest busy, then
+The policy: among upstreams with a free slot, the fewest busy slots, then the most free, then
 the least recently dispatched, then the earliest registered (the order a scan of the fleet
-would see them in). A heap holds one entry per change of an upstream, keyed that way; the fleet
+would see them in). Fewest busy comes first because a server's slots share its compute (one
+CPU thread, or one GPU): a server with more slots is not faster, so piling streams onto the one
+with the most free slots slowed them all (docs/decisions.md, "Fewest busy first"; SPEC said
+most free first). A heap holds one entry per change of an upstream, keyed that way; the fleet
 adds one whenever an upstream's free slots, busy slots or last dispatch may have changed.
 Entries are never updated in place: an entry whose key no longer matches its upstream's state
 (or whose upstream left the fleet) is dropped when it reaches the top. That covers what only
@@ -25,13 +28,17 @@ _Entry = tuple[int, int, int, int, int, "Upstream"]
 
 
 def pick_key(upstream: Upstream, now: float) -> _Key:
-    """The upstream's rank now: smaller is better; a first item of 0 means no free slot."""
+    """The upstream's rank now: smaller is better; a second item of 0 means no free slot."""
     return (
-        -upstream.slots_free(now),
         upstream.slots_processing,
+        -upstream.slots_free(now),
         upstream.last_dispatch,
         upstream.registered,
     )
+
+
+def _has_free_slot(key: _Key) -> bool:
+    return key[1] < 0
 
 
 class UpstreamIndex:
@@ -50,7 +57,7 @@ class UpstreamIndex:
     def update(self, upstream: Upstream, now: float) -> None:
         """`upstream` changed: rank it anew (if it has a free slot at all)."""
         key = pick_key(upstream, now)
-        if key[0] < 0:
+        if _has_free_slot(key):
             heapq.heappush(self._heap, (*key, next(self._pushes), upstream))
         if len(self._heap) > 4 * len(self._upstreams) + 64:
             self._rebuild(now)
@@ -63,7 +70,7 @@ class UpstreamIndex:
             upstream = entry[5]
             if self._upstreams.get(upstream.key) is upstream:
                 key = pick_key(upstream, now)
-                if key[0] < 0 and key == entry[:4]:
+                if _has_free_slot(key) and key == entry[:4]:
                     return upstream
             heapq.heappop(heap)
         return None
@@ -72,6 +79,6 @@ class UpstreamIndex:
         self._heap = [
             (*key, next(self._pushes), upstream)
             for upstream in self._upstreams.values()
-            if (key := pick_key(upstream, now))[0] < 0
+            if _has_free_slot(key := pick_key(upstream, now))
         ]
         heapq.heapify(self._heap)

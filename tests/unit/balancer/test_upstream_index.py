@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rower.balancer.fleet import Fleet
+from rower.balancer.fleet import Dispatch, Fleet
 from rower.balancer.upstream import SlotAccounting, Upstream
 from rower.status import StatusUpdate
 
@@ -13,14 +13,14 @@ AGENTS = [f"a{i}" for i in range(6)]
 
 
 def scan_pick(fleet: Fleet, now: float) -> Upstream | None:
-    """The policy as a plain scan: most free, fewest busy, least recently dispatched, first."""
+    """The policy as a plain scan: fewest busy, most free, least recently dispatched, first."""
     best: Upstream | None = None
     best_key = (0, 0, 0)
     for upstream in fleet.upstreams.values():
         free = upstream.slots_free(now)
         if free <= 0:
             continue
-        key = (free, -upstream.slots_processing, -upstream.last_dispatch)
+        key = (-upstream.slots_processing, free, -upstream.last_dispatch)
         if best is None or key > best_key:
             best, best_key = upstream, key
     return best
@@ -99,3 +99,30 @@ def test_the_index_stays_small_however_many_changes() -> None:
     (pool,) = fleet.pools.values()
     assert len(pool.index) <= 4 * len(fleet.upstreams) + 64
     assert fleet.pick(1.0) is scan_pick(fleet, 1.0)
+
+
+def test_streams_spread_by_busy_slots_not_by_free_ones() -> None:
+    """Servers of 1, 2 and 3 slots whose slots share one compute unit each: the fourth stream
+    goes where one runs, not to the biggest server's second slot (docs/decisions.md, "Fewest
+    busy first"); among servers equally busy, the one with more free slots."""
+    fleet = Fleet(max_buffered=0)
+    for index, slots in enumerate((1, 2, 3)):
+        fleet.report(f"a{index}", status(index, index, slots, 0, "ok"), 0.0, 0.0)
+    picked = []
+    for request_id in range(6):
+        decision = fleet.request_slot(request_id, 1.0)
+        assert isinstance(decision, Dispatch)
+        picked.append(decision.agent_id)
+    assert picked == ["a2", "a1", "a0", "a2", "a1", "a2"]
+
+
+def test_a_released_slot_makes_its_server_the_least_busy_again() -> None:
+    fleet = Fleet(max_buffered=0)
+    fleet.report("small", status(0, 0, 1, 0, "ok"), 0.0, 0.0)
+    fleet.report("big", status(1, 1, 4, 0, "ok"), 0.0, 0.0)
+    for request_id in range(3):
+        fleet.request_slot(request_id, 1.0)  # big, small, big
+    fleet.release(1, 1.0)  # small is idle again: it has fewer busy than big's 2
+    decision = fleet.request_slot(3, 1.0)
+    assert isinstance(decision, Dispatch)
+    assert decision.agent_id == "small"
