@@ -119,8 +119,8 @@ def run(
     def at(time: float, kind: str, *args: int) -> None:
         heapq.heappush(events, (time, next(order), kind, args))
 
-    sent: dict[int, tuple[int, int, int]] = {}
-    """request id -> (conversation, balancer, matched blocks)."""
+    sent: dict[int, tuple[int, int, Dispatch | None]] = {}
+    """request id -> (conversation, balancer, its dispatch)."""
     answers: dict[int, AnswerTimings] = {}
     prompt = cached = 0
     request_ids = itertools.count(1)
@@ -147,7 +147,7 @@ def run(
     def deliver(dispatches: list[Dispatch], now: float) -> None:
         for dispatch in dispatches:
             conversation, balancer, _ = sent[dispatch.request_id]
-            sent[dispatch.request_id] = (conversation, balancer, dispatch.matched_blocks)
+            sent[dispatch.request_id] = (conversation, balancer, dispatch)
             server = next(s for s in servers if s.address == dispatch.upstream)
             if server.active >= SLOTS:
                 server.queue.append((balancer, dispatch.request_id))
@@ -163,7 +163,7 @@ def run(
         if kind == "send" and now <= seconds:
             chat = chats[args[0]]
             request_id = next(request_ids)
-            sent[request_id] = (args[0], chat.balancer, 0)
+            sent[request_id] = (args[0], chat.balancer, None)
             if anchor:
                 server = servers[(args[0] * 2_654_435_761 >> 7) % SERVERS]
                 deliver([Dispatch(request_id, f"agent{server.index}", server.address)], now)
@@ -175,7 +175,7 @@ def run(
         elif kind == "done":
             request_id, index = args
             server = servers[index]
-            conversation, balancer, matched = sent[request_id]
+            conversation, balancer, dispatched = sent[request_id]
             chat = chats[conversation]
             server.active -= 1
             server.cache[conversation] = chat.tokens + ANSWER_TOKENS
@@ -183,13 +183,14 @@ def run(
                 server.cache.popitem(last=False)
             if server.queue:
                 begin(server, server.queue.pop(0)[1], now)
-            if not anchor:
+            if dispatched is not None and not anchor:
                 fleet = fleets[balancer]
                 fleet.answered(
                     f"agent{index}",
                     answers[request_id],
                     head_bytes=chat.tokens * BYTES_PER_TOKEN,
-                    matched_blocks=matched,
+                    matched_blocks=dispatched.matched_blocks,
+                    newer_blocks=dispatched.newer_blocks,
                 )
                 deliver(fleet.release(request_id, now), now)
             chat.tokens += TURN_TOKENS

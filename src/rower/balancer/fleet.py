@@ -112,6 +112,9 @@ class Dispatch:
     rename_to: str | None = None
     """The model name to put in the request's body: set when the upstream is a router's model
     and the request named it otherwise (or not at all); a router knows only its own names."""
+    newer_blocks: int = 0
+    """Blocks of other conversations this balancer sent that upstream since it sent it the
+    `matched_blocks` of this one (for `Fleet.answered`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -470,6 +473,7 @@ class Fleet:
         *,
         head_bytes: int = 0,
         matched_blocks: int = 0,
+        newer_blocks: int = 0,
     ) -> None:
         """An answer from `agent_id`'s llama-server said what its prompt and generation took.
 
@@ -492,12 +496,10 @@ class Fleet:
         current = upstream.learned_capacity or bound
         expected = matched_blocks * BLOCK_BYTES / self.bytes_per_token
         if timings.cached < EVICTED_BELOW * expected:
-            # The server held what the memory says, less this conversation at least: it was
-            # evicted for the others. Its LRU evicts the oldest as ours forgets the oldest, so
-            # forgetting one conversation's worth of our oldest matches it; forgetting more
-            # would send conversations the server still holds elsewhere.
-            held = self.prefixes.weight(upstream.identity)
-            upstream.learned_capacity = max(matched_blocks, min(current, held) - matched_blocks)
+            # The server evicted this conversation: of what the balancer sent it, it holds at
+            # most the conversations sent since (`newer_blocks`), its cache being least recently
+            # used first out, as the memory is. So everything older is gone too: forget it.
+            upstream.learned_capacity = max(matched_blocks, min(current, newer_blocks))
             self.prefixes.trim(upstream.identity, upstream.learned_capacity)
         else:
             upstream.learned_capacity = min(bound, current + max(1, current // 20))
@@ -820,9 +822,10 @@ class Fleet:
         matched_blocks: int = 0,
     ) -> Dispatch:
         # The caller re-indexes (`report` and `release` once, after draining the buffer).
+        newer_blocks = 0
         if self._routes_by_cache(needs):
             assert needs is not None
-            self.prefixes.record(
+            newer_blocks = self.prefixes.record(
                 upstream.identity,
                 needs.prefix,
                 capacity_blocks=self._capacity(upstream),
@@ -847,6 +850,7 @@ class Fleet:
             matched_blocks,
             upstream.model,
             rename_to,
+            newer_blocks,
         )
 
     def _reindex(self, upstream: Upstream, now: float) -> None:

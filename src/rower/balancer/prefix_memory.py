@@ -80,24 +80,33 @@ class PrefixMemory:
                 return position + 1
         return 0
 
-    def record(self, address: str, prefix: Chain, *, capacity_blocks: int) -> None:
-        """`prefix` was sent to `address`, a server that holds about `capacity_blocks`."""
+    def record(self, address: str, prefix: Chain, *, capacity_blocks: int) -> int:
+        """`prefix` was sent to `address`, a server that holds about `capacity_blocks`.
+
+        Returns the blocks of the other conversations sent to `address` since the previous
+        turn of this one there (0 if it had none there): were that turn found evicted, the
+        server holds no more than those (`Fleet.answered`).
+        """
         if not prefix:
-            return
+            return 0
         server = self._servers.get(address)
         if server is None:
             server = self._servers[address] = _ServerPrefixes()
         entries = server.entries
-        # The conversation's previous turn here (a shorter leaf of this chain) is now inside
-        # this one: keep one of them.
-        for position in range(len(prefix) - 2, -1, -1):
-            if prefix[position] in entries:
-                self._drop(address, server, prefix[position])
+        newer = 0
+        # The conversation's previous turn here (a shorter leaf of this chain, or the same) is
+        # now inside this one: keep one of them.
+        for position in range(len(prefix) - 1, -1, -1):
+            key = prefix[position]
+            if key in entries:
+                newer = _weight_after(entries, key)
+                self._drop(address, server, key)
                 break
         self._put(address, server, prefix[-1], len(prefix))
         share = max(1, self.max_entries // len(self._servers))
         while entries and (server.weight > capacity_blocks or len(entries) > share):
             self._drop(address, server, next(iter(entries)))
+        return newer
 
     def weight(self, address: str) -> int:
         """The blocks the memory says `address` holds."""
@@ -131,3 +140,13 @@ class PrefixMemory:
         server.weight -= server.entries.pop(key)
         if self._holder.get(key) == address:
             del self._holder[key]
+
+
+def _weight_after(entries: OrderedDict[int, int], key: int) -> int:
+    """The blocks of the entries more recent than `key`'s (a walk from the newest)."""
+    weight = 0
+    for newer, blocks in reversed(entries.items()):
+        if newer == key:
+            break
+        weight += blocks
+    return weight

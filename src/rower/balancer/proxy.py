@@ -548,6 +548,7 @@ class ReverseProxy:
                 dispatch.model,
                 head_bytes=head_bytes,
                 matched_blocks=dispatch.matched_blocks,
+                newer_blocks=dispatch.newer_blocks,
             )
 
     def _refuse(

@@ -157,10 +157,16 @@ class SlotGate:
         *,
         head_bytes: int = 0,
         matched_blocks: int = 0,
+        newer_blocks: int = 0,
     ) -> None:
         """An answer said what its prompt and its generation took on its llama-server."""
         self.fleet.answered(
-            agent_id, timings, model, head_bytes=head_bytes, matched_blocks=matched_blocks
+            agent_id,
+            timings,
+            model,
+            head_bytes=head_bytes,
+            matched_blocks=matched_blocks,
+            newer_blocks=newer_blocks,
         )
 
     def quarantine(self, agent_id: str) -> None:

@@ -349,12 +349,23 @@ def test_a_prefix_found_gone_shrinks_what_the_server_is_believed_to_hold() -> No
     # evicted them (it reused nothing).
     again = client.send(turn(1, 12))
     assert again.matched_blocks == 10
+    # Conversations 2-5 went there since conversation 1 did.
+    assert again.newer_blocks == 40
     gone = AnswerTimings(evaluated=1500, cached=0)
-    fleet.answered(again.agent_id, gone, head_bytes=6144, matched_blocks=again.matched_blocks)
+    fleet.answered(
+        again.agent_id,
+        gone,
+        head_bytes=6144,
+        matched_blocks=again.matched_blocks,
+        newer_blocks=again.newer_blocks,
+    )
     fleet.release(again.request_id, 0.0)
     believed = fleet.prefixes.weight(upstream.identity)
-    assert upstream.learned_capacity is not None
-    assert believed <= upstream.learned_capacity < 52
+    assert upstream.learned_capacity == 40
+    assert believed <= upstream.learned_capacity
+    # Least recently used first out: the oldest conversations are forgotten, not the newest.
+    assert fleet.prefixes.matched(upstream.identity, turn(2, 11).prefix) == 0
+    assert fleet.prefixes.matched(upstream.identity, turn(5, 11).prefix) == 10
     # A turn that finds its prefix lets the belief grow back, slowly.
     last = client.send(turn(5, 12))
     assert last.matched_blocks == 10

@@ -80,3 +80,16 @@ def test_a_hundred_thousand_conversations_fit_well_under_100_mb() -> None:
     del turn
     assert used < 40 * 1024 * 1024, f"{used / 2**20:.0f} MiB for 100,000 conversations"
     assert len(memory) == 100_000
+
+
+def test_recording_a_turn_says_what_was_sent_there_since_its_previous_turn() -> None:
+    memory = PrefixMemory()
+    first = conversation(1, 10)
+    assert memory.record("a:1", first, capacity_blocks=1000) == 0
+    memory.record("a:1", conversation(2, 4), capacity_blocks=1000)
+    memory.record("b:1", conversation(3, 7), capacity_blocks=1000)
+    memory.record("a:1", conversation(4, 5), capacity_blocks=1000)
+    # Conversation 1 again on a:1: conversations 2 and 4 went there since (b:1's does not count).
+    assert memory.record("a:1", (*first, *conversation(5, 2)), capacity_blocks=1000) == 9
+    # Now it is the most recent there.
+    assert memory.record("a:1", (*first, *conversation(5, 3)), capacity_blocks=1000) == 0
