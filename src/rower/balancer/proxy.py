@@ -32,16 +32,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
-import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, MultiMapping
 
 from rower.balancer.answer_timings import (
-    STREAM_TAIL_READS,
     AnswerTimings,
     from_body,
     from_stream_tail,
@@ -60,14 +57,13 @@ from rower.balancer.request_ids import request_id
 from rower.balancer.request_needs import BadRequest, RequestNeeds, read_needs, with_model
 from rower.balancer.settings import BalancerSettings
 from rower.balancer.slot_gate import SlotGate, SlotUnavailable
-from rower.balancer.stream_relay import (
+from rower.balancer.upstream_client import UpstreamClient
+from rower.balancer.upstream_connection import (
     ClientLeft,
+    UpstreamConnection,
     UpstreamCut,
-    UpstreamStream,
-    open_stream,
     request_head,
 )
-from rower.balancer.upstream_client import UpstreamClient
 from rower.balancer.upstream_framing import AnswerHead, BadAnswer, Framing
 from rower.http_errors import error_response, openai_error_response
 from rower.logs import log_throttled
@@ -278,131 +274,69 @@ class ReverseProxy:
         exchange: _Exchange = request[_EXCHANGE]
         exchange.upstream = upstream
         needs: RequestNeeds | None = request.get(_NEEDS)
-        if needs is not None and needs.streaming and _relays_as_stream(request):
-            return await self._forward_stream(request, body, upstream)
-        url = f"http://{upstream}{request.rel_url}"
+        streaming = needs is not None and needs.streaming
         headers = self._upstream_headers(request, upstream)
-        self._body_headers(headers, body)
-        try:
-            answer = await self.upstream.request(
-                request.method,
-                url,
-                headers=headers,
-                body=body if request.body_exists else None,
-                streaming=needs is not None and needs.streaming,
-            )
-        except Exception as error:
-            if isinstance(error, aiohttp.ClientConnectorError):
-                if isinstance(error.os_error, ConnectionRefusedError):
-                    raise UpstreamRefused from error
-                return self._upstream_failed(request, upstream, error)
-            if isinstance(error, aiohttp.ClientError | TimeoutError):
-                return self._upstream_failed(request, upstream, error)
-            raise
-        upstream_response = answer.response
-        exchange.connection_reused, exchange.retried = answer.reused, answer.retried
-        async with upstream_response:
-            exchange.first_byte = time.perf_counter() - exchange.started
-            if _is_small(request, upstream_response):
-                return await self._relay_whole(request, upstream_response, upstream)
-            response = web.StreamResponse(
-                status=upstream_response.status, reason=upstream_response.reason
-            )
-            for name, value in end_to_end(upstream_response.headers):
-                response.headers.add(name, value)
-            response.headers[REQUEST_ID] = exchange.request_id
-            await response.prepare(request)
-            exchange.status = upstream_response.status
-            exchange.streaming = upstream_response.content_type == "text/event-stream"
-            # The last event carries the answer's timings: keep the stream's last few reads.
-            tail: deque[bytes] = deque(maxlen=STREAM_TAIL_READS)
-            try:
-                async for chunk in upstream_response.content.iter_any():
-                    await _send(response, chunk)
-                    exchange.bytes_sent += len(chunk)
-                    tail.append(chunk)
-                self._count_prompt(request, from_stream_tail(b"".join(tail)))
-                await _send(response, None)
-            except ClientLeft as left:
-                # Not the upstream's fault: the client closed its connection mid-answer.
-                self._report(
-                    request,
-                    upstream_response.status,
-                    Failure.CLIENT_DISCONNECTED,
-                    f"the client left mid-response: {left}",
-                )
-                return response
-            except (aiohttp.ClientError, TimeoutError) as error:
-                # Headers are gone already: all that is left is to end the client's stream.
-                log.warning("llama-server at %s failed mid-response: %s", upstream, error)
-                self._report(
-                    request,
-                    upstream_response.status,
-                    Failure.UPSTREAM_CUT,
-                    f"upstream failed mid-response: {error}",
-                )
-                if request.transport is not None:
-                    request.transport.close()
-                return response
-        self._report(request, upstream_response.status)
-        return response
-
-    async def _forward_stream(
-        self, request: web.Request, body: bytes, upstream: str
-    ) -> web.StreamResponse:
-        """A request that asks for a stream, on a connection of its own (`stream_relay`)."""
-        exchange: _Exchange = request[_EXCHANGE]
-        headers = self._upstream_headers(request, upstream)
-        headers["Content-Length"] = str(len(body))
-        headers["Connection"] = "close"
-        # The body is all read: llama-server must not answer `100 Continue` to anything.
-        headers.popall("Expect", None)
+        self._body_headers(request, headers, body)
+        if streaming:
+            # llama-server closes the connection after a stream anyway (`upstream_client`).
+            headers["Connection"] = "close"
         head = request_head(request.method, str(request.rel_url), headers)
         try:
-            stream = await open_stream(upstream, head + body)
+            answer = await self.upstream.request(
+                upstream, head + body, head_request=request.method == "HEAD", closing=streaming
+            )
         except ConnectionRefusedError as error:
             raise UpstreamRefused from error
-        except (OSError, TimeoutError) as error:
+        except (BadAnswer, OSError, TimeoutError) as error:
             return self._upstream_failed(request, upstream, error)
+        exchange.connection_reused, exchange.retried = answer.reused, answer.retried
+        exchange.first_byte = time.perf_counter() - exchange.started
         try:
-            try:
-                answer = await stream.head()
-            except (BadAnswer, OSError) as error:
-                return self._upstream_failed(request, upstream, error)
-            exchange.first_byte = time.perf_counter() - exchange.started
-            if answer.framing is Framing.EMPTY or (
-                answer.framing is Framing.LENGTH and answer.length <= SMALL_BODY
+            if request.method == "HEAD":
+                return await self._relay_head(request, answer.head)
+            if answer.head.framing is Framing.EMPTY or (
+                answer.head.framing is Framing.LENGTH and answer.head.length <= SMALL_BODY
             ):
-                return await self._relay_stream_whole(request, stream, answer, upstream)
-            return await self._relay_stream(request, stream, answer, upstream)
+                return await self._relay_whole(request, answer.connection, answer.head, upstream)
+            return await self._relay_body(request, answer.connection, answer.head, upstream)
         finally:
-            stream.close()
+            self.upstream.release(upstream, answer.connection)
 
-    async def _relay_stream(
-        self, request: web.Request, stream: UpstreamStream, answer: AnswerHead, upstream: str
+    async def _relay_body(
+        self,
+        request: web.Request,
+        connection: UpstreamConnection,
+        answer: AnswerHead,
+        upstream: str,
     ) -> web.StreamResponse:
+        """An answer relayed as it arrives (a stream, or a long or unframed body)."""
         exchange: _Exchange = request[_EXCHANGE]
         response = web.StreamResponse(status=answer.status, reason=answer.reason)
         for name, value in end_to_end(CIMultiDict(answer.headers)):
             if name.lower() != "content-length":
                 response.headers.add(name, value)
         response.headers[REQUEST_ID] = exchange.request_id
-        response.enable_chunked_encoding()
+        # llama-server's chunks pass as they are to a client that takes chunks (HTTP/1.1).
+        chunked = request.version >= (1, 1)
+        if chunked:
+            response.enable_chunked_encoding()
         await response.prepare(request)
         exchange.status = answer.status
         exchange.streaming = response.content_type == "text/event-stream"
         try:
-            await _send(response, b"")  # the head, before the relayed chunks
+            await _send(response, b"")  # the head, before the relayed body
             transport = request.transport
             if transport is None:
                 raise ClientLeft("the client's connection is closed")
             try:
-                await stream.relay(transport, request.writer)
+                await connection.relay(transport, request.writer, chunked=chunked)
             finally:
-                exchange.bytes_sent = stream.payload_bytes
-            self._count_prompt(request, from_stream_tail(b"".join(stream.tail)))
+                exchange.bytes_sent = connection.payload_bytes
+            # The last event carries the answer's timings.
+            self._count_prompt(request, from_stream_tail(b"".join(connection.tail)))
             await _send(response, None)
         except ClientLeft as left:
+            # Not the upstream's fault: the client closed its connection mid-answer.
             self._report(
                 request,
                 answer.status,
@@ -411,6 +345,7 @@ class ReverseProxy:
             )
             return response
         except UpstreamCut as error:
+            # Headers are gone already: all that is left is to end the client's answer.
             log.warning("llama-server at %s failed mid-response: %s", upstream, error)
             self._report(
                 request,
@@ -424,11 +359,16 @@ class ReverseProxy:
         self._report(request, answer.status)
         return response
 
-    async def _relay_stream_whole(
-        self, request: web.Request, stream: UpstreamStream, answer: AnswerHead, upstream: str
+    async def _relay_whole(
+        self,
+        request: web.Request,
+        connection: UpstreamConnection,
+        answer: AnswerHead,
+        upstream: str,
     ) -> web.StreamResponse:
+        """A short answer of known length, read whole and sent in one write."""
         try:
-            body = await stream.whole()
+            body = await connection.whole()
         except UpstreamCut as error:
             return self._upstream_failed(request, upstream, error)
         self._count_prompt(request, from_body(body))
@@ -444,30 +384,13 @@ class ReverseProxy:
         self._report(request, answer.status)
         return response
 
-    async def _relay_whole(
-        self,
-        request: web.Request,
-        upstream_response: aiohttp.ClientResponse,
-        upstream: str,
-    ) -> web.StreamResponse:
-        try:
-            body = await upstream_response.read()
-        except (aiohttp.ClientError, TimeoutError) as error:
-            return self._upstream_failed(request, upstream, error)
-        self._count_prompt(request, from_body(body))
-        headers = CIMultiDict(
-            (name, value)
-            for name, value in end_to_end(upstream_response.headers)
-            if name.lower() != "content-length"
-        )
-        response = web.Response(
-            status=upstream_response.status,
-            reason=upstream_response.reason,
-            body=body,
-            headers=headers,
-        )
-        request[_EXCHANGE].bytes_sent = len(body)
-        self._report(request, upstream_response.status)
+    async def _relay_head(self, request: web.Request, answer: AnswerHead) -> web.StreamResponse:
+        """The answer to a HEAD: the headers, `Content-Length` included, and no body."""
+        response = web.StreamResponse(status=answer.status, reason=answer.reason)
+        for name, value in end_to_end(CIMultiDict(answer.headers)):
+            response.headers.add(name, value)
+        response.headers[REQUEST_ID] = request[_EXCHANGE].request_id
+        self._report(request, answer.status)
         return response
 
     def _upstream_failed(
@@ -523,7 +446,7 @@ class ReverseProxy:
 
     def _upstream_headers(self, request: web.Request, upstream: str) -> CIMultiDict[str]:
         headers = CIMultiDict(end_to_end(request.headers))
-        if self.settings.rewrite_host_header:
+        if self.settings.rewrite_host_header or "Host" not in headers:
             headers["Host"] = upstream
         peer = request.remote
         if peer:
@@ -532,10 +455,14 @@ class ReverseProxy:
         headers[REQUEST_ID] = request[_EXCHANGE].request_id
         return headers
 
-    def _body_headers(self, headers: CIMultiDict[str], body: bytes) -> None:
-        # A router's model may have been renamed in the body (`Dispatch.rename_to`).
-        if "Content-Length" in headers:
+    def _body_headers(self, request: web.Request, headers: CIMultiDict[str], body: bytes) -> None:
+        # The body was read whole (and a router's model may have been renamed in it:
+        # `Dispatch.rename_to`): it goes with its length, and needs no `100 Continue`.
+        headers.popall("Expect", None)
+        if body or request.body_exists or request.method in ("POST", "PUT", "PATCH"):
             headers["Content-Length"] = str(len(body))
+        else:
+            headers.popall("Content-Length", None)
 
     def _count_prompt(self, request: web.Request, tokens: AnswerTimings | None) -> None:
         dispatch: Dispatch | None = request.get(_DISPATCH)
@@ -632,24 +559,6 @@ def end_to_end(headers: MultiMapping[str]) -> list[tuple[str, str]]:
         for name, value in headers.items()
         if (lowered := name.lower()) not in HOP_BY_HOP and lowered not in named
     ]
-
-
-def _relays_as_stream(request: web.Request) -> bool:
-    """Whether the answer can go through `stream_relay`: llama-server's chunks passed on as
-    they are need a chunked answer, so an HTTP/1.1 client (an HTTP/1.0 one gets the generic
-    relay, which re-frames the body)."""
-    return request.method == "POST" and request.version >= (1, 1)
-
-
-def _is_small(request: web.Request, upstream_response: aiohttp.ClientResponse) -> bool:
-    """Whether the answer is short and not a stream, so it can be read whole and sent at once."""
-    length = upstream_response.content_length
-    return (
-        length is not None
-        and length <= SMALL_BODY
-        and request.method != "HEAD"
-        and upstream_response.content_type != "text/event-stream"
-    )
 
 
 class BodyTooLarge(Exception):

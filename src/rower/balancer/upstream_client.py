@@ -6,143 +6,147 @@ kind sends a request on a connection the server has closed, and the request fail
 disconnected" (about 1 request in 40 in mixed benchmarks). A new connection per request avoids
 that at ~1 ms per request. So:
 
-- a connection goes back to the pool only after an answer framed by its `Content-Length` and
-  read to its end; a request that asks for a stream says `Connection: close`, and an answer
-  without a length (a stream) closes its connection when it ends;
+- a connection goes back to the pool only after an answer framed by its `Content-Length` (or
+  without a body), read to its end, on which neither side said `Connection: close`
+  (`UpstreamConnection.reusable`); a request that asks for a stream says `Connection: close`
+  and gets a connection of its own, closed when its answer ends;
 - pooled connections expire after `KEEPALIVE_SECONDS` idle, well before the server's 5 s;
-- if a reused connection fails before any byte of the answer arrived (`ServerDisconnectedError`
-  or an OS error writing the request), the server never read the request: it is sent again,
-  once, on a new connection to the same server. The caller's slot is untouched by this: the
-  request is still on the slot it was dispatched to, released once when it ends.
+- if a reused connection closes before any byte of the answer arrived (`NothingAnswered`),
+  the server never read the request: it is sent again, once, on a new connection to the same
+  server. The caller's slot is untouched by this: the request is still on the slot it was
+  dispatched to, released once when it ends.
+
+The connections are `upstream_connection.UpstreamConnection`s (a protocol, not aiohttp's
+client: docs/performance.md). No total timeout (a generation may run for minutes), no pool
+limit (the slot count is the limit), bytes pass through as the server sent them.
 """
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
-from types import SimpleNamespace
 
-import aiohttp
-from aiohttp.tracing import TraceConnectionReuseconnParams
-from multidict import CIMultiDict
+from rower.balancer.upstream_connection import NothingAnswered, UpstreamConnection, connect
+from rower.balancer.upstream_framing import AnswerHead
 
 KEEPALIVE_SECONDS = 2.0
 """Longest idle time of a pooled connection: llama-server closes them at 5 s, and a connection
 expired here 3 s early cannot race with the server's close."""
 
 
-@dataclass(slots=True)
-class _Attempt:
-    """What the pool did for one attempt: whether it handed out a kept-alive connection."""
-
-    reused: bool = False
-
-
 @dataclass(frozen=True, slots=True)
 class UpstreamAnswer:
-    """An upstream's response (headers read), and how the connection for it was got.
+    """An upstream's answer (head read), and how the connection for it was got.
 
     Attributes:
-        response: the response; its body is still to be read.
+        connection: the connection; the body is still to be read from it. Hand it back with
+            `UpstreamClient.release` when done.
+        head: the answer's status and headers.
         reused: whether it came on a kept-alive connection (not after a retry).
         retried: whether a reused connection failed first and it was sent again on a new one.
     """
 
-    response: aiohttp.ClientResponse
+    connection: UpstreamConnection
+    head: AnswerHead
     reused: bool
     retried: bool
 
 
-async def _on_reuse(
-    _session: aiohttp.ClientSession,
-    context: SimpleNamespace,
-    _params: TraceConnectionReuseconnParams,
-) -> None:
-    attempt = context.trace_request_ctx
-    if isinstance(attempt, _Attempt):
-        attempt.reused = True
-
-
 class UpstreamClient:
-    """The proxy's HTTP client for llama-servers: a pool, and new connections for retries.
-
-    No total timeout (a generation may run for minutes), no pool limit (the slot count is the
-    limit), no decompression (bytes pass through as the server sent them).
-    """
+    """The proxy's connections to llama-servers: a pool per server, and new ones for retries."""
 
     def __init__(self) -> None:
-        tracing = aiohttp.TraceConfig()
-        tracing.on_connection_reuseconn.append(_on_reuse)
-        self.pooled = _session(
-            aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=KEEPALIVE_SECONDS),
-            [tracing],
-        )
-        self.fresh = _session(aiohttp.TCPConnector(limit=0, limit_per_host=0, force_close=True), [])
+        self._idle: dict[str, list[UpstreamConnection]] = {}
+        self._sweep: asyncio.TimerHandle | None = None
 
     async def request(
-        self,
-        method: str,
-        url: str,
-        *,
-        headers: CIMultiDict[str],
-        body: bytes | None,
-        streaming: bool,
+        self, upstream: str, request: bytes, *, head_request: bool, closing: bool
     ) -> UpstreamAnswer:
-        """Send one request; returns once the response headers are in.
+        """Send one request (head and body, as bytes) to `upstream` (HOST:PORT); returns once
+        the answer's head is in.
 
-        `streaming` (the request asks for a stream) adds `Connection: close` to `headers`:
-        the server closes after a stream anyway. Raises what aiohttp raises when the request
-        fails on a new connection, or again after the retry.
+        `closing`: the request says `Connection: close` (it asks for a stream); it never takes
+        a pooled connection. Raises what `connect` and `UpstreamConnection.head` raise, on a new
+        connection or on the retry.
         """
-        if streaming:
-            headers["Connection"] = "close"
-        attempt = _Attempt()
-        try:
-            response = await self._send(self.pooled, method, url, headers, body, attempt)
-            retried = False
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as error:
-            if not attempt.reused or isinstance(error, aiohttp.ClientConnectorError):
+        pooled = None if closing else self._take(upstream)
+        if pooled is not None:
+            pooled.send(request, head_request=head_request)
+            try:
+                return UpstreamAnswer(pooled, await pooled.head(), reused=True, retried=False)
+            except NothingAnswered:
+                # The server closed the kept-alive connection as the request went out: it never
+                # read it. Once more, on a connection of its own.
+                pooled.close()
+            except BaseException:
+                pooled.close()
                 raise
-            # The server closed the kept-alive connection as the request went out: it never
-            # read it. Once more, on a connection of its own.
-            response = await self._send(self.fresh, method, url, headers, body, None)
-            retried = True
-        connection = response.connection
-        if response.content_length is None and connection is not None and connection.protocol:
-            # A stream: llama-server closes the connection after it; never pool it.
-            connection.protocol.force_close()
-        return UpstreamAnswer(response, attempt.reused and not retried, retried)
+        fresh = await connect(upstream)
+        try:
+            fresh.send(request, head_request=head_request, closing=closing)
+            head = await fresh.head()
+        except BaseException:
+            fresh.close()
+            raise
+        return UpstreamAnswer(fresh, head, reused=False, retried=pooled is not None)
 
-    async def _send(
-        self,
-        session: aiohttp.ClientSession,
-        method: str,
-        url: str,
-        headers: CIMultiDict[str],
-        body: bytes | None,
-        attempt: _Attempt | None,
-    ) -> aiohttp.ClientResponse:
-        return await session.request(
-            method,
-            url,
-            headers=headers,
-            data=body,
-            allow_redirects=False,
-            trace_request_ctx=attempt,
-        )
+    def release(self, upstream: str, connection: UpstreamConnection) -> None:
+        """Done with `connection`: pooled if `reusable`, else closed."""
+        if connection.reusable:
+            self._idle.setdefault(upstream, []).append(connection)
+            if self._sweep is None:
+                self._sweep = asyncio.get_running_loop().call_later(
+                    KEEPALIVE_SECONDS, self._sweep_idle
+                )
+        else:
+            connection.close()
+
+    def _sweep_idle(self) -> None:
+        """Close what expired, also to servers no request goes to any more."""
+        self._sweep = None
+        oldest = asyncio.get_running_loop().time() - KEEPALIVE_SECONDS
+        for upstream in list(self._idle):
+            self._expire(upstream, oldest)
+        if self._idle:
+            self._sweep = asyncio.get_running_loop().call_later(KEEPALIVE_SECONDS, self._sweep_idle)
+
+    def _take(self, upstream: str) -> UpstreamConnection | None:
+        """The most recently used idle connection to `upstream`; expired ones are closed."""
+        idle = self._idle.get(upstream)
+        if not idle:
+            return None
+        oldest = asyncio.get_running_loop().time() - KEEPALIVE_SECONDS
+        while idle:
+            connection = idle.pop()
+            if connection.is_idle_and_open and connection.idle_since > oldest:
+                if not idle:
+                    del self._idle[upstream]
+                # Those left are older: close the expired ones now, not at the next take.
+                self._expire(upstream, oldest)
+                return connection
+            connection.close()
+        del self._idle[upstream]
+        return None
+
+    def _expire(self, upstream: str, oldest: float) -> None:
+        idle = self._idle.get(upstream)
+        if not idle:
+            return
+        keep = [c for c in idle if c.is_idle_and_open and c.idle_since > oldest]
+        for connection in idle:
+            if connection not in keep:
+                connection.close()
+        if keep:
+            self._idle[upstream] = keep
+        else:
+            del self._idle[upstream]
 
     async def close(self) -> None:
-        """Close every connection."""
-        await self.pooled.close()
-        await self.fresh.close()
-
-
-def _session(
-    connector: aiohttp.TCPConnector, tracing: list[aiohttp.TraceConfig]
-) -> aiohttp.ClientSession:
-    return aiohttp.ClientSession(
-        connector=connector,
-        timeout=aiohttp.ClientTimeout(total=None, sock_connect=5.0),
-        auto_decompress=False,
-        skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
-        trace_configs=tracing,
-    )
+        """Close every idle connection."""
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+        for idle in self._idle.values():
+            for connection in idle:
+                connection.close()
+        self._idle.clear()

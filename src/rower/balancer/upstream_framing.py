@@ -28,7 +28,7 @@ MAX_HEAD = 64 * 1024
 MAX_SIZE_LINE = 1024
 """Longest chunk-size line accepted (size, extensions, CRLF)."""
 
-_STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([1-5][0-9][0-9])(?: ([\t\x20-\x7e\x80-\xff]*))?")
+_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-5][0-9][0-9])(?: ([\t\x20-\x7e\x80-\xff]*))?")
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _FIELD_VALUE = re.compile(rb"[^\x00-\x08\x0a-\x1f\x7f]*")
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,15})[ \t]*(?:;[^\r\n]*)?")
@@ -61,6 +61,8 @@ class AnswerHead:
         headers: every header field, in order, names as sent.
         framing: how the body ends.
         length: the `Content-Length`, for `Framing.LENGTH`.
+        closes: whether the server closes the connection after it (`Connection: close`, or
+            HTTP/1.0 without `keep-alive`).
     """
 
     status: int
@@ -68,6 +70,11 @@ class AnswerHead:
     headers: list[tuple[str, str]]
     framing: Framing
     length: int = 0
+    closes: bool = False
+
+    def without_body(self) -> AnswerHead:
+        """The head as the answer to a HEAD request: no body, whatever its headers say."""
+        return AnswerHead(self.status, self.reason, self.headers, Framing.EMPTY, 0, self.closes)
 
 
 def head_end(buffer: bytes | bytearray) -> int:
@@ -88,10 +95,11 @@ def parse_head(head: bytes) -> AnswerHead:
     status_line = _STATUS_LINE.fullmatch(lines[0])
     if status_line is None:
         raise BadAnswer(f"not an HTTP/1.x status line: {lines[0][:80]!r}")
-    status = int(status_line.group(1))
+    status = int(status_line.group(2))
     headers: list[tuple[str, str]] = []
     lengths: list[bytes] = []
     codings: list[bytes] = []
+    connection: list[bytes] = []
     for line in lines[1:]:
         name, colon, value = line.partition(b":")
         if not colon or _TOKEN.fullmatch(name) is None:
@@ -104,37 +112,46 @@ def parse_head(head: bytes) -> AnswerHead:
             lengths.append(value)
         elif lowered == b"transfer-encoding":
             codings.extend(c.strip().lower() for c in value.split(b","))
+        elif lowered == b"connection":
+            connection.extend(c.strip().lower() for c in value.split(b","))
         headers.append((name.decode("latin-1"), value.decode("latin-1")))
-    reason = (status_line.group(2) or b"").decode("latin-1")
+    reason = (status_line.group(3) or b"").decode("latin-1")
+    closes = b"close" in connection or (
+        status_line.group(1) == b"0" and b"keep-alive" not in connection
+    )
     if status < 200 or status in (204, 304):
-        return AnswerHead(status, reason, headers, Framing.EMPTY)
+        return AnswerHead(status, reason, headers, Framing.EMPTY, 0, closes)
     if codings:
         if lengths:
             raise BadAnswer("both Transfer-Encoding and Content-Length")
         if codings != [b"chunked"]:
             raise BadAnswer(f"transfer coding {b', '.join(codings)!r} is not chunked alone")
-        return AnswerHead(status, reason, headers, Framing.CHUNKED)
+        return AnswerHead(status, reason, headers, Framing.CHUNKED, 0, closes)
     if lengths:
         if len(lengths) > 1 or not lengths[0].isdigit() or len(lengths[0]) > 15:
             raise BadAnswer(f"bad Content-Length {b', '.join(lengths)[:40]!r}")
-        return AnswerHead(status, reason, headers, Framing.LENGTH, int(lengths[0]))
-    return AnswerHead(status, reason, headers, Framing.CLOSE)
+        return AnswerHead(status, reason, headers, Framing.LENGTH, int(lengths[0]), closes)
+    return AnswerHead(status, reason, headers, Framing.CLOSE, 0, True)
 
 
 class ChunkedBody:
     """Follows a chunked body read by read: which bytes to forward, and where it ends.
+
+    With `dechunk`, `feed` hands back the chunks' data alone (for a client whose answer is not
+    chunked: HTTP/1.0).
 
     Attributes:
         payload_bytes: the chunks' data bytes seen so far (the body, without its framing).
         ended: whether the `0` chunk arrived.
     """
 
-    __slots__ = ("_carry", "_crlf", "_left", "ended", "payload_bytes")
+    __slots__ = ("_carry", "_crlf", "_data", "_left", "ended", "payload_bytes")
 
-    def __init__(self) -> None:
+    def __init__(self, *, dechunk: bool = False) -> None:
         self._carry = b""
         self._left = 0
         self._crlf = False
+        self._data: list[bytes] | None = [] if dechunk else None
         self.payload_bytes = 0
         self.ended = False
 
@@ -151,13 +168,15 @@ class ChunkedBody:
         while pos < end:
             if self._left:
                 step = min(self._left, end - pos)
+                if self._data is not None:
+                    self._data.append(data[pos : pos + step])
                 pos += step
                 self._left -= step
                 continue
             if self._crlf:
                 if end - pos < 2:
                     self._carry = data[pos:]
-                    return data[:pos]
+                    return self._out(data, pos)
                 if data[pos : pos + 2] != b"\r\n":
                     raise BadAnswer("chunk data not followed by CRLF")
                 pos += 2
@@ -168,15 +187,22 @@ class ChunkedBody:
                 if end - pos >= MAX_SIZE_LINE:
                     raise BadAnswer("chunk-size line too long")
                 self._carry = data[pos:]
-                return data[:pos]
+                return self._out(data, pos)
             size = _CHUNK_SIZE.fullmatch(data, pos, line_end)
             if size is None:
                 raise BadAnswer(f"bad chunk-size line {data[pos:line_end][:40]!r}")
             length = int(size.group(1), 16)
             if length == 0:
                 self.ended = True
-                return data[:pos]
+                return self._out(data, pos)
             self.payload_bytes += length
             self._left, self._crlf = length, True
             pos = line_end + 2
-        return data
+        return self._out(data, end)
+
+    def _out(self, data: bytes, end: int) -> bytes:
+        if self._data is None:
+            return data[:end] if end < len(data) else data
+        out = b"".join(self._data)
+        self._data.clear()
+        return out

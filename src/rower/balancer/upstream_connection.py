@@ -1,24 +1,21 @@
-"""A streamed answer relayed at the protocol level: llama-server's socket to the client's.
+"""One connection to a llama-server, read and relayed at the protocol level.
 
-llama-server writes one small chunk per generated token. Read through aiohttp's client and
-written through its server response, every token costs a parser callback, a stream reader
-woken, the handler task resumed, a chunk re-encoded and two coroutines: most of the balancer's
-CPU per event once the system calls are paid. Here the upstream connection is an
-`asyncio.Protocol` whose `data_received` writes the bytes straight to the client's transport, in
-the same callback: no task wakes per token. llama-server's chunks go out as they came
-(`upstream_framing.ChunkedBody` checks them and finds the end), so nothing is re-encoded.
+Through aiohttp's client and server, every token of a stream cost a parser callback, a stream
+reader woken, the handler task resumed, a chunk re-encoded and two coroutines, and every small
+request the client's whole request machinery (docs/performance.md). Here the connection is an
+`asyncio.Protocol`: the request goes out as one write of bytes the proxy built, the answer's
+head is parsed by `upstream_framing`, and a body that is relayed (a stream) is written to the
+client's transport from `data_received`, in the same callback: no task wakes per token.
+llama-server's chunks go out as they came to an HTTP/1.1 client (`ChunkedBody` checks them and
+finds the end), so nothing is re-encoded; an HTTP/1.0 client gets the chunks' data.
 
-The handler still owns the exchange: it sends the request (`open_stream`), waits for the head
-(`UpstreamStream.head`), prepares the client's answer with aiohttp, then waits in
-`UpstreamStream.relay` until the answer ended, the upstream failed (`UpstreamCut`), or the client
-left (`ClientLeft`, or the handler is cancelled: it then closes the upstream connection, as
-leaving aiohttp's `async with` did). Back-pressure: when the client's transport buffers more
-than `HIGH_WATER`, reading from llama-server pauses, and the handler resumes it once aiohttp's
-writer has drained.
-
-A streamed request always gets a connection of its own, with `Connection: close`:
-llama-server closes the connection after a stream anyway (`upstream_client`), so there is no
-kept-alive connection to reuse or retry on.
+The handler owns the exchange: it sends the request (`send`), waits for the head (`head`), then
+either reads a short body whole (`whole`) or prepares the client's answer with aiohttp and waits
+in `relay` until the answer ended, the upstream failed (`UpstreamCut`), or the client left
+(`ClientLeft`, or the handler is cancelled: it then closes the connection). Back-pressure: when
+the client's transport buffers more than `HIGH_WATER`, reading from llama-server pauses, and the
+handler resumes it once aiohttp's writer has drained. Which connections are kept for another
+request is `upstream_client`'s business; this one says whether it may be (`reusable`).
 """
 
 from __future__ import annotations
@@ -42,7 +39,7 @@ from rower.balancer.upstream_framing import (
 )
 
 CONNECT_SECONDS = 5.0
-"""Longest wait for llama-server to accept the connection (as `upstream_client`'s)."""
+"""Longest wait for llama-server to accept a connection."""
 
 HIGH_WATER = 64 * 1024
 """Bytes the client's transport may buffer before reading from llama-server pauses."""
@@ -53,7 +50,12 @@ class ClientLeft(Exception):
 
 
 class UpstreamCut(Exception):
-    """llama-server failed, or sent a malformed body, after its head was relayed."""
+    """llama-server failed, or sent a malformed body, after its head was in."""
+
+
+class NothingAnswered(ConnectionResetError):
+    """The connection closed before any byte of the answer: the server never read the request
+    if the connection was a kept-alive one it had closed (`upstream_client` retries then)."""
 
 
 def request_head(method: str, target: str, headers: CIMultiDict[str]) -> bytes:
@@ -62,8 +64,8 @@ def request_head(method: str, target: str, headers: CIMultiDict[str]) -> bytes:
     return "\r\n".join(lines).encode("utf-8", "surrogateescape")
 
 
-async def open_stream(upstream: str, request: bytes) -> UpstreamStream:
-    """Connect to `upstream` (HOST:PORT) and send `request` (head and body) on it.
+async def connect(upstream: str) -> UpstreamConnection:
+    """A new connection to `upstream` (HOST:PORT).
 
     Raises:
         ConnectionRefusedError: nothing listens there (nothing was sent: safe to try elsewhere).
@@ -72,51 +74,83 @@ async def open_stream(upstream: str, request: bytes) -> UpstreamStream:
     address = Address.parse(upstream)
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(CONNECT_SECONDS):
-        _, stream = await loop.create_connection(UpstreamStream, address.host, address.port)
-    stream.send(request)
-    return stream
+        _, connection = await loop.create_connection(UpstreamConnection, address.host, address.port)
+    return connection
 
 
-class UpstreamStream(asyncio.Protocol):
-    """One request's connection to llama-server, from the head of its answer to the end.
+class UpstreamConnection(asyncio.Protocol):
+    """A connection to llama-server carrying one request at a time.
 
     Attributes:
-        payload_bytes: body bytes relayed (without the chunked framing).
+        payload_bytes: body bytes of the current answer relayed or read (without framing).
         tail: the last reads relayed, for the final event's `timings`.
+        idle_since: when its last answer ended (`loop.time()`), for the pool.
     """
 
     def __init__(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
+        self._wake: asyncio.Future[None] | None = None
+        self._lost = False
+        self._lost_with: Exception | None = None
+        self.idle_since = 0.0
+        self._start(head_request=False, closing=True)
+
+    def _start(self, *, head_request: bool, closing: bool) -> None:
+        """State for one exchange."""
         self._buffer = bytearray()
         self._head: asyncio.Future[AnswerHead] = self._loop.create_future()
+        self._head_request = head_request
+        self._closing = closing
         self._answer: AnswerHead | None = None
+        self._answered_any = False
         self._chunks: ChunkedBody | None = None
         self._left = 0
         self._pending = bytearray()
         self._client: asyncio.Transport | None = None
-        self._wake: asyncio.Future[None] | None = None
+        self._framed = True
         self._paused = False
         self._done = False
         self._error: Exception | None = None
-        self._lost = False
-        self._lost_with: Exception | None = None
         self.payload_bytes = 0
         self.tail: deque[bytes] = deque(maxlen=STREAM_TAIL_READS)
 
     # The handler's side.
 
-    def send(self, data: bytes) -> None:
-        """Write the request."""
-        assert self._transport is not None
-        self._transport.write(data)
+    def send(self, request: bytes, *, head_request: bool = False, closing: bool = False) -> None:
+        """Write a request (head and body); `head_request`: a HEAD, answered without a body;
+        `closing`: it says `Connection: close`."""
+        self._start(head_request=head_request, closing=closing)
+        if self._transport is None:
+            self._head_failed(NothingAnswered("the connection was closed"))
+            return
+        self._transport.write(request)
+
+    @property
+    def is_idle_and_open(self) -> bool:
+        """Whether it can carry a new request: open, and nothing arrived since its answer."""
+        return not self._lost and self._done and not self._pending and self._error is None
+
+    @property
+    def reusable(self) -> bool:
+        """Whether its answer was framed by its length, read to its end and nothing more, and
+        neither side said the connection closes after it."""
+        answer = self._answer
+        return (
+            self.is_idle_and_open
+            and answer is not None
+            and answer.framing in (Framing.LENGTH, Framing.EMPTY)
+            and not answer.closes
+            and not self._closing
+        )
 
     async def head(self) -> AnswerHead:
-        """The answer's head, once it is in.
+        """The answer's head, once it is in (interim 1xx answers skipped).
 
         Raises:
             BadAnswer: the head is malformed.
-            ConnectionError: the connection closed before a whole head.
+            NothingAnswered: the connection closed before any byte of the answer.
+            ConnectionError: it closed in the middle of the head.
         """
         return await asyncio.shield(self._head)
 
@@ -128,24 +162,30 @@ class UpstreamStream(asyncio.Protocol):
         """
         answer = self._answer
         assert answer is not None
-        assert answer.framing in (Framing.LENGTH, Framing.EMPTY)
         length = answer.length if answer.framing is Framing.LENGTH else 0
         while len(self._pending) < length and not self._lost:
             await self._wait()
         if len(self._pending) < length:
             raise UpstreamCut(str(self._lost_with or "closed before the end of the answer"))
         body = bytes(self._pending[:length])
+        del self._pending[:length]
         self.payload_bytes = length
         self._done = True
+        self.idle_since = self._loop.time()
         return body
 
-    async def relay(self, client: asyncio.Transport, writer: AbstractStreamWriter) -> None:
-        """Pass the body to `client` as chunks until the answer ends.
+    async def relay(
+        self, client: asyncio.Transport, writer: AbstractStreamWriter, *, chunked: bool
+    ) -> None:
+        """Pass the body to `client` until the answer ends: as chunks when the client's answer
+        is `chunked` (llama-server's own, when it sent chunks), else as bare data.
 
         `writer` is aiohttp's writer of the client's answer: waited on when the client reads
         slower than llama-server writes. Raises `UpstreamCut` or `ClientLeft`.
         """
-        self._client = client
+        self._client, self._framed = client, chunked
+        if self._answer is not None and self._answer.framing is Framing.CHUNKED:
+            self._chunks = ChunkedBody(dechunk=not chunked)
         if self._pending:
             data, self._pending = bytes(self._pending), bytearray()
             self._forward(data)
@@ -158,11 +198,12 @@ class UpstreamStream(asyncio.Protocol):
                 self._paused = False
                 if self._transport is not None:
                     self._transport.resume_reading()
+        self._client = None
         if self._error is not None:
             raise self._error
 
     def close(self) -> None:
-        """Close the connection (an answer not relayed to its end is never reused)."""
+        """Close the connection."""
         if self._transport is not None:
             self._transport.close()
 
@@ -184,22 +225,26 @@ class UpstreamStream(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
+        self._answered_any = True
         if self._answer is None:
             self._read_head(data)
-        elif self._client is None:
-            # The handler is preparing the client's answer (or reading a short body whole).
+        elif self._client is not None:
+            if not self._done:
+                self._forward(data)
+        else:
+            # The handler is preparing the client's answer or reading a short body whole (or,
+            # on an idle connection, the server sent what nobody asked for: never reused).
             self._pending += data
             self._wake_handler()
-        elif not self._done:
-            self._forward(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
         self._lost, self._lost_with = True, exc
         if not self._head.done():
-            self._head_failed(
-                exc or ConnectionResetError("llama-server closed the connection before answering")
-            )
+            if self._answered_any:
+                self._head_failed(exc or ConnectionResetError("closed in the answer's head"))
+            else:
+                self._head_failed(NothingAnswered(str(exc) if exc else "closed unanswered"))
         elif self._client is not None:
             self._closed(exc)
         else:
@@ -223,9 +268,9 @@ class UpstreamStream(asyncio.Protocol):
             self._head_failed(error)
             self.close()
             return
+        if self._head_request:
+            answer = answer.without_body()
         self._answer = answer
-        if answer.framing is Framing.CHUNKED:
-            self._chunks = ChunkedBody()
         self._left = answer.length
         self._pending, self._buffer = self._buffer, bytearray()
         self._head.set_result(answer)
@@ -233,7 +278,6 @@ class UpstreamStream(asyncio.Protocol):
     def _forward(self, data: bytes) -> None:
         client = self._client
         assert client is not None
-        assert self._answer is not None
         if client.is_closing():
             self._fail(ClientLeft("the client's connection is closing"))
             return
@@ -251,14 +295,15 @@ class UpstreamStream(asyncio.Protocol):
                 self._finish()
                 return
         else:
-            if self._answer.framing is Framing.LENGTH:
+            if self._answer is not None and self._answer.framing is Framing.LENGTH:
                 data = data[: self._left]
                 self._left -= len(data)
             if data:
-                client.write(b"%x\r\n%b\r\n" % (len(data), data))
+                client.write(b"%x\r\n%b\r\n" % (len(data), data) if self._framed else data)
                 self.payload_bytes += len(data)
                 self.tail.append(data)
-            if self._answer.framing is Framing.LENGTH and not self._left:
+            framing = self._answer.framing if self._answer is not None else Framing.CLOSE
+            if framing is not Framing.CLOSE and not self._left:
                 self._finish()
                 return
         if client.get_write_buffer_size() > HIGH_WATER and self._transport is not None:
@@ -276,6 +321,7 @@ class UpstreamStream(asyncio.Protocol):
             self._fail(UpstreamCut(str(exc) if exc else "closed before the end of the answer"))
 
     def _finish(self) -> None:
+        # A relayed answer's connection is never reused: close it now, not at the pool.
         self._done = True
         self.close()
         self._wake_handler()
