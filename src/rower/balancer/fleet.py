@@ -715,25 +715,31 @@ class Fleet:
     def _wait(
         self, pool: Pool, request_id: int, needs: RequestNeeds | None, now: float, *, first: bool
     ) -> None:
-        pool.waiting.add(request_id, Waiter(needs, now, self._home_of(pool, needs)), first=first)
+        pool.waiting.add(
+            request_id, Waiter(needs, now, self._home_of(pool, needs, now)), first=first
+        )
         self._waiting_in[request_id] = pool
         self.revision += 1
 
-    def _home_of(self, pool: Pool, needs: RequestNeeds | None) -> str | None:
-        """The server of `pool` the balancer sent the longest head of the request's own prefix
-        (beyond the shared part) to; for a new conversation, its hash home (in pools of up to
-        `HASH_HOMES_UP_TO` servers: ranking costs a hash per server); None without a key."""
+    def _home_of(self, pool: Pool, needs: RequestNeeds | None, now: float) -> str | None:
+        """The usable server of `pool` the balancer sent the longest head of the request's own
+        prefix (beyond the shared part) to; for a new conversation, its hash home (in pools of
+        up to `HASH_HOMES_UP_TO` servers: ranking costs a hash per server); None without a
+        key. A home that stops being usable later only delays the request by the patience."""
         if not self._routes_by_cache(needs):
             return None
         assert needs is not None
         for identity, blocks in self.prefixes.matches(needs.prefix):
             if blocks <= needs.shared_blocks:
                 break
-            if identity in pool.by_identity:
+            upstream = pool.by_identity.get(identity)
+            if upstream is not None and upstream.is_usable(now):
                 return identity
-        if not pool.members or len(pool.members) > HASH_HOMES_UP_TO:
+        if len(pool.members) > HASH_HOMES_UP_TO:
             return None
-        return max(pool.members.values(), key=hash_rank(needs)).identity
+        usable = (u for u in pool.members.values() if u.is_usable(now))
+        hashed = max(usable, key=hash_rank(needs), default=None)
+        return hashed.identity if hashed is not None else None
 
     def _place(
         self,
