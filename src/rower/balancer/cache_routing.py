@@ -8,14 +8,15 @@ The rule (docs/routing.md says it for operators):
    busy fraction may exceed the least busy one's by at most `SPREAD` (the load-spread guard).
 3. A request that matches nothing, or only its tools and system prompt (a new conversation, or
    one this balancer forgot), and one whose home cannot take it (a spill), go where the load
-   says: to the least busy candidate, ties broken by rendezvous hashing of its first own block
-   (after the shared part) with each address (`hash_rank`), so balancers fed by the same agents
-   make the same choice and new conversations spread evenly. Not the hash home regardless of
-   load: two conversations sharing a system prompt on one server evict each other from its
-   slots (llama-server gives a prompt the idle slot with the longest common prefix), and
-   measured on a model of the fleet (bench/experiment_routing_model.py) hashing within the
-   load guard gained nothing. Keying a new conversation on a system prompt it shares with
-   others would send them all to one server (the known trap of hashing the first message).
+   says: to a candidate with as few busy slots as the least-busy pick, ties broken by
+   rendezvous hashing of its first own block (after the shared part) with each address
+   (`hash_rank`), so balancers fed by the same agents make the same choice and new
+   conversations spread evenly. Not the hash home regardless of load: two conversations
+   sharing a system prompt on one server evict each other from its slots (llama-server gives a
+   prompt the idle slot with the longest common prefix), and on a model of the fleet
+   (bench/experiment_routing_model.py) hashing within the load guard gained nothing. Keying a
+   new conversation on a system prompt it shares with others would send them all to one
+   server (the known trap of hashing the first message).
 4. A request without a prefix (short prompts, embeddings) takes the least-busy pick.
 
 Every choice says what it was (`Affinity`), for metrics.
@@ -116,10 +117,12 @@ def pick_cached(
             longest = longest or Affinity.SPILL_LOAD
             break
         return CachePick(upstream, longest or Affinity.HIT, blocks, home, home_blocks)
-    # Spill, or place a new conversation, where the load says: the least busy server, ties
-    # broken by rendezvous rank, so that balancers fed by the same agents choose alike.
+    # Spill, or place a new conversation, where the load says: a server with as few busy slots
+    # as the least busy pick's, ties broken by rendezvous rank, so that balancers fed by the
+    # same agents choose alike.
+    fewest = least_busy.slots_processing
     elsewhere = max(
-        (u for u in candidates() if busy_fraction(u) <= floor),
+        (u for u in candidates() if u.slots_processing <= fewest),
         key=hash_rank(needs),
         default=least_busy,
     )
