@@ -138,7 +138,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         choices=("cache-aware", "least-busy"),
         default="cache-aware",
         help="cache-aware: a conversation goes back to the server holding its prefix while that "
-        "server has a free slot; least-busy: most free slots first (default: cache-aware)",
+        "server has a free slot; least-busy: fewest busy slots first (default: cache-aware)",
     )
     parser.add_argument(
         "--prompt-cache-contexts",

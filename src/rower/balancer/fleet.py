@@ -93,7 +93,7 @@ class Routing(enum.Enum):
     """Back to the server holding the request's prefix while it has a free slot
     (`cache_routing`)."""
     LEAST_BUSY = "least-busy"
-    """Most free slots, fewest busy, least recently used (`upstream_index`)."""
+    """Fewest busy slots, most free, least recently used (`upstream_index`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,7 +294,7 @@ class Fleet:
         return self.names.resolve(model, self.model_rules)
 
     def pick(self, now: float, model: str | None = None) -> Upstream | None:
-        """The upstream for the next request of `model`: most free slots, fewest busy, least
+        """The upstream for the next request of `model`: fewest busy slots, most free, least
         recently used; None when none has a free slot (or the model is not served).
 
         O(log n) amortized (`upstream_index`): a report, a dispatch and a release re-rank the
