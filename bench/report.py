@@ -19,6 +19,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from bench import report_unequal
+
 ROWER_KINDS = ("rower",)
 
 
@@ -483,6 +485,7 @@ def write(out: Path, notes: str = "") -> Path:
     affinity = load(out, "affinity")
     models = load(out, "models")
     key = load(out, "key")
+    unequal = load(out, "unequal")
     meta = load(out, "meta") or {}
     lines = [
         "# Rower benchmark report",
@@ -495,6 +498,12 @@ def write(out: Path, notes: str = "") -> Path:
         "## Targets",
         "",
         *targets(sim, proxy, scale, affinity, models),
+        *(
+            f"| {t} | {m} | {'n/a' if ok is None else ('yes' if ok else '**no**')} |"
+            for t, m, ok in (
+                report_unequal.targets(unequal) if unequal and "skipped" not in unequal else []
+            )
+        ),
         "",
     ]
     if notes:
@@ -617,6 +626,8 @@ def write(out: Path, notes: str = "") -> Path:
         lines += id_slot_section(id_slot)
     if models:
         lines += models_section(models, out)
+    if unequal:
+        lines += report_unequal.section(unequal, out)
     path = out / "REPORT.md"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -5,7 +5,7 @@ proxy costs), scale (1,000 agents, 10,000 buffered requests), affinity (multi-tu
 llama-servers: prompt-cache reuse), models (a burst for one model and another model's TTFT on
 simulated servers), unequal (llama-servers of 1, 2 and 3 slots: Rower before and after its pick
 changed, against HAProxy). Results, plots and REPORT.md go to bench/results/ (or --out). The
-full run takes about 45 minutes on 2 cores.
+full run takes about 41 minutes on 2 cores.
 """
 
 from __future__ import annotations

@@ -140,6 +140,7 @@ def start_rower_fronts(
     specs: Sequence[FrontSpec],
     upstreams: Sequence[Upstream],
     work: Path,
+    interval_ms: int = INTERVAL_MS,
 ) -> dict[str, Front]:
     """One balancer per spec (each from its source tree), and one agent per server reporting
     to all of them (so every Rower sees the same reports)."""
@@ -171,7 +172,7 @@ def start_rower_fronts(
         managements.append(address)
     agents_spec = {
         "agents": [
-            {"target": u.address, "management": managements, "interval_ms": INTERVAL_MS}
+            {"target": u.address, "management": managements, "interval_ms": interval_ms}
             for u in upstreams
         ]
     }
@@ -261,16 +262,33 @@ def tokens_per_server(servers: Sequence[llama_servers.LlamaServer]) -> list[floa
     ]
 
 
-def buffer_wait(front: Front) -> tuple[float, float, float]:
-    """(sum of seconds, count, count under 10 ms) of Rower's `rower_buffer_wait_seconds`."""
+def server_seconds(servers: Sequence[llama_servers.LlamaServer]) -> float:
+    """Seconds the servers' slots spent on prompts and generation, summed (their counters)."""
+    total = 0.0
+    for server in servers:
+        samples = llama_servers.metrics(server.port)
+        total += samples.get("llamacpp:prompt_seconds_total", 0.0)
+        total += samples.get("llamacpp:tokens_predicted_seconds_total", 0.0)
+    return total
+
+
+def rower_sums(front: Front) -> dict[str, float]:
+    """Rower's histograms of buffer wait and request duration: sums, counts, and the count of
+    waits under 10 ms (zeros for another front)."""
     if front.management is None:
-        return 0.0, 0.0, 0.0
+        return {}
     with urllib.request.urlopen(f"http://{front.management}/metrics", timeout=3) as answer:
         samples = llama_servers.prometheus_samples(answer.read().decode())
-    total = sum(v for k, v in samples.items() if k.startswith("rower_buffer_wait_seconds_sum"))
-    count = sum(v for k, v in samples.items() if k.startswith("rower_buffer_wait_seconds_count"))
-    quick = samples.get('rower_buffer_wait_seconds_bucket{le="0.01"}', 0.0)
-    return total, count, quick
+
+    def total(prefix: str) -> float:
+        return sum(v for k, v in samples.items() if k.startswith(prefix))
+
+    return {
+        "wait_sum": total("rower_buffer_wait_seconds_sum"),
+        "wait_count": total("rower_buffer_wait_seconds_count"),
+        "wait_quick": samples.get('rower_buffer_wait_seconds_bucket{le="0.01"}', 0.0),
+        "duration_sum": total("rower_request_duration_seconds_sum"),
+    }
 
 
 def rotated(items: Sequence[FrontSpec], by: int) -> list[FrontSpec]:
@@ -291,12 +309,14 @@ def run(
     after: str | None = "HEAD",
     variants: Sequence[FrontSpec] = (),
     calibration_seconds: float = 6.0,
+    interval_ms: int = INTERVAL_MS,
 ) -> dict[str, Any]:
     """Every front at every load, `repeats` times interleaved; returns (and writes) the results.
 
     Rower runs as committed at `after` (None: from this checkout, as the smoke test does, which
     needs no git history; nor does `before` None, which leaves out "Rower before").
-    `variants`: more fronts to compare (experiments).
+    `variants`: more fronts to compare (experiments); `interval_ms`: how often the agents
+    report.
     """
     found = llama_servers.tools(build=build)
     if found is None:
@@ -367,7 +387,7 @@ def run(
         "capacity_rps": cap,
         "duration_s": duration,
         "repeats": repeats,
-        "interval_ms": INTERVAL_MS,
+        "interval_ms": interval_ms,
         "before": before,
         "prompt": PROMPT.__dict__,
         "generation": generation.__dict__,
@@ -395,7 +415,8 @@ def one_run(
     if front.agents is not None:
         watch["agents"] = [front.agents]
     tokens_before = tokens_per_server(servers)
-    wait_before = buffer_wait(front)
+    seconds_before = server_seconds(servers)
+    rower_before = rower_sums(front)
     sampler.balancer = front.management
     sampler.take()
     result = run_load(
@@ -412,17 +433,20 @@ def one_run(
     result.update(sampler.take())
     wait_idle(counters)
     tokens_after = tokens_per_server(servers)
-    wait_after = buffer_wait(front)
-    waited = wait_after[1] - wait_before[1]
+    served = (server_seconds(servers) - seconds_before) / max(1, result["ok"])
+    rower = {k: v - rower_before[k] for k, v in rower_sums(front).items()}
+    waited = rower.get("wait_count", 0.0)
     result["over_dispatch"] = None
     result["tokens_share"] = _shares(
         [a - b for a, b in zip(tokens_after, tokens_before, strict=True)]
     )
-    result["waited_share"] = (
-        1 - (wait_after[2] - wait_before[2]) / waited if front.management and waited else None
-    )
-    result["buffer_wait_mean"] = (
-        (wait_after[0] - wait_before[0]) / waited if front.management and waited else None
+    result["waited_share"] = 1 - rower["wait_quick"] / waited if waited else None
+    result["buffer_wait_mean"] = rower["wait_sum"] / waited if waited else None
+    # How long a request held a slot in Rower's count (its duration less its wait) beyond the
+    # seconds the server's slot spent on it: what the balancer's belief lags the server by.
+    result["slot_time_server"] = served
+    result["slot_time_rower"] = (
+        (rower["duration_sum"] - rower["wait_sum"]) / waited if waited else None
     )
     del result["ttft_all"]
     return result
@@ -452,7 +476,8 @@ def line(result: dict[str, Any]) -> str:
         f"{ms(result['buffer_wait_mean'])} ms (waited {num(result['waited_share'])}), "
         f"buffered while free {num(result['buffered_while_free'])}, buffered "
         f"{num(result['buffered_mean'])}, believed excess {num(result['believed_excess'])}, "
-        f"others {num(result['others_mean'])}, cpu servers {cpu.get('servers', 0):.2f} "
+        f"others {num(result['others_mean'])}, slot time server {ms(result['slot_time_server'])}"
+        f" rower {ms(result['slot_time_rower'])} ms, cpu servers {cpu.get('servers', 0):.2f} "
         f"proxy {cpu.get('proxy', 0):.2f} agents {cpu.get('agents', 0):.2f} "
         f"loadgen {cpu.get('loadgen', 0):.2f} machine {cpu.get('machine', 0):.0%}"
     )
