@@ -117,6 +117,17 @@ def pick_cached(
             longest = longest or Affinity.SPILL_LOAD
             break
         return CachePick(upstream, longest or Affinity.HIT, blocks, home, home_blocks)
+    if longest is None:
+        # Forgotten for want of room, the conversation still lives where it went last: going
+        # back there keeps each server's set of conversations (its cache) stable.
+        last = members.get(memory.last_server(needs.prefix) or "")
+        if (
+            last is not None
+            and last.is_usable(now)
+            and last.slots_free(now) > 0
+            and busy_fraction(last) - floor <= SPREAD
+        ):
+            return CachePick(last, Affinity.MISS)
     # Spill, or place a new conversation, where the load says: a server with as few busy slots
     # as the least busy pick's, ties broken by rendezvous rank, so that balancers fed by the
     # same agents choose alike.

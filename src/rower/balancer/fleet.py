@@ -735,6 +735,9 @@ class Fleet:
             upstream = pool.by_identity.get(identity)
             if upstream is not None and upstream.is_usable(now):
                 return identity
+        last = pool.by_identity.get(self.prefixes.last_server(needs.prefix) or "")
+        if last is not None and last.is_usable(now):
+            return last.identity
         if len(pool.members) > HASH_HOMES_UP_TO:
             return None
         usable = (u for u in pool.members.values() if u.is_usable(now))

@@ -18,6 +18,12 @@ host-RAM prompt cache keeps, an estimate given by the caller), counted in the bl
 it remembers. A global bound on entries caps the memory of the whole fleet: each server gets an
 equal share of it.
 
+What is forgotten for want of room (or because the server restarted) is no longer believed
+held, but where it went is kept (`last_server`, bounded by the same number of entries, ~100
+bytes each): a conversation goes back to the server it lives on even when that server no longer
+holds its prefix, so each server keeps its own set of conversations instead of trading them (the
+anchor's strength: a session hash never moves a conversation).
+
 `holder` answers "where did this prefix go last": one dict from block hash to address, so a
 lookup costs one dict access per block of the request, however large the fleet.
 """
@@ -52,6 +58,9 @@ class PrefixMemory:
         self.max_entries = max_entries
         self._servers: dict[str, _ServerPrefixes] = {}
         self._holder: dict[int, str] = {}
+        self._last_server: OrderedDict[int, str] = OrderedDict()
+        """Leaves forgotten for want of room -> where they were: the server is believed not to
+        hold them any more, but it is still where the conversation lives (`last_server`)."""
 
     def __len__(self) -> int:
         return sum(len(server.entries) for server in self._servers.values())
@@ -80,6 +89,16 @@ class PrefixMemory:
                 return position + 1
         return 0
 
+    def last_server(self, prefix: Chain) -> str | None:
+        """Where the longest head of `prefix` went, among the leaves forgotten for want of
+        room (None when none was)."""
+        last = self._last_server
+        for position in range(len(prefix) - 1, -1, -1):
+            address = last.get(prefix[position])
+            if address is not None:
+                return address
+        return None
+
     def record(self, address: str, prefix: Chain, *, capacity_blocks: int) -> int:
         """`prefix` was sent to `address`, a server that holds about `capacity_blocks`.
 
@@ -105,7 +124,10 @@ class PrefixMemory:
         self._put(address, server, prefix[-1], len(prefix))
         share = max(1, self.max_entries // len(self._servers))
         while entries and (server.weight > capacity_blocks or len(entries) > share):
-            self._drop(address, server, next(iter(entries)))
+            self._forget_for_room(address, server)
+        if self._last_server:
+            for key in prefix:
+                self._last_server.pop(key, None)
         return newer
 
     def weight(self, address: str) -> int:
@@ -117,7 +139,7 @@ class PrefixMemory:
         """`address` holds at most `capacity_blocks`: forget its oldest entries beyond."""
         server = self._servers.get(address)
         while server is not None and server.entries and server.weight > capacity_blocks:
-            self._drop(address, server, next(iter(server.entries)))
+            self._forget_for_room(address, server)
 
     def forget(self, address: str) -> None:
         """The server at `address` restarted, reloaded or changed model: its cache is gone."""
@@ -127,6 +149,8 @@ class PrefixMemory:
         for key in server.entries:
             if self._holder.get(key) == address:
                 del self._holder[key]
+            # Its conversations still live there: their next turns rebuild its cache.
+            self._remember_last(key, address)
 
     def _put(self, address: str, server: _ServerPrefixes, key: int, weight: int) -> None:
         old = server.entries.pop(key, None)
@@ -135,6 +159,17 @@ class PrefixMemory:
         server.entries[key] = weight
         server.weight += weight
         self._holder[key] = address
+
+    def _forget_for_room(self, address: str, server: _ServerPrefixes) -> None:
+        key = next(iter(server.entries))
+        self._drop(address, server, key)
+        self._remember_last(key, address)
+
+    def _remember_last(self, key: int, address: str) -> None:
+        self._last_server[key] = address
+        self._last_server.move_to_end(key)
+        if len(self._last_server) > self.max_entries:
+            self._last_server.popitem(last=False)
 
     def _drop(self, address: str, server: _ServerPrefixes, key: int) -> None:
         server.weight -= server.entries.pop(key)

@@ -143,6 +143,23 @@ def test_conversations_sharing_only_a_system_prompt_spread_and_return_home() -> 
         fleet.release(again.request_id, 0.0)
 
 
+def test_a_conversation_forgotten_for_room_goes_back_to_its_last_server() -> None:
+    fleet = fleet_of(2, 2)
+    client = Client(fleet)
+    first = client.send(turn(1, 4))
+    fleet.release(first.request_id, 0.0)
+    (home,) = [u for u in fleet.upstreams.values() if u.address == first.upstream]
+    fleet.prefixes.trim(home.identity, 0)
+    # Its server is busier than the other now; the memory no longer believes it holds it.
+    busy = client.send(None)
+    if busy.upstream != home.address:
+        fleet.release(busy.request_id, 0.0)
+        busy = client.send(None)
+    assert busy.upstream == home.address
+    again = client.send(turn(1, 6))
+    assert (again.upstream, again.affinity) == (home.address, Affinity.MISS)
+
+
 def test_a_freed_slot_goes_first_to_a_waiting_turn_its_server_holds() -> None:
     fleet = fleet_of(1, 1)
     client = Client(fleet)

@@ -93,3 +93,19 @@ def test_recording_a_turn_says_what_was_sent_there_since_its_previous_turn() -> 
     assert memory.record("a:1", (*first, *conversation(5, 2)), capacity_blocks=1000) == 9
     # Now it is the most recent there.
     assert memory.record("a:1", (*first, *conversation(5, 3)), capacity_blocks=1000) == 0
+
+
+def test_a_leaf_forgotten_for_room_still_says_where_it_lives() -> None:
+    memory = PrefixMemory()
+    old, new = conversation(1, 10), conversation(2, 10)
+    memory.record("a:1", old, capacity_blocks=15)
+    memory.record("a:1", new, capacity_blocks=15)
+    nxt = (*old, *conversation(3, 2))
+    assert list(memory.matches(nxt)) == []
+    assert memory.last_server(nxt) == "a:1"
+    # Sent again, it is remembered as held, no longer as forgotten.
+    memory.record("b:1", nxt, capacity_blocks=100)
+    assert memory.last_server(nxt) is None
+    # A restart forgets what a server holds, not that its conversations were its own.
+    memory.forget("a:1")
+    assert memory.last_server((*new, 7)) == "a:1"
