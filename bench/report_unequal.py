@@ -2,6 +2,9 @@
 
 `python -m bench.report_unequal [DIR]` rewrites that section (and its rows of the targets
 table) in DIR/REPORT.md from DIR/unequal.json, leaving the rest of the report as it is.
+`python -m bench.report_unequal --merge OUT.json A.json B.json ...` joins several runs of the
+scenario into one (their repeats one after the other; each run's capacity kept), so the
+medians are over all of them.
 """
 
 from __future__ import annotations
@@ -77,19 +80,60 @@ def targets(data: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
     return rows
 
 
+def merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several results of the scenario as one: repeats renumbered one run after the other, the
+    fronts matched by position (HAProxy, Rower before, Rower: the last may differ in commit
+    from run to run, and is named with all of them)."""
+    first = runs[0]
+    names = [list(r["policies"]) for r in runs]
+    if any(len(n) != len(names[0]) for n in names):
+        raise ValueError("the runs to merge have different fronts")
+    merged_names = [
+        " / ".join(dict.fromkeys(n[i] for n in names)) if i == len(names[0]) - 1 else names[0][i]
+        for i in range(len(names[0]))
+    ]
+    merged = {**first, "policies": merged_names, "runs": [], "sessions": []}
+    offset = 0
+    for result, policies in zip(runs, names, strict=True):
+        rename = dict(zip(policies, merged_names, strict=True))
+        for run in result["runs"]:
+            merged["runs"].append(
+                {**run, "policy": rename[run["policy"]], "repeat": run["repeat"] + offset}
+            )
+        offset += result["repeats"]
+        merged["sessions"].append(
+            {"capacity_rps": result["capacity_rps"], "calibrations": result["calibrations"]}
+        )
+    merged["repeats"] = offset
+    return merged
+
+
+def capacity_text(data: dict[str, Any]) -> str:
+    sessions = data.get("sessions") or [
+        {"capacity_rps": data["capacity_rps"], "calibrations": data["calibrations"]}
+    ]
+
+    def one(session: dict[str, Any]) -> str:
+        each = ", ".join(f"{c:.1f}" for c in session["calibrations"])
+        return f"{session['capacity_rps']:.1f} req/s (median of {each})"
+
+    return "; ".join(one(s) for s in sessions)
+
+
 def section(data: dict[str, Any], out: Path) -> list[str]:
     """The section's markdown (and unequal.png)."""
     lines = [TITLE, ""]
     if "skipped" in data:
         return [*lines, f"Skipped: {data['skipped']}.", ""]
-    calibrations = ", ".join(f"{c:.1f}" for c in data["calibrations"])
+    sessions = len(data.get("sessions") or [data])
     lines += [
         f"llama-servers of {', '.join(map(str, data['slots']))} slots, one thread each, tiny "
         f"model on CPU; streamed `/completion`, Poisson arrivals for {data['duration_s']:.0f} s "
-        f"per run at 80% and 95% of a capacity of {data['capacity_rps']:.1f} req/s (median of "
-        f"{calibrations}: every slot kept busy with the runs' own kind of requests, straight to "
-        f"the servers). {data['repeats']} repeats, each running every front at every load in an "
-        "order rotated from repeat to repeat; medians over repeats. Agents report every "
+        f"per run at 80% and 95% of a capacity measured at the start of each of {sessions} "
+        f"session(s): {capacity_text(data)}; every slot kept busy with the runs' own kind of "
+        f"requests, straight to the servers. {data['repeats']} repeats in all, each running "
+        "every front at every load in an order rotated from repeat to repeat; medians over "
+        "repeats. Agents report every "
         f"{data['interval_ms']} ms. Clients open a connection per request. CPU in cores "
         "(CPU seconds over the run's wall time).",
         "",
@@ -261,6 +305,10 @@ def rewrite(report: Path, data: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--merge"]:
+        parts = [json.loads(Path(name).read_text()) for name in sys.argv[3:]]
+        Path(sys.argv[2]).write_text(json.dumps(merge(parts), indent=1))
+        sys.exit(0)
     directory = Path(sys.argv[1] if len(sys.argv) > 1 else "bench/results")
     rewrite(directory / "REPORT.md", json.loads((directory / "unequal.json").read_text()))
     print(directory / "REPORT.md")
