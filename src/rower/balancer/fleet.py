@@ -53,7 +53,7 @@ import msgspec
 
 from rower.balancer.affinity import BLOCK_BYTES
 from rower.balancer.answer_timings import AnswerTimings
-from rower.balancer.cache_routing import Affinity, CachePick, hash_rank, pick_cached
+from rower.balancer.cache_routing import Affinity, CachePick, pick_cached
 from rower.balancer.models import UNKNOWN, ModelNames, ModelRefusal, ModelRules
 from rower.balancer.pool import Homing, Pool
 from rower.balancer.prefix_memory import DEFAULT_MAX_ENTRIES, PrefixMemory
@@ -79,12 +79,6 @@ slot (seconds); it never waits longer than the spill it avoids would cost, eithe
 BUFFER_PATIENCE = MAX_AFFINITY_WAIT
 """Longest a request in the buffer lets a server's freed slot go to younger requests whose
 prefix that server holds (seconds)."""
-
-HASH_HOMES_UP_TO = 64
-"""A new conversation waiting in a pool of up to this many servers waits in its hash home's
-line (`waiting_line`); in a larger pool ranking every server for every waiting request costs
-more than it saves, and it waits in the pool's line only."""
-
 
 class Routing(enum.Enum):
     """How the fleet picks among upstreams with a free slot (`--routing`)."""
@@ -723,26 +717,21 @@ class Fleet:
 
     def _home_of(self, pool: Pool, needs: RequestNeeds | None, now: float) -> str | None:
         """The usable server of `pool` the balancer sent the longest head of the request's own
-        prefix (beyond the shared part) to; for a new conversation, its hash home (in pools of
-        up to `HASH_HOMES_UP_TO` servers: ranking costs a hash per server); None without a
-        key. A home that stops being usable later only delays the request by the patience."""
+        prefix (beyond the shared part) to, or where it lived when it was forgotten; None for a
+        new conversation (any server's slot will do: the first free one keeps the servers' sets
+        of conversations even) and without a key. A home that stops being usable later only
+        delays the request by the patience."""
         if not self._routes_by_cache(needs):
             return None
         assert needs is not None
         for identity, blocks in self.prefixes.matches(needs.prefix):
             if blocks <= needs.shared_blocks:
-                break
+                return None
             upstream = pool.by_identity.get(identity)
             if upstream is not None and upstream.is_usable(now):
                 return identity
         last = pool.by_identity.get(self.prefixes.last_server(needs.prefix) or "")
-        if last is not None and last.is_usable(now):
-            return last.identity
-        if len(pool.members) > HASH_HOMES_UP_TO:
-            return None
-        usable = (u for u in pool.members.values() if u.is_usable(now))
-        hashed = max(usable, key=hash_rank(needs), default=None)
-        return hashed.identity if hashed is not None else None
+        return last.identity if last is not None and last.is_usable(now) else None
 
     def _place(
         self,
