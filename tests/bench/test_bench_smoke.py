@@ -16,6 +16,7 @@ from bench import (
     experiment_routing_model,
     llama_servers,
     report,
+    report_unequal,
     scenario_affinity,
     scenario_key,
     scenario_models,
@@ -80,6 +81,7 @@ def test_unequal_servers(tmp_path: Path) -> None:
     for run in results["runs"]:
         assert run["ok"] == run["requests"] > 0, run["error_kinds"]
     assert all(row["ttft_p95"] is not None for row in scenario_unequal.medians(results))
+    assert report_unequal.TITLE in report.write(tmp_path).read_text()
 
 
 def test_cache_affinity_and_report(tmp_path: Path) -> None:
