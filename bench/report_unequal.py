@@ -199,7 +199,7 @@ def cpu_lines(data: dict[str, Any], table: list[dict[str, Any]]) -> list[str]:
                 continue
             servers = sorted(r["cpu"]["servers"] * r["cpu_wall"] / max(1, r["ok"]) for r in runs)
             proxy = sorted(r["cpu"]["proxy"] * r["cpu_wall"] / max(1, r["ok"]) for r in runs)
-            per[policy] = (servers[len(servers) // 2], proxy[len(proxy) // 2])
+            per[policy] = (median(servers) or 0.0, median(proxy) or 0.0)
         base = per.get(HAPROXY)
         for policy, (servers, proxy) in per.items():
             extra = "-" if base is None else f"{(proxy - base[1]) / servers:+.1%}"
@@ -240,7 +240,7 @@ def belief_lines(data: dict[str, Any]) -> list[str]:
 
             def med(key: str, runs: list[dict[str, Any]] = runs) -> float | None:
                 values = sorted(r[key] for r in runs if r.get(key) is not None)
-                return values[len(values) // 2] if values else None
+                return median(values)
 
             lines.append(
                 f"| {policy} | {load:.0%} | {num(med('waited_share'))} "
@@ -265,7 +265,7 @@ def plot(data: dict[str, Any], out: Path) -> list[str]:
             ]
             if not values:
                 continue
-            axis.bar(index, sorted(values)[len(values) // 2], alpha=0.5)
+            axis.bar(index, median(values) or 0.0, alpha=0.5)
             axis.plot([index] * len(values), values, "k.")
         axis.set_xticks(range(len(policies)))
         axis.set_xticklabels([p.replace(" (", "\n(") for p in policies], fontsize=8)
