@@ -3,10 +3,12 @@
 The policy: among upstreams with a free slot, the fewest busy slots, then the most free, then
 the least recently dispatched, then the earliest registered (the order a scan of the fleet
 would see them in). Fewest busy comes first because a server's slots share its compute (one
-CPU thread, or one GPU): a server with more slots is not faster, so piling streams onto the one
-with the most free slots slowed them all (docs/decisions.md, "Fewest busy first"; SPEC said
-most free first). A heap holds one entry per change of an upstream, keyed that way; the fleet
-adds one whenever an upstream's free slots, busy slots or last dispatch may have changed.
+CPU thread, or one GPU): a server with more slots is not faster, and ranking by free slots
+piled streams onto the biggest one while a smaller one sat idle (SPEC ranks most free first;
+docs/routing.md, "The least-busy pick", has the measurements).
+
+A heap holds one entry per change of an upstream, keyed that way; the fleet adds one whenever
+an upstream's free slots, busy slots or last dispatch may have changed.
 Entries are never updated in place: an entry whose key no longer matches its upstream's state
 (or whose upstream left the fleet) is dropped when it reaches the top. That covers what only
 time changes too: an upstream that went stale has no free slot, so its entry goes, and its next
