@@ -315,8 +315,8 @@ def run(
 
     Rower runs as committed at `after` (None: from this checkout, as the smoke test does, which
     needs no git history; nor does `before` None, which leaves out "Rower before").
-    `variants`: more fronts to compare (experiments); `interval_ms`: how often the agents
-    report.
+    `variants`: more fronts to compare (experiments), placed before "Rower" (the last front,
+    whose ratios to HAProxy are the targets); `interval_ms`: how often the agents report.
     """
     found = llama_servers.tools(build=build)
     if found is None:
@@ -334,12 +334,12 @@ def run(
     specs = [FrontSpec("HAProxy leastconn+maxconn", "haproxy")]
     if before:
         specs.append(FrontSpec(f"Rower before ({before})", "rower", source_at(before, work)))
+    specs.extend(variants)
     if after:
         commit = commit_of(after)
         specs.append(FrontSpec(f"Rower ({commit})", "rower", source_at(commit, work)))
     else:
         specs.append(FrontSpec("Rower", "rower"))
-    specs.extend(variants)
     runs: list[dict[str, Any]] = []
     with procs.Procs(work / "logs") as runner:
         servers = [
