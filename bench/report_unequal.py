@@ -129,8 +129,9 @@ def section(data: dict[str, Any], out: Path) -> list[str]:
     lines += [
         f"llama-servers of {', '.join(map(str, data['slots']))} slots, one thread each, tiny "
         f"model on CPU; streamed `/completion`, Poisson arrivals for {data['duration_s']:.0f} s "
-        f"per run at 80% and 95% of a capacity measured at the start of each of {sessions} "
-        f"session(s): {capacity_text(data)}; every slot kept busy with the runs' own kind of "
+        f"per run at 80% and 95% of a capacity measured at the start of "
+        f"{'the session' if sessions == 1 else f'each of {sessions} sessions'}: "
+        f"{capacity_text(data)}; every slot kept busy with the runs' own kind of "
         f"requests, straight to the servers. {data['repeats']} repeats in all, each running "
         "every front at every load in an order rotated from repeat to repeat; medians over "
         "repeats. Agents report every "
