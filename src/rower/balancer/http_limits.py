@@ -86,6 +86,9 @@ class ListenerStats:
 class _LimitedRequestHandler(web.RequestHandler):
     """aiohttp's per-connection protocol, with the listener's deadlines and connection cap."""
 
+    # aiohttp's protocol has slots: without these, every connection would carry a dict too.
+    __slots__ = ("_admitted", "_busy", "_head_deadline", "_over_capacity", "_server")
+
     def __init__(self, server: _LimitedServer, **kwargs: Any) -> None:
         super().__init__(server, **kwargs)
         self._server = server

@@ -210,8 +210,9 @@ class ReverseProxy:
         slot_request = self.gate.new_request_id()
         retry = False
         for _ in range(MAX_ATTEMPTS):
+            # Not a coroutine of its own: a waiting request keeps every frame of its wait.
             try:
-                dispatch = await self._acquire(exchange, slot_request, needs, retry)
+                dispatch = await self.gate.acquire(slot_request, needs=needs, retry=retry)
             except SlotUnavailable as error:
                 headers = {"Retry-After": str(error.retry_after)} if error.retry_after else None
                 failure = _UNAVAILABLE.get(error.status, Failure.BUFFER_FULL)
@@ -223,6 +224,9 @@ class ReverseProxy:
                     headers=headers,
                     openai_code=error.openai_code,
                 )
+            finally:
+                # Granted, refused, or its client gone: the wait is over either way.
+                exchange.waited = time.perf_counter() - exchange.started
             request[_DISPATCH] = dispatch
             sent = with_model(body, dispatch.rename_to) if dispatch.rename_to else body
             try:
@@ -239,15 +243,6 @@ class ReverseProxy:
             finally:
                 self.gate.release(slot_request)
         return self._unreachable(request)
-
-    async def _acquire(
-        self, exchange: _Exchange, slot_request: int, needs: RequestNeeds, retry: bool
-    ) -> Dispatch:
-        try:
-            return await self.gate.acquire(slot_request, needs=needs, retry=retry)
-        finally:
-            # Granted, refused, or its client gone: the wait is over either way.
-            exchange.waited = time.perf_counter() - exchange.started
 
     async def _relay_anywhere(
         self, request: web.Request, body: bytes, needs: RequestNeeds
