@@ -212,7 +212,11 @@ class ReverseProxy:
         for _ in range(MAX_ATTEMPTS):
             # Not a coroutine of its own: a waiting request keeps every frame of its wait.
             try:
-                dispatch = await self.gate.acquire(slot_request, needs=needs, retry=retry)
+                try:
+                    dispatch = await self.gate.acquire(slot_request, needs=needs, retry=retry)
+                finally:
+                    # Granted, refused, or its client gone: the wait is over either way.
+                    exchange.waited = time.perf_counter() - exchange.started
             except SlotUnavailable as error:
                 headers = {"Retry-After": str(error.retry_after)} if error.retry_after else None
                 failure = _UNAVAILABLE.get(error.status, Failure.BUFFER_FULL)
@@ -224,9 +228,6 @@ class ReverseProxy:
                     headers=headers,
                     openai_code=error.openai_code,
                 )
-            finally:
-                # Granted, refused, or its client gone: the wait is over either way.
-                exchange.waited = time.perf_counter() - exchange.started
             request[_DISPATCH] = dispatch
             sent = with_model(body, dispatch.rename_to) if dispatch.rename_to else body
             try:
