@@ -21,6 +21,7 @@ request is `upstream_client`'s business; this one says whether it may be (`reusa
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections import deque
 from typing import cast
 
@@ -71,11 +72,17 @@ async def connect(upstream: str) -> UpstreamConnection:
         ConnectionRefusedError: nothing listens there (nothing was sent: safe to try elsewhere).
         OSError, TimeoutError: it could not be reached.
     """
-    address = Address.parse(upstream)
+    address = _address(upstream)
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(CONNECT_SECONDS):
         _, connection = await loop.create_connection(UpstreamConnection, address.host, address.port)
     return connection
+
+
+@functools.lru_cache(maxsize=4096)
+def _address(upstream: str) -> Address:
+    # Parsed once per server, not once per request (it showed in the per-request profile).
+    return Address.parse(upstream)
 
 
 class UpstreamConnection(asyncio.Protocol):
