@@ -80,6 +80,7 @@ BUFFER_PATIENCE = MAX_AFFINITY_WAIT
 """Longest a request in the buffer lets a server's freed slot go to younger requests whose
 prefix that server holds (seconds)."""
 
+
 class Routing(enum.Enum):
     """How the fleet picks among upstreams with a free slot (`--routing`)."""
 
