@@ -3,9 +3,11 @@
 3 llama-servers of 1, 2 and 3 slots, one thread each (so the server with more slots has no more
 throughput: its slots share one thread), streamed requests with Poisson arrivals at 80% and 95%
 of a capacity measured at the start. Fronts: HAProxy leastconn+maxconn (the baseline), Rower as
-it was before its pick changed (its source at `BEFORE`, run from a `git archive` of it), and
-Rower as it is. Every front runs every load in each repeat, in an order rotated from one repeat
-to the next, so a drift of the machine touches all of them alike; the report takes medians.
+committed (`HEAD`, run from a `git archive` of it: what others are editing in the working tree
+is not measured), and the same code with the pick as it was at `BEFORE` ("most free slots
+first": `upstream_index.py` of that commit), so that the pick is the only difference. Every
+front runs every load in each repeat, in an order rotated from one repeat to the next, so a
+drift of the machine touches all of them alike; the report takes medians.
 
 Measured per run, besides the clients' view: CPU seconds of the servers, the balancer, the
 agents and the load generator; where each request went (tokens generated per server, and the
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import shutil
 import statistics
 import subprocess
 import threading
@@ -49,7 +52,9 @@ PROMPT = Lengths(median=40, sigma=0.6, low=4, high=400)
 GENERATION = Lengths(median=120, sigma=0.6, low=16, high=600)
 EXTRA = {"ignore_eos": True, "cache_prompt": False}
 BEFORE = "25667d4"
-"""The last commit with the pick "most free slots first" (SPEC's), measured as "before"."""
+"""The last commit with the pick "most free slots first" (SPEC's)."""
+PICK = "src/rower/balancer/upstream_index.py"
+"""The file that holds the pick's order."""
 INTERVAL_MS = 1000
 """How often the agents report (the default)."""
 
@@ -132,6 +137,18 @@ def source_at(revision: str, work: Path) -> Path:
             check=True,
         ).stdout
         subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
+    return target / "src"
+
+
+def source_with(revision: str, work: Path, path: str, other: str) -> Path:
+    """`source_at(revision)` with the file at `path` as it was at `other`: an A/B of one file."""
+    target = work / f"src-{revision}-with-{Path(path).stem}-of-{other}"
+    if not (target / "src" / "rower").is_dir():
+        shutil.copytree(source_at(revision, work), target / "src", dirs_exist_ok=True)
+        old = subprocess.run(
+            ["git", "-C", str(ROOT), "show", f"{other}:{path}"], capture_output=True, check=True
+        ).stdout
+        (target / path).write_bytes(old)
     return target / "src"
 
 
@@ -305,7 +322,8 @@ def run(
     duration: float | None = None,
     build: bool = True,
     generation: Lengths = GENERATION,
-    before: str | None = BEFORE,
+    before: str | None = None,
+    old_pick: str | None = BEFORE,
     after: str | None = "HEAD",
     variants: Sequence[FrontSpec] = (),
     calibration_seconds: float = 6.0,
@@ -314,7 +332,8 @@ def run(
     """Every front at every load, `repeats` times interleaved; returns (and writes) the results.
 
     Rower runs as committed at `after` (None: from this checkout, as the smoke test does, which
-    needs no git history; nor does `before` None, which leaves out "Rower before").
+    needs no git history), beside `after` with the pick of `old_pick` (None: not run), and, if
+    `before` names a commit, Rower as committed then.
     `variants`: more fronts to compare (experiments), placed before "Rower" (the last front,
     whose ratios to HAProxy are the targets); `interval_ms`: how often the agents report.
     """
@@ -334,9 +353,12 @@ def run(
     specs = [FrontSpec("HAProxy leastconn+maxconn", "haproxy")]
     if before:
         specs.append(FrontSpec(f"Rower before ({before})", "rower", source_at(before, work)))
+    commit = commit_of(after) if after else None
+    if commit and old_pick:
+        name = f"Rower, most free first ({commit} with {old_pick}'s {Path(PICK).name})"
+        specs.append(FrontSpec(name, "rower", source_with(commit, work, PICK, old_pick)))
     specs.extend(variants)
-    if after:
-        commit = commit_of(after)
+    if commit:
         specs.append(FrontSpec(f"Rower ({commit})", "rower", source_at(commit, work)))
     else:
         specs.append(FrontSpec("Rower", "rower"))
@@ -389,6 +411,7 @@ def run(
         "repeats": repeats,
         "interval_ms": interval_ms,
         "before": before,
+        "old_pick": old_pick,
         "prompt": PROMPT.__dict__,
         "generation": generation.__dict__,
         "policies": [s.name for s in specs],

@@ -73,7 +73,7 @@ def test_unequal_servers(tmp_path: Path) -> None:
         duration=1.5,
         build=False,
         generation=Lengths(median=32, sigma=0.3, low=8, high=64),
-        before=None,
+        old_pick=None,
         after=None,
         calibration_seconds=1.0,
     )
