@@ -24,6 +24,7 @@ limit (the slot count is the limit), bytes pass through as the server sent them.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from dataclasses import dataclass
 
 from rower.balancer.upstream_connection import NothingAnswered, UpstreamConnection, connect
@@ -56,7 +57,7 @@ class UpstreamClient:
     """The proxy's connections to llama-servers: a pool per server, and new ones for retries."""
 
     def __init__(self) -> None:
-        self._idle: dict[str, list[UpstreamConnection]] = {}
+        self._idle: dict[str, deque[UpstreamConnection]] = {}
         self._sweep: asyncio.TimerHandle | None = None
 
     async def request(
@@ -93,7 +94,7 @@ class UpstreamClient:
     def release(self, upstream: str, connection: UpstreamConnection) -> None:
         """Done with `connection`: pooled if `reusable`, else closed."""
         if connection.reusable:
-            self._idle.setdefault(upstream, []).append(connection)
+            self._idle.setdefault(upstream, deque()).append(connection)
             if self._sweep is None:
                 self._sweep = asyncio.get_running_loop().call_later(
                     KEEPALIVE_SECONDS, self._sweep_idle
@@ -101,45 +102,45 @@ class UpstreamClient:
         else:
             connection.close()
 
-    def _sweep_idle(self) -> None:
-        """Close what expired, also to servers no request goes to any more."""
-        self._sweep = None
-        oldest = asyncio.get_running_loop().time() - KEEPALIVE_SECONDS
-        for upstream in list(self._idle):
-            self._expire(upstream, oldest)
-        if self._idle:
-            self._sweep = asyncio.get_running_loop().call_later(KEEPALIVE_SECONDS, self._sweep_idle)
-
     def _take(self, upstream: str) -> UpstreamConnection | None:
         """The most recently used idle connection to `upstream`; expired ones are closed."""
         idle = self._idle.get(upstream)
         if not idle:
             return None
         oldest = asyncio.get_running_loop().time() - KEEPALIVE_SECONDS
-        while idle:
+        taken = None
+        while idle and taken is None:
             connection = idle.pop()
             if connection.is_idle_and_open and connection.idle_since > oldest:
-                if not idle:
-                    del self._idle[upstream]
-                # Those left are older: close the expired ones now, not at the next take.
-                self._expire(upstream, oldest)
-                return connection
-            connection.close()
-        del self._idle[upstream]
-        return None
+                taken = connection
+            else:
+                connection.close()
+        self._expire(upstream, oldest)
+        return taken
 
     def _expire(self, upstream: str, oldest: float) -> None:
-        idle = self._idle.get(upstream)
+        """Close the connections idle since before `oldest`: the first ones, as they were
+        released in order."""
+        idle = self._idle[upstream]
+        while idle and idle[0].idle_since <= oldest:
+            idle.popleft().close()
         if not idle:
-            return
-        keep = [c for c in idle if c.is_idle_and_open and c.idle_since > oldest]
-        for connection in idle:
-            if connection not in keep:
-                connection.close()
-        if keep:
-            self._idle[upstream] = keep
-        else:
             del self._idle[upstream]
+
+    def _sweep_idle(self) -> None:
+        """Close what expired or was closed, also to servers no request goes to any more."""
+        self._sweep = None
+        oldest = asyncio.get_running_loop().time() - KEEPALIVE_SECONDS
+        for upstream, idle in list(self._idle.items()):
+            for connection in [c for c in idle if not c.is_idle_and_open]:
+                idle.remove(connection)
+                connection.close()
+            if idle:
+                self._expire(upstream, oldest)
+            else:
+                del self._idle[upstream]
+        if self._idle:
+            self._sweep = asyncio.get_running_loop().call_later(KEEPALIVE_SECONDS, self._sweep_idle)
 
     async def close(self) -> None:
         """Close every idle connection."""
