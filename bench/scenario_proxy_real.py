@@ -175,10 +175,10 @@ def hot_list(collapsed: Path, top: int = 15) -> list[tuple[str, float, float]]:
     own: dict[str, int] = {}
     anywhere: dict[str, int] = {}
     total = 0
-    for line in collapsed.read_text().splitlines():
+    for line in collapsed.read_text(errors="replace").splitlines():
         stack, _, count = line.rpartition(" ")
-        if not stack:
-            continue
+        if not stack or not count.isdigit():
+            continue  # py-spy's own messages, if any, among the stacks
         n = int(count)
         total += n
         frames = [re.sub(r" \((.*/)?([^/]*?):\d+\)$", r" (\2)", f) for f in stack.split(";")]

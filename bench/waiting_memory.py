@@ -44,7 +44,7 @@ async def main(port, n):
     while len(sent) < n:
         await asyncio.sleep(0.05)
     print("sent", flush=True)
-    await asyncio.sleep(600)
+    await asyncio.sleep(120)  # never outlives a measurement for long, whatever happens to it
 asyncio.run(main(int(sys.argv[1]), int(sys.argv[2])))
 """
 
@@ -92,42 +92,48 @@ async def measure(count: int, trace: bool) -> None:
         await proc.stdout.readline()
         return proc
 
-    warm = await clients(50)  # the first connections' one-off allocations
-    await asyncio.sleep(0.5)
-    gc.collect()
-    before = rss_kb()
-    if trace:
-        tracemalloc.start(1)
-        first = tracemalloc.take_snapshot()
-    waiting = await clients(count)
-    for _ in range(100):
-        if balancer.fleet.requests_buffered >= count + 50:
-            break
-        await asyncio.sleep(0.1)
-    await asyncio.sleep(0.5)
-    gc.collect()
-    after = rss_kb()
-    print(
-        f"{balancer.fleet.requests_buffered} waiting: RSS {before / 1024:.1f} -> "
-        f"{after / 1024:.1f} MB, {(after - before) / count:.2f} KB per waiting request"
-    )
-    if trace:
-        stats = tracemalloc.take_snapshot().compare_to(first, "lineno")
-        by_package: dict[str, int] = {}
-        for stat in stats:
-            name = package(stat.traceback[0].filename)
-            by_package[name] = by_package.get(name, 0) + stat.size_diff
-        total = sum(by_package.values())
-        print(f"traced: {total / count:.0f} B per waiting request")
-        for name, size in sorted(by_package.items(), key=lambda item: -item[1]):
-            print(f"  {name}: {size / count:.0f} B")
-        for stat in stats[:20]:
-            frame = stat.traceback[0]
-            print(f"  {stat.size_diff / count:6.0f} B  {frame.filename}:{frame.lineno}")
-    for proc in (waiting, warm):
-        proc.kill()
-        await proc.wait()
-    await balancer.stop()
+    started: list[asyncio.subprocess.Process] = []
+    try:
+        started.append(await clients(50))  # the first connections' one-off allocations
+        await asyncio.sleep(0.5)
+        gc.collect()
+        before = rss_kb()
+        if trace:
+            tracemalloc.start(1)
+            first = tracemalloc.take_snapshot()
+        started.append(await clients(count))
+        for _ in range(100):
+            if balancer.fleet.requests_buffered >= count + 50:
+                break
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)
+        gc.collect()
+        after = rss_kb()
+        print(
+            f"{balancer.fleet.requests_buffered} waiting: RSS {before / 1024:.1f} -> "
+            f"{after / 1024:.1f} MB, {(after - before) / count:.2f} KB per waiting request"
+        )
+        if trace:
+            report(tracemalloc.take_snapshot().compare_to(first, "lineno"), count)
+    finally:
+        for proc in started:
+            proc.kill()
+            await proc.wait()
+        await balancer.stop()
+
+
+def report(stats: list[tracemalloc.StatisticDiff], count: int) -> None:
+    by_package: dict[str, int] = {}
+    for stat in stats:
+        name = package(stat.traceback[0].filename)
+        by_package[name] = by_package.get(name, 0) + stat.size_diff
+    total = sum(by_package.values())
+    print(f"traced: {total / count:.0f} B per waiting request")
+    for name, size in sorted(by_package.items(), key=lambda item: -item[1]):
+        print(f"  {name}: {size / count:.0f} B")
+    for stat in stats[:20]:
+        frame = stat.traceback[0]
+        print(f"  {stat.size_diff / count:6.0f} B  {frame.filename}:{frame.lineno}")
 
 
 def main() -> None:

@@ -11,17 +11,17 @@ answers itself), and keys the request's `ProxyOutcome`, reported exactly once pe
 every path to the listeners (metrics, access log). W3C `traceparent` and `tracestate` pass through
 untouched, as every header that is not hop-by-hop.
 
-Upstream connections are kept alive only where llama-server keeps them too (`upstream_client`:
-after answers with a `Content-Length`, idle for under 2 s), and a request that meets a kept-alive
-connection the server had closed is sent again, once, on a new one to the same server, on the
-same slot: the client never sees "Server disconnected" for it. A request that asks for a stream
-(from an HTTP/1.1 client) goes through `stream_relay` instead, on a connection of its own:
-llama-server's chunks are written to the client's socket from the upstream connection's own
-callback, one system call per token and no task woken (docs/performance.md).
+Upstream connections are Rower's own protocol (`upstream_connection`), pooled by
+`upstream_client`: kept alive only where llama-server keeps them too (after answers with a
+`Content-Length`, idle for under 2 s), and a request that meets a kept-alive connection the
+server had closed is sent again, once, on a new one to the same server, on the same slot: the
+client never sees "Server disconnected" for it. A request that asks for a stream gets a
+connection of its own, and llama-server's chunks are written to the client's socket from that
+connection's own callback: one system call per token and no task woken (docs/performance.md).
 
 The listener runs with `handler_cancellation=True`, so a client that goes away cancels the
-handler: leaving the upstream `async with` (or the stream relay's `finally`) then closes the
-upstream connection (an answer not read to its end is never pooled). llama-server then
+handler: the `finally` that hands the upstream connection back then closes it (an answer not
+read to its end is never pooled). llama-server then
 stops a streamed generation at its next token; a non-streamed one runs to its end, which is why
 such a slot is given back as "abandoned". A client that leaves is counted as what it is
 (`client_disconnected`), not as a failure of the upstream.

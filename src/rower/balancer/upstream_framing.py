@@ -1,10 +1,11 @@
-"""Reading a llama-server's answer head and following its chunked body, for the stream relay.
+"""Reading a llama-server's answer head and following its chunked body, for the relay.
 
-The stream relay (`stream_relay`) passes a streamed answer's bytes from llama-server's socket to
-the client's as they are: llama-server frames an event stream with chunked transfer coding, one
-chunk per event, and the balancer's answer to an HTTP/1.1 client is chunked too, so the bytes
-need no re-encoding. What the relay must know is where the answer ends (to give its slot back
-and end the client's answer), that every chunk is well formed (what it forwards, the client
+The upstream connection (`upstream_connection`) passes a streamed answer's bytes from
+llama-server's socket to the client's as they are: llama-server frames an event stream with
+chunked transfer coding, one chunk per event, and the balancer's answer to an HTTP/1.1 client
+is chunked too, so the bytes need no re-encoding (an HTTP/1.0 client gets the data alone).
+What the relay must know is where the answer ends (to give its slot back and end the client's
+answer), that every chunk is well formed (what it forwards, the client
 parses: a bogus size would desynchronise the client's kept-alive connection), and how many body
 bytes went by. `ChunkedBody` follows the chunks with a few `find` calls per read and hands back
 the bytes to forward; the final `0` chunk is not forwarded, the balancer's own end of the answer
