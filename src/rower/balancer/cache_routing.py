@@ -140,6 +140,24 @@ def pick_cached(
     return CachePick(elsewhere, longest or Affinity.MISS, 0, home, home_blocks)
 
 
+def home_of(
+    needs: RequestNeeds, memory: PrefixMemory, members: Mapping[str, Upstream], now: float
+) -> str | None:
+    """Where a request waiting in the buffer belongs (`waiting_line`): the usable member the
+    balancer sent the longest head of its own prefix (beyond the shared part) to, or where the
+    conversation lived when the memory forgot it; None for a new conversation (the first free
+    slot anywhere will do: that keeps the servers' sets of conversations even). A home that
+    stops being usable later only delays the request by the buffer's patience."""
+    for identity, blocks in memory.matches(needs.prefix):
+        if blocks <= needs.shared_blocks:
+            return None
+        upstream = members.get(identity)
+        if upstream is not None and upstream.is_usable(now):
+            return identity
+    last = members.get(memory.last_server(needs.prefix) or "")
+    return last.identity if last is not None and last.is_usable(now) else None
+
+
 def hash_rank(needs: RequestNeeds) -> Callable[[Upstream], int]:
     """Rendezvous hashing of a conversation with a server: its first own block (after the
     shared part; the same in every turn) hashed with the server's address. The server of the

@@ -53,7 +53,7 @@ import msgspec
 
 from rower.balancer.affinity import BLOCK_BYTES
 from rower.balancer.answer_timings import AnswerTimings
-from rower.balancer.cache_routing import Affinity, CachePick, pick_cached
+from rower.balancer.cache_routing import Affinity, CachePick, home_of, pick_cached
 from rower.balancer.models import UNKNOWN, ModelNames, ModelRefusal, ModelRules
 from rower.balancer.pool import Homing, Pool
 from rower.balancer.prefix_memory import DEFAULT_MAX_ENTRIES, PrefixMemory
@@ -710,29 +710,13 @@ class Fleet:
     def _wait(
         self, pool: Pool, request_id: int, needs: RequestNeeds | None, now: float, *, first: bool
     ) -> None:
-        pool.waiting.add(
-            request_id, Waiter(needs, now, self._home_of(pool, needs, now)), first=first
-        )
+        home = None
+        if self._routes_by_cache(needs):
+            assert needs is not None
+            home = home_of(needs, self.prefixes, pool.by_identity, now)
+        pool.waiting.add(request_id, Waiter(needs, now, home), first=first)
         self._waiting_in[request_id] = pool
         self.revision += 1
-
-    def _home_of(self, pool: Pool, needs: RequestNeeds | None, now: float) -> str | None:
-        """The usable server of `pool` the balancer sent the longest head of the request's own
-        prefix (beyond the shared part) to, or where it lived when it was forgotten; None for a
-        new conversation (any server's slot will do: the first free one keeps the servers' sets
-        of conversations even) and without a key. A home that stops being usable later only
-        delays the request by the patience."""
-        if not self._routes_by_cache(needs):
-            return None
-        assert needs is not None
-        for identity, blocks in self.prefixes.matches(needs.prefix):
-            if blocks <= needs.shared_blocks:
-                return None
-            upstream = pool.by_identity.get(identity)
-            if upstream is not None and upstream.is_usable(now):
-                return identity
-        last = pool.by_identity.get(self.prefixes.last_server(needs.prefix) or "")
-        return last.identity if last is not None and last.is_usable(now) else None
 
     def _place(
         self,

@@ -19,10 +19,11 @@ it remembers. A global bound on entries caps the memory of the whole fleet: each
 equal share of it.
 
 What is forgotten for want of room (or because the server restarted) is no longer believed
-held, but where it went is kept (`last_server`, bounded by the same number of entries, ~100
-bytes each): a conversation goes back to the server it lives on even when that server no longer
-holds its prefix, so each server keeps its own set of conversations instead of trading them (the
-anchor's strength: a session hash never moves a conversation).
+held, but where it went is kept (`last_server`, bounded by the same number of entries, ~105
+bytes each, tests/unit/balancer/test_prefix_memory.py): a conversation goes back to the server
+it lives on even when that server no longer holds its prefix, so each server keeps its own set
+of conversations instead of trading them (the anchor's strength: a session hash never moves a
+conversation).
 
 `holder` answers "where did this prefix go last": one dict from block hash to address, so a
 lookup costs one dict access per block of the request, however large the fleet.
@@ -178,7 +179,8 @@ class PrefixMemory:
 
 
 def _weight_after(entries: OrderedDict[int, int], key: int) -> int:
-    """The blocks of the entries more recent than `key`'s (a walk from the newest)."""
+    """The blocks of the entries more recent than `key`'s (a walk from the newest: as many
+    steps as conversations were sent to the server since, which its capacity bounds)."""
     weight = 0
     for newer, blocks in reversed(entries.items()):
         if newer == key:

@@ -82,6 +82,22 @@ def test_a_hundred_thousand_conversations_fit_well_under_100_mb() -> None:
     assert len(memory) == 100_000
 
 
+def test_where_forgotten_conversations_lived_costs_little_and_stays_bounded() -> None:
+    memory = PrefixMemory(max_entries=50_000)
+    conversations = [conversation(n, 24) for n in range(60_000)]
+    tracemalloc.start()
+    try:
+        for turn in conversations:
+            # Room for one conversation: each new one forgets the one before.
+            memory.record("a:1", turn, capacity_blocks=24)
+        used, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert memory.last_server(conversations[-2]) == "a:1"
+    assert memory.last_server(conversations[0]) is None, "bounded by max_entries"
+    assert used < 50_000 * 160, f"{used / 50_000:.0f} bytes per forgotten conversation"
+
+
 def test_recording_a_turn_says_what_was_sent_there_since_its_previous_turn() -> None:
     memory = PrefixMemory()
     first = conversation(1, 10)
