@@ -19,6 +19,10 @@ MAX_INTERVAL_MS = 60_000
 """Longest reporting interval a balancer accepts: an agent is stale after 3 of them, so a larger
 one would let an agent that stopped reporting be trusted for minutes."""
 
+MAX_POLL_AGE_MS = 2 * MAX_INTERVAL_MS
+"""Oldest poll a status line may speak for when sent (`poll_age_ms`): the newest poll is at
+most an interval plus the poll's own timeouts old, so twice the longest interval leaves room."""
+
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 ShortText = Annotated[str, msgspec.Meta(max_length=4096)]
@@ -93,6 +97,10 @@ class StatusUpdate(msgspec.Struct, frozen=True):
     models: Annotated[list[ModelStatus], msgspec.Meta(max_length=256)] = msgspec.field(
         default_factory=list
     )
+    poll_age_ms: Annotated[float, msgspec.Meta(ge=0, le=MAX_POLL_AGE_MS)] | None = None
+    """How long before this line was sent the agent's poll of `/slots` ended, on the agent's
+    own clock (an age, so no clocks need to agree). The balancer frees at once the slots of its
+    requests that ended after the poll (docs/decisions.md); None from older agents."""
 
     @property
     def has_issue(self) -> bool:

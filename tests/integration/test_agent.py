@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Callable
 import aiohttp
 import pytest
 
-from rower.status import StatusUpdate
+from rower.status import MAX_POLL_AGE_MS, StatusUpdate
 from tests.integration.agent.peers import Receiver, eventually
 from tests.processes import Process, free_port, rower
 
@@ -96,6 +96,9 @@ async def test_healthy_sim_reports_its_idle_slots(rig: AgentRig, receiver: Recei
     assert status.external_llamacpp_addr == sim
     assert status.is_authorized is True
     assert [slot.id for slot in status.slots] == [0, 1]
+    # How old its poll was when sent: a balancer takes every line (MAX_POLL_AGE_MS).
+    ages = [s.poll_age_ms for s in receiver.statuses]
+    assert all(age is not None and 0 <= age <= MAX_POLL_AGE_MS for age in ages), ages
 
 
 async def test_processing_is_reported_while_a_request_runs(

@@ -103,6 +103,19 @@ async def test_bad_line_answers_400_and_registers_nothing(fleet: Fleet) -> None:
         await until(lambda: agent_ids(fleet) == [], what="removed")
 
 
+async def test_an_impossible_poll_age_answers_400_naming_it(fleet: Fleet) -> None:
+    fleet.balancer()
+    async with aiohttp.ClientSession() as session:
+        for age in (-1, 10**9):
+            stream = StatusStream()
+            posting = await open_stream(session, fleet, "agent-bad", stream)
+            stream.lines.put_nowait(status_line("127.0.0.1:9", poll_age_ms=age))
+            status, body = await asyncio.wait_for(posting, 5)
+            assert status == 400, age
+            assert "poll_age_ms" in body["error"]["message"]
+            assert agent_ids(fleet) == []
+
+
 async def test_bad_agent_id_is_refused(fleet: Fleet) -> None:
     fleet.balancer()
     async with aiohttp.ClientSession() as session:

@@ -23,6 +23,9 @@ def line(**fields: object) -> bytes:
         (b'{"external_llamacpp_addr": "127.0.0.1:8080", "model": "\\ud800"}', "not JSON"),
         (b'{"slots_idle": 1}', "invalid status update"),
         (line(slots_idle=-1), "invalid status update"),
+        (line(poll_age_ms=-0.5), r"Expected `float` >= 0.0 - at `\$.poll_age_ms`"),
+        (line(poll_age_ms=10**9), r"Expected `float` <= 120000.0 - at `\$.poll_age_ms`"),
+        (line(poll_age_ms="3"), r"Expected `float \| null`, got `str` - at `\$.poll_age_ms`"),
     ],
 )
 def test_lines_that_are_not_status_updates(raw: bytes, words: str) -> None:
@@ -48,6 +51,13 @@ def test_refused_with_what_and_why(fields: dict[str, object], words: str) -> Non
     status = decode_status(line(**fields))
     with pytest.raises(StatusRefused, match=words.replace("+", r"\+")):
         checked_status(status, max_slots=4)
+
+
+def test_the_age_of_the_poll_is_optional() -> None:
+    # Older agents send none; an age may have a fraction of a millisecond.
+    assert decode_status(line()).poll_age_ms is None
+    assert decode_status(line(poll_age_ms=0.731)).poll_age_ms == 0.731
+    assert decode_status(line(poll_age_ms=3)).poll_age_ms == 3
 
 
 def test_the_address_comes_back_in_its_one_spelling() -> None:

@@ -138,7 +138,9 @@ class Agent:
                     sequence=last.sequence + 1,
                     # A router's models too: none of them takes work any more.
                     models=[msgspec.structs.replace(m, slots_idle=0) for m in last.models],
-                )
+                ),
+                # The same poll's counts: its age goes on from that poll.
+                polled_at=self.board.polled_at,
             )
         self.board.close()
         _, pending = (

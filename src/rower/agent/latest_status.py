@@ -3,11 +3,15 @@
 Each reporter streams at its own pace: it reads the newest status whenever it is ready to send,
 so a slow or absent balancer never holds back the others nor the monitor. Intermediate statuses
 a slow reporter did not get to are skipped on purpose: every line is a full status.
+
+The board also keeps when the newest status's poll ended (`time.monotonic()`), so that each
+line can say how old its poll is when it is sent (`StatusUpdate.poll_age_ms`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 from rower.status import StatusUpdate
 
@@ -17,6 +21,7 @@ class LatestStatus:
 
     def __init__(self) -> None:
         self._latest: StatusUpdate | None = None
+        self._polled_at = 0.0
         self._closed = False
         self._changed = asyncio.Event()
 
@@ -26,13 +31,24 @@ class LatestStatus:
         return self._latest
 
     @property
+    def polled_at(self) -> float:
+        """When the poll of the newest status ended (`time.monotonic()`; 0 before the first)."""
+        return self._polled_at
+
+    @property
     def closed(self) -> bool:
         """Whether the agent is stopping: no status will follow `latest`."""
         return self._closed
 
-    def publish(self, status: StatusUpdate) -> None:
-        """Make `status` the newest one and wake every waiting reporter."""
+    def publish(self, status: StatusUpdate, *, polled_at: float | None = None) -> None:
+        """Make `status` the newest one and wake every waiting reporter.
+
+        `polled_at`: when its poll ended; by default now, as when a poll is published as soon
+        as it returns. A later time than the server's own snapshot errs on the safe side: the
+        balancer then frees fewer slots early, never more.
+        """
         self._latest = status
+        self._polled_at = time.monotonic() if polled_at is None else polled_at
         self._wake()
 
     def close(self) -> None:

@@ -20,7 +20,7 @@ import msgspec
 
 from rower.addresses import Address
 from rower.agent.latest_status import LatestStatus
-from rower.status import StatusUpdate, json_encoder
+from rower.status import MAX_POLL_AGE_MS, StatusUpdate, json_encoder
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ class Reporter:
         while True:
             status = self._board.latest
             if status is not None and status is not sent:
-                yield json_encoder.encode(status) + b"\n"
+                yield json_encoder.encode(self._dated(status)) + b"\n"
                 sent = status
                 lines += 1
                 if lines == 2:
@@ -127,6 +127,13 @@ class Reporter:
             if self._board.closed and self._board.latest is sent:
                 return
             await self._board.wait_newer(sent)
+
+    def _dated(self, status: StatusUpdate) -> StatusUpdate:
+        """`status` saying how long ago its poll ended, truncated to the microsecond (a
+        smaller age is the safe error) and capped at what a balancer accepts."""
+        age_us = int((time.monotonic() - self._board.polled_at) * 1_000_000)
+        age_ms = min(max(0, age_us) / 1000, MAX_POLL_AGE_MS)
+        return msgspec.structs.replace(status, poll_age_ms=age_ms)
 
     def _on_accepted(self) -> None:
         self.connections += 1

@@ -12,7 +12,10 @@ corrected with what the balancer knows for certain:
 
 - `in_flight`: requests this balancer has open to the upstream right now.
 - `foreign`: slots busy with work that is not ours (another balancer, a direct client), estimated
-  at each report as `processing - in_flight`, never below 0.
+  at each report as `processing - in_flight`, never below 0. A report that says how old its
+  poll is (`poll_age_ms`) is corrected to the poll's moment: `processing - ours`, where ours are
+  the requests sent before the poll that were in flight then (still running, or ended since),
+  so a request that ended between the poll and the report frees its slot at once.
 - `abandoned`: an upper bound of our requests whose client left while llama-server may still
   run them (it keeps generating a non-streamed answer whose client is gone). Each one counts
   until a report shows it cannot be running any more: at most `processing - old` of them can
@@ -458,6 +461,8 @@ class Fleet:
         upstream = self._assigned.get(request_id)
         if upstream is not None:
             self._quarantine(upstream, wall)
+            # It never reached llama-server: no poll counted it, and its duration is no answer's.
+            upstream.sent_at.pop(request_id, None)
         return self.release(request_id, now)
 
     def answered(
@@ -658,7 +663,12 @@ class Fleet:
             # A report with an issue says nothing of the slots (it has 0 and 0): keep estimates.
             processing, in_flight = status.slots_processing, len(upstream.in_flight)
             old = in_flight - len(upstream.recent)
-            upstream.foreign = max(0, processing - in_flight)
+            ours = in_flight
+            if status.poll_age_ms is not None:
+                # Ours as the poll saw them: one that ended since is not others' work.
+                upstream.forget_ends(now)
+                ours = upstream.busy_at_poll(now - status.poll_age_ms / 1000)
+            upstream.foreign = max(0, processing - ours)
             upstream.abandoned = min(upstream.abandoned, max(0, processing - old))
             upstream.recent.clear()
         if upstream.quarantined and not status.has_issue:

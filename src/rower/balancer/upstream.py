@@ -7,6 +7,7 @@ the per-upstream state and the arithmetic of that rule, with no I/O.
 from __future__ import annotations
 
 import enum
+from collections import deque
 from dataclasses import dataclass, field
 
 from rower.balancer.affinity import BLOCK_BYTES
@@ -25,6 +26,15 @@ DEFAULT_SLOT_CONTEXT = 4096
 
 RATE_WEIGHT = 0.2
 """Weight of the newest answer in a server's measured prefill and decode speeds."""
+
+ENDED_MEMORY = 2.0
+"""Seconds for which the end of each of this balancer's requests is remembered: a report whose
+poll is older than that (rare: a poll is a few ms old when it arrives, at most an interval on a
+reconnect) frees none of the slots of requests that ended after it, the safe error."""
+
+MAX_ENDED = 256
+"""At most this many ends are remembered per upstream (the oldest go first: the same safe
+error)."""
 
 
 class SlotAccounting(enum.Enum):
@@ -85,6 +95,9 @@ class Upstream:
     cold: bool = False
     """A router's model that is not loaded: it has one slot, for the request that makes the
     router load it (docs/models.md)."""
+    ended: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=MAX_ENDED))
+    """(sent, ended) `now` values of its requests that ended in the last `ENDED_MEMORY`
+    seconds, oldest first; not those whose client left (they may run on) nor those refused."""
 
     def __post_init__(self) -> None:
         if not self.key:
@@ -129,10 +142,29 @@ class Upstream:
         return bool(busy) and all(remain == -1 for remain in busy)
 
     def finished(self, request_id: int, now: float, *, abandoned: bool) -> None:
-        """One of this balancer's requests there ended: fold its duration into the usual one."""
+        """One of this balancer's requests there ended: fold its duration into the usual one,
+        and remember when it ended (`busy_at_poll`)."""
         sent = self.sent_at.pop(request_id, None)
         if sent is not None and not abandoned:
             self.service_time = blend(self.service_time, now - sent)
+            self.ended.append((sent, now))
+        self.forget_ends(now)
+
+    def forget_ends(self, now: float) -> None:
+        """Forget the ends older than `ENDED_MEMORY`."""
+        while self.ended and self.ended[0][1] < now - ENDED_MEMORY:
+            self.ended.popleft()
+
+    def busy_at_poll(self, polled: float) -> int:
+        """How many of this balancer's requests there a poll that ended at `polled` counted
+        busy: those sent before it that were in flight then (ended after it, or still running).
+
+        A request sent before the poll is taken to be in it, as the estimate of others' work
+        always did (`fleet`'s docstring); one sent after it cannot be.
+        """
+        ended_after = sum(1 for sent, ended in self.ended if sent <= polled < ended)
+        running = sum(1 for r in self.in_flight if self.sent_at.get(r, polled) <= polled)
+        return ended_after + running
 
     def measured(self, timings: AnswerTimings) -> None:
         """Count one answer's prompt tokens and fold its speeds into the estimates."""

@@ -162,6 +162,8 @@ class LlamaState:
     models_requests: int = 0
     slots_queries: list[dict[str, str]] = field(default_factory=list)
     """The query of every `/slots` request, in order."""
+    slots_answered_at: list[float] = field(default_factory=list)
+    """When each `/slots` answer with the slots was made (`time.monotonic()`), in order."""
     loads: list[str] = field(default_factory=list)
     """Models a `/slots?model=` request loaded (the agent must never make one)."""
     authorizations: list[str | None] = field(default_factory=list)
@@ -224,6 +226,7 @@ class FakeLlama(Site):
                 ),
                 content_type="application/json",
             )
+        self.state.slots_answered_at.append(time.monotonic())
         return web.Response(
             body=self.state.slots_body or msgspec.json.encode(self.state.slots),
             content_type="application/json",

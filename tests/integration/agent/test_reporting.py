@@ -12,7 +12,7 @@ from rower.addresses import Address
 from rower.agent.agent import Agent, AgentConfig
 from rower.agent.latest_status import LatestStatus
 from rower.agent.reporter import Reporter
-from rower.status import StatusUpdate
+from rower.status import MAX_POLL_AGE_MS, StatusUpdate
 from tests.integration.agent.peers import FakeLlama, Receiver, eventually
 from tests.processes import free_port
 
@@ -172,6 +172,49 @@ async def test_reporter_sends_a_new_status_at_once(receiver: Receiver) -> None:
         board.close()
         await asyncio.wait_for(task, 3)
     assert receiver.streams_ended == 1
+
+
+async def test_each_line_says_how_old_its_poll_is(llama: FakeLlama, receiver: Receiver) -> None:
+    # Never older than the server's answer really is when the line arrives: a larger age
+    # would free slots of requests that ended before the poll (docs/decisions.md).
+    running = start_agent(llama, receiver.addr)
+    await eventually(lambda: len(receiver.lines) >= 5)
+    await running.stop()
+    answered = llama.state.slots_answered_at
+    *polled, last = receiver.lines
+    # Sequence n is the agent's n-th poll, so its `/slots` answer is the n-th one; the line a
+    # stopping agent sends last repeats the last poll's counts (its sequence is one more).
+    pairs = [(line, answered[line.status.sequence - 1]) for line in polled]
+    pairs.append((last, answered[-1]))
+    assert last.status.sequence == len(answered) + 1
+    for line, answer in pairs:
+        age = line.status.poll_age_ms
+        assert age is not None
+        assert 0 <= age / 1000 <= line.at - answer, line
+
+
+@pytest.mark.parametrize(("polled_ago", "capped"), [(5.0, False), (1000.0, True)])
+async def test_a_line_counts_its_age_from_the_poll(
+    receiver: Receiver, polled_ago: float, capped: bool
+) -> None:
+    # As when a reconnecting reporter sends the newest status again: its poll is that old.
+    board = LatestStatus()
+    published = time.monotonic()
+    board.publish(StatusUpdate(external_llamacpp_addr="h:1"), polled_at=published - polled_ago)
+    reporter = Reporter(management_addr=Address.parse(receiver.addr), agent_id="a-1", board=board)
+    task = asyncio.create_task(reporter.run())
+    try:
+        await eventually(lambda: len(receiver.lines) == 1, timeout=2)
+    finally:
+        board.close()
+        await asyncio.wait_for(task, 3)
+    age = receiver.lines[0].status.poll_age_ms
+    if capped:
+        # Still a line the balancer takes; a smaller age is the safe error.
+        assert age == MAX_POLL_AGE_MS
+    else:
+        assert age is not None
+        assert polled_ago <= age / 1000 <= polled_ago + receiver.lines[0].at - published
 
 
 async def test_several_balancers_each_get_every_status(llama: FakeLlama) -> None:

@@ -34,7 +34,14 @@ def server_of(agent_id: str) -> str:
     return agent_id.split("-")[0]
 
 
-def status(agent: str, total: int, processing: int, *, error: str | None = None) -> StatusUpdate:
+def status(
+    agent: str,
+    total: int,
+    processing: int,
+    *,
+    error: str | None = None,
+    poll_age_ms: float | None = None,
+) -> StatusUpdate:
     # Busy slots say they have a few tokens left: a request may wait for its home server.
     slots = [
         SlotStatus(id=i, is_processing=i < processing, n_remain=5 if i < processing else None)
@@ -49,6 +56,7 @@ def status(agent: str, total: int, processing: int, *, error: str | None = None)
         slots_processing=0 if error else processing,
         slots_total=0 if error else total,
         monitoring_interval_ms=1000,
+        poll_age_ms=poll_age_ms,
     )
 
 
@@ -64,6 +72,8 @@ class FleetMachine(RuleBasedStateMachine):
         """Requests whose client left but that the server still runs (non-streamed)."""
         self.recent: dict[str, set[int]] = {a: set() for a in AGENTS}
         """Requests sent to a server since its last report: its poll may have missed them."""
+        self.polls: dict[str, tuple[float, int]] = {}
+        """A server's poll whose report has not arrived yet: when, and the busy slots it saw."""
         self.waiting: set[int] = set()
         self.retried: set[int] = set()
         self.rejected = 0
@@ -95,18 +105,46 @@ class FleetMachine(RuleBasedStateMachine):
     def _where(self, request_id: int) -> str:
         return next(a for a, ids in self.running.items() if request_id in ids)
 
-    @rule(server=st.sampled_from(AGENTS), which=st.integers(0, 2), unseen=st.integers(0, 3))
-    def healthy_report(self, server: str, which: int, unseen: int) -> None:
+    def _busy_at_poll(self, server: str, unseen: int) -> int:
+        # The poll may have missed requests sent since the last report, still in transit.
+        missed = min(unseen, len(self.recent[server] & self.running[server]))
+        return len(self.running[server]) - missed + len(self.zombies[server])
+
+    @rule(
+        server=st.sampled_from(AGENTS),
+        which=st.integers(0, 2),
+        unseen=st.integers(0, 3),
+        dated=st.booleans(),
+    )
+    def healthy_report(self, server: str, which: int, unseen: int, dated: bool) -> None:
+        # Polled as it arrives; from an older agent (not dated), or saying its poll is 0 ms old.
+        self.now += 0.01
+        processing = self._busy_at_poll(server, unseen)
+        self._report(server, which, processing, 0.0 if dated else None)
+
+    @rule(server=st.sampled_from(AGENTS), unseen=st.integers(0, 3))
+    def agent_polls(self, server: str, unseen: int) -> None:
+        # Its report arrives later (`polled_report_arrives`): requests end and start meanwhile.
+        self.now += 0.001
+        self.polls[server] = (self.now, self._busy_at_poll(server, unseen))
+        self.now += 0.001
+
+    @precondition(lambda self: bool(self.polls))
+    @rule(data=st.data(), which=st.integers(0, 2))
+    def polled_report_arrives(self, data: st.DataObject, which: int) -> None:
+        server = data.draw(st.sampled_from(sorted(self.polls)))
+        polled, processing = self.polls[server]
+        self.now += 0.001
+        self._report(server, which, processing, (self.now - polled) * 1000)
+
+    def _report(self, server: str, which: int, processing: int, age_ms: float | None) -> None:
+        # Agents send their newest poll: one taken before this report is never sent after it.
+        self.polls.pop(server, None)
         if not self.live[server]:
             self.live[server].append(self._new_agent(server))
         agent = self.live[server][-1 - which % len(self.live[server])]
-        # The poll may have missed requests sent since the last report, still in transit.
-        missed = min(unseen, len(self.recent[server] & self.running[server]))
-        processing = len(self.running[server]) - missed + len(self.zombies[server])
-        self.now += 0.01
-        out = self.fleet.report(
-            agent, status(agent, self.totals[server], processing), self.now, 0.0
-        )
+        line = status(agent, self.totals[server], processing, poll_age_ms=age_ms)
+        out = self.fleet.report(agent, line, self.now, 0.0)
         self.recent[server].clear()
         self._dispatched(out)
         if agent in self.fleet.upstreams and not self.fleet.upstreams[agent].prefill_rate:
@@ -135,6 +173,7 @@ class FleetMachine(RuleBasedStateMachine):
         # The old agent is frozen, not gone: its stream stays open.
         agent = self._new_agent(server)
         self.live[server].append(agent)
+        self.polls.pop(server, None)
         processing = len(self.running[server]) + len(self.zombies[server])
         self.now += 0.01
         out = self.fleet.report(
