@@ -99,6 +99,7 @@ def run(
     interval: float = 1.0,
     keep: int = 5,
     patience: float = BUFFER_PATIENCE,
+    shared: bool = False,
 ) -> float:
     """One run; returns its reuse."""
     rng = random.Random(seed)
@@ -148,6 +149,10 @@ def run(
         for dispatch in dispatches:
             conversation, balancer, _ = sent[dispatch.request_id]
             sent[dispatch.request_id] = (conversation, balancer, dispatch)
+            if shared and dispatch.placement is not None:
+                for peer, fleet in enumerate(fleets):
+                    if peer != balancer:
+                        fleet.placed_by_peer(dispatch.placement)
             server = next(s for s in servers if s.address == dispatch.upstream)
             if server.active >= SLOTS:
                 server.queue.append((balancer, dispatch.request_id))
@@ -219,10 +224,12 @@ def main() -> None:
         fifo = statistics.median(run(n, seed=s, patience=0.0) for s in seeds)
         one = statistics.median(run(n, seed=s) for s in seeds)
         two = statistics.median(run(n, balancers=2, seed=s) for s in seeds)
+        peers = statistics.median(run(n, balancers=2, seed=s, shared=True) for s in seeds)
         print(
             f"{n} conversations: anchor {hashed:.2f}; Rower with a first-come buffer "
             f"{fifo:.2f} (x{fifo / hashed:.2f}), with home lines {one:.2f} (x{one / hashed:.2f}); "
-            f"two Rowers alternating {two:.2f} (x{two / one:.2f} of one)"
+            f"two Rowers alternating {two:.2f} (x{two / one:.2f} of one), "
+            f"telling each other their placements {peers:.2f} (x{peers / one:.2f} of one)"
         )
 
 

@@ -9,7 +9,8 @@ each a closed loop. Two regimes: the working set fits the fleet's caches (12 con
 or exceeds them (18). Two APIs: `/completion` (a prompt string, not streamed) and
 `/v1/chat/completions` (messages, streamed: TTFT). Variants: a ~1,500-token system prompt
 shared by every conversation before its private part; two Rower balancers fed by the same
-agents, each conversation's turns alternating between them.
+agents and following each other's placements (`--peer-balancer-addr`), each conversation's
+turns alternating between them.
 
 Reuse = sum of `timings.cache_n` / sum of prompt tokens (`cache_n + prompt_n`), prefill work
 = sum of `timings.prompt_ms`, both read from llama-server's own answers. The anchor is
@@ -264,11 +265,18 @@ def start_fronts(
             rig.fronts[policy.name] = [start_policy(runner, policy, upstreams, work)]
     # One balancer per Rower front (two for the alternating one), all fed by the same agents.
     balancers = [replace(p, routing=p.routing if routing else None) for p in rowers]
+    peered: tuple[int, ...] = ()
     if TWO_BALANCERS in rowers:
         balancers.append(balancers[rowers.index(TWO_BALANCERS)])
+        peered = (rowers.index(TWO_BALANCERS), len(balancers) - 1)
     if balancers:
         started = start_rowers(
-            runner, balancers, upstreams, work, extra=("--metrics-endpoint-enable",)
+            runner,
+            balancers,
+            upstreams,
+            work,
+            extra=("--metrics-endpoint-enable",),
+            peered=peered,
         )
         for policy, front in zip(rowers, started, strict=False):
             rig.fronts[policy.name] = [front]

@@ -115,20 +115,23 @@ def start_rowers(
     work: Path,
     *,
     extra: Sequence[str] = (),
+    peered: Sequence[int] = (),
 ) -> list[Front]:
     """Start one Rower balancer per policy and one agent per upstream reporting to all of them.
 
     Several balancers fed by the same agents is how Rower runs highly available (the agents'
-    `--management-addr` is repeatable); the agents poll at the first policy's interval.
+    `--management-addr` is repeatable); the agents poll at the first policy's interval. The
+    balancers at the indices `peered` follow each other's placements (`--peer-balancer-addr`).
     """
     fronts: list[Front] = []
-    managements: list[str] = []
-    for policy in policies:
-        port, management = procs.free_port(), procs.free_port()
+    managements = [f"127.0.0.1:{procs.free_port()}" for _ in policies]
+    for index, policy in enumerate(policies):
+        port, management = procs.free_port(), managements[index]
+        peers = [managements[i] for i in peered if i != index] if index in peered else []
         argv = procs.rower(
             "balancer",
             "--management-addr",
-            f"127.0.0.1:{management}",
+            management,
             "--reverseproxy-addr",
             f"127.0.0.1:{port}",
             "--max-buffered-requests",
@@ -142,11 +145,11 @@ def start_rowers(
             "--access-log",
             "off",  # as nginx's `access_log off` in the baselines
             *(("--routing", policy.routing) if policy.routing else ()),
+            *(flag for peer in peers for flag in ("--peer-balancer-addr", peer)),
             *extra,
         )
         balancer = runner.start(f"balancer-{policy.kind}-{port}", argv, port=port)
-        fronts.append(Front(f"http://127.0.0.1:{port}", [balancer.pid], f"127.0.0.1:{management}"))
-        managements.append(f"127.0.0.1:{management}")
+        fronts.append(Front(f"http://127.0.0.1:{port}", [balancer.pid], management))
     spec = {
         "agents": [
             {

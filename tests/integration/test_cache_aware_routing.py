@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import random
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -252,3 +253,57 @@ async def filling(sim: Sim, session: aiohttp.ClientSession) -> AsyncIterator[Non
         for stream in streams:
             stream.close()
         await until(lambda: sim.slots_processing() == 0, what="filler streams ended")
+
+
+def peer_connected(fleet: Fleet) -> bool:
+    """Whether `fleet`'s balancer follows its peer's placements now (its metrics say)."""
+    with urllib.request.urlopen(fleet.management + "/metrics", timeout=5.0) as answer:
+        text = answer.read().decode()
+    return any(
+        line.startswith("rower_peer_connected{") and line.endswith(" 1.0")
+        for line in text.splitlines()
+    )
+
+
+async def test_two_balancers_that_follow_each_other_send_a_conversation_to_one_server(
+    fleet: Fleet,
+) -> None:
+    # A conversation starts on its hash home H through balancer A, spills to the other server
+    # O while H is full, and its next turn comes through balancer B once H is free again.
+    # Without A's placements B has never seen the conversation: a new one, it would go to its
+    # hash home H (where its prefix is a spill old); following A, it goes to O.
+    other = Fleet()
+    try:
+        fleet.balancer(
+            "--routing", "cache-aware", "--metrics-endpoint-enable",
+            "--peer-balancer-addr", other.management_addr,
+        )  # fmt: skip
+        other.balancer(
+            "--routing", "cache-aware", "--metrics-endpoint-enable",
+            "--peer-balancer-addr", fleet.management_addr,
+        )  # fmt: skip
+        sims = [fleet.sim(slots=2, speed=400, flags=SIM_FLAGS) for _ in range(2)]
+        for sim in sims:
+            fleet.agent(sim, flags=("--management-addr", other.management_addr))
+        fleet.wait_agents(2)
+        other.wait_agents(2)
+        await until(lambda: peer_connected(fleet) and peer_connected(other), what="peers follow")
+        (chat,) = conversations("/v1/chat/completions", 1)
+        async with aiohttp.ClientSession() as session:
+            home, _ = await served_by(sims, chat, session, fleet.proxy)
+            spilled = 1 - home
+            async with filling(sims[home], session):
+                await until(lambda: free_slots(fleet, sims[home]) == 0, what="A sees the home full")
+                server, _ = await served_by(sims, chat, session, fleet.proxy)
+                assert server == spilled
+            await until(
+                lambda: free_slots(other, sims[home]) == 2, what="B sees the home free again"
+            )
+            server, timings = await served_by(sims, chat, session, other.proxy)
+            assert server == spilled, "B did not follow A's placement"
+            assert reuse(timings) >= 0.9, timings
+            server, timings = await served_by(sims, chat, session, fleet.proxy)
+            assert server == spilled, "A did not follow B's placement"
+            assert reuse(timings) >= 0.9, timings
+    finally:
+        other.close()

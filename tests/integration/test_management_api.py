@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import urllib.request
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.fleet import Fleet, until
+from rower.balancer.affinity import BLOCK_BYTES
+from rower.balancer.placement_wire import decode as decode_placement
+from rower.balancer.placement_wire import encode as encode_placement
+from rower.balancer.prefix_memory import Placement
+from tests.integration.fleet import Fleet, get_json, until
 from tests.processes import free_port
 
 
@@ -271,3 +277,93 @@ async def test_host_header_is_kept_or_rewritten(fleet: Fleet) -> None:
             fleet.processes.clear()
     finally:
         await runner.cleanup()
+
+
+async def test_placements_stream_tells_followers_what_was_sent_where(fleet: Fleet) -> None:
+    fleet.balancer("--management-token", "t0ken")
+    sim = fleet.sim(slots=2)
+    fleet.agent(sim, flags=["--management-token", "t0ken"])
+    fleet.wait_agents(1)
+    url = fleet.management + "/api/v1/placements"
+    async with aiohttp.ClientSession() as session:
+        async with session.get(url) as refused:
+            assert refused.status == 401
+            assert "--management-token" in (await refused.json())["error"]["message"]
+        headers = {"Authorization": "Bearer t0ken"}
+        async with session.get(url, headers=headers) as stream:
+            assert stream.status == 200
+            assert stream.headers["Content-Type"] == "application/x-ndjson"
+            prompt = "a conversation head long enough for a few blocks " * 40
+            async with session.post(
+                fleet.proxy + "/completion", json={"prompt": prompt, "n_predict": 2}
+            ) as answer:
+                assert answer.status == 200
+            line = await asyncio.wait_for(stream.content.readline(), 5.0)
+    placement = decode_placement(line.rstrip(b"\n"))
+    assert placement.server == sim.addr
+    assert len(placement.prefix) == len(prompt.encode()) // BLOCK_BYTES
+
+
+class FakePeer:
+    """A balancer's placement stream that sends what the test says, then ends."""
+
+    def __init__(self, lines: list[bytes]) -> None:
+        self.lines = lines
+        self.port = free_port()
+        self.connections = 0
+        self.runner: web.AppRunner | None = None
+
+    async def placements(self, request: web.Request) -> web.StreamResponse:
+        self.connections += 1
+        response = web.StreamResponse()
+        await response.prepare(request)
+        for line in self.lines:
+            await response.write(line + b"\n")
+        return response
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/api/v1/placements", self.placements)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+
+    async def stop(self) -> None:
+        assert self.runner is not None
+        await self.runner.cleanup()
+
+
+def metric(fleet: Fleet, name: str, **labels: str) -> float:
+    """The value of the one sample `name{labels}` of the balancer's metrics."""
+    with urllib.request.urlopen(fleet.management + "/metrics", timeout=5) as answer:
+        text = answer.read().decode()
+    values = [
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and sample.labels == labels
+    ]
+    assert len(values) == 1, (name, labels, values)
+    return float(values[0])
+
+
+async def test_a_peer_that_sends_what_is_not_a_placement_is_dropped_and_followed_again(
+    fleet: Fleet,
+) -> None:
+    unknown = encode_placement(Placement("127.0.0.1:9", (1, 2, 3)))
+    peer = FakePeer([b"", unknown.rstrip(b"\n"), b'{"server": "127.0.0.1:9"}'])
+    await peer.start()
+    try:
+        process = fleet.balancer(
+            "--metrics-endpoint-enable", "--peer-balancer-addr", f"127.0.0.1:{peer.port}"
+        )
+        await until(lambda: peer.connections >= 2, within=15.0, what="followed again")
+        name = f"127.0.0.1:{peer.port}"
+        heard = "rower_peer_placements_total"
+        assert metric(fleet, heard, peer=name, outcome="unknown_server") >= 1
+        assert metric(fleet, heard, peer=name, outcome="applied") == 0
+        assert metric(fleet, "rower_peer_refused_lines_total", peer=name) >= 1
+        assert get_json(fleet.management + "/health") == {"status": "ok"}
+        assert "it sent a line that is not a placement" in process.output
+    finally:
+        await peer.stop()

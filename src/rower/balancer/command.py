@@ -157,6 +157,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "(default: 200000)",
     )
     parser.add_argument(
+        "--peer-balancer-addr",
+        dest="peer_balancer_addrs",
+        action="append",
+        default=[],
+        type=address,
+        metavar="HOST:PORT",
+        help="the management address of another balancer in front of the same agents: follow "
+        "what it sends where, so that a conversation whose turns come through either finds "
+        "one server (repeatable; give each balancer the others)",
+    )
+    parser.add_argument(
         "--request-header-timeout",
         type=milliseconds,
         default=10000,
@@ -253,6 +264,7 @@ def run(args: argparse.Namespace) -> int:
     """Run `rower balancer`."""
     from rower.balancer.fleet import Routing
     from rower.balancer.models import ModelRules
+    from rower.balancer.own_listeners import OwnListeners
     from rower.balancer.service import serve
     from rower.balancer.settings import BalancerSettings
     from rower.balancer.upstream import SlotAccounting
@@ -284,6 +296,7 @@ def run(args: argparse.Namespace) -> int:
         routing=Routing(args.routing),
         prompt_cache_contexts=args.prompt_cache_contexts,
         prefix_memory_entries=args.prefix_memory_entries,
+        peer_balancer_addrs=tuple(dict.fromkeys(args.peer_balancer_addrs)),
         models=ModelRules(
             declared=tuple(dict.fromkeys(args.models)),
             default=args.default_model,
@@ -306,4 +319,21 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    own = OwnListeners(
+        {
+            "management listener": settings.management_addr,
+            "reverse-proxy listener": settings.reverseproxy_addr,
+        }
+    )
+    for peer in settings.peer_balancer_addrs:
+        mine = peer == settings.management_addr or (
+            peer.ip is not None and own.owner_of_ip(peer.ip, peer.port)
+        )
+        if mine:
+            print(
+                f"rower balancer: --peer-balancer-addr {peer} is this balancer's own listener; "
+                "give the management addresses of the other balancers",
+                file=sys.stderr,
+            )
+            return 2
     return run_async(serve(settings))

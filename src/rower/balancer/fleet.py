@@ -59,7 +59,7 @@ from rower.balancer.answer_timings import AnswerTimings
 from rower.balancer.cache_routing import Affinity, CachePick, home_of, pick_cached
 from rower.balancer.models import UNKNOWN, ModelNames, ModelRefusal, ModelRules
 from rower.balancer.pool import Homing, Pool
-from rower.balancer.prefix_memory import DEFAULT_MAX_ENTRIES, PrefixMemory
+from rower.balancer.prefix_memory import DEFAULT_MAX_ENTRIES, Placement, PrefixMemory
 from rower.balancer.request_needs import RequestNeeds
 from rower.balancer.upstream import BYTES_PER_TOKEN, SlotAccounting, Upstream, blend
 from rower.balancer.waiting_line import Waiter
@@ -113,6 +113,9 @@ class Dispatch:
     newer_blocks: int = 0
     """Blocks of other conversations this balancer sent that upstream since it sent it the
     `matched_blocks` of this one (for `Fleet.answered`)."""
+    placement: Placement | None = None
+    """What the memory of prefixes recorded for it (None: nothing), for the other balancers
+    (`Fleet.placed_by_peer`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -504,6 +507,21 @@ class Fleet:
         else:
             upstream.learned_capacity = min(bound, current + max(1, current // 20))
 
+    def placed_by_peer(self, placement: Placement) -> bool:
+        """Another balancer in front of the same llama-servers sent `placement.prefix` to
+        `placement.server`: remember it as if this one had (returns False, remembering nothing,
+        for a server this balancer does not know). So a conversation whose turns come through
+        several balancers finds one server, not one per balancer (docs/routing.md)."""
+        if self.routing is not Routing.CACHE_AWARE or not placement.prefix:
+            return False
+        upstream = self._registered(placement.server)
+        if upstream is None:
+            return False
+        self.prefixes.record(
+            upstream.identity, placement.prefix, capacity_blocks=self._capacity(upstream)
+        )
+        return True
+
     def quarantine(self, agent_id: str, wall: float) -> None:
         """Stop using an agent's llama-server that refused a connection until its agent
         reports it healthy."""
@@ -815,9 +833,10 @@ class Fleet:
         matched_blocks: int = 0,
     ) -> Dispatch:
         # The caller re-indexes (`report` and `release` once, after draining the buffer).
-        newer_blocks = 0
+        newer_blocks, placement = 0, None
         if self._routes_by_cache(needs):
             assert needs is not None
+            placement = Placement(upstream.identity, needs.prefix)
             newer_blocks = self.prefixes.record(
                 upstream.identity,
                 needs.prefix,
@@ -844,6 +863,7 @@ class Fleet:
             upstream.model,
             rename_to,
             newer_blocks,
+            placement,
         )
 
     def _reindex(self, upstream: Upstream, now: float) -> None:

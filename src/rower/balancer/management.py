@@ -24,6 +24,7 @@ from rower.addresses import Address
 from rower.balancer.dashboard_web import dashboard_paths
 from rower.balancer.fleet_stream import FleetPublisher
 from rower.balancer.own_listeners import OwnListeners
+from rower.balancer.peers import KEEPALIVE_SECONDS, PLACEMENTS_PATH
 from rower.balancer.settings import BalancerSettings
 from rower.balancer.slot_gate import SlotGate
 from rower.http_errors import error_response
@@ -284,6 +285,44 @@ class ManagementApi:
                     continue
                 await response.write(b"data: " + snapshot + b"\n\n")
 
+    async def placements(self, request: web.Request) -> web.StreamResponse:
+        """`GET /api/v1/placements`: what this balancer sends where from now on, one NDJSON
+        line per dispatch (`placement_wire`), for the balancers that follow it (`peers`)."""
+        if not is_authorized(request, self.settings.management_token):
+            log_throttled(
+                log,
+                logging.WARNING,
+                "placements unauthorized",
+                "refused to tell placements to %s: wrong or missing token",
+                request.remote,
+            )
+            return error_response(401, UNAUTHORIZED)
+        response = web.StreamResponse(
+            headers={"Content-Type": "application/x-ndjson", "Cache-Control": "no-cache"}
+        )
+        await response.prepare(request)
+        async with self.gate.placements.follow() as follower:
+            lines = follower.lines
+            while not follower.fell_behind:
+                try:
+                    line = await asyncio.wait_for(lines.get(), KEEPALIVE_SECONDS)
+                except TimeoutError:
+                    await response.write(b"\n")
+                    continue
+                batch = [line]
+                while not lines.empty() and len(batch) < 256:
+                    batch.append(lines.get_nowait())
+                await response.write(b"".join(batch))
+        log_throttled(
+            log,
+            logging.WARNING,
+            "placements follower behind",
+            "a balancer following this one's placements from %s fell behind; its stream ends "
+            "and it follows again",
+            request.remote,
+        )
+        return response
+
     async def health(self, request: web.Request) -> web.Response:
         """`GET /health`."""
         return web.json_response({"status": "ok"})
@@ -394,6 +433,7 @@ def management_app(
     app.router.add_get("/api/v1/agents", api.agents)
     app.router.add_get("/api/v1/agents/stream", api.agents_stream)
     app.router.add_post("/api/v1/agents/{agent_id}/drain", api.drain_agent)
+    app.router.add_get(PLACEMENTS_PATH, api.placements)
     app.router.add_get("/api/v1/openapi.json", api.openapi_description)
     app.router.add_get("/health", api.health)
     return app

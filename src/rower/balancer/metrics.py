@@ -16,7 +16,7 @@ that named none where it had to) and `(unnamed)` for servers whose agent names n
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -30,6 +30,8 @@ from rower.balancer.http_limits import ListenerStats
 from rower.balancer.models import UNKNOWN
 from rower.balancer.outcome import Failure, ProxyOutcome
 from rower.balancer.paths import path_class, takes_slot
+from rower.balancer.peers import PeerFollower
+from rower.balancer.placement_feed import PlacementFeed
 from rower.status import ModelSummary
 
 SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -158,6 +160,58 @@ class FleetCollector(Collector):
         yield refusals
 
 
+class PeerCollector(Collector):
+    """What this balancer told the balancers following it, and heard from those it follows."""
+
+    def __init__(self, feed: PlacementFeed, peers: Sequence[PeerFollower]) -> None:
+        self.feed = feed
+        self.peers = list(peers)
+
+    def collect(self) -> Iterator[Metric]:
+        """Yield the placement families (docs/routing.md, "Several balancers")."""
+        feed = self.feed
+        yield GaugeMetricFamily(
+            "rower_placement_followers",
+            "Balancers following this one's placements now",
+            value=feed.followers,
+        )
+        yield CounterMetricFamily(
+            "rower_placements_told",
+            "Placements told to the balancers following this one",
+            value=feed.published,
+        )
+        yield CounterMetricFamily(
+            "rower_placement_followers_dropped",
+            "Followers whose stream was ended because they fell behind",
+            value=feed.dropped_followers,
+        )
+        connected = GaugeMetricFamily(
+            "rower_peer_connected",
+            "Whether this balancer follows a peer's placements now (1) or tries again (0)",
+            labels=["peer"],
+        )
+        heard = CounterMetricFamily(
+            "rower_peer_placements",
+            "Placements heard from a peer: applied, or unknown_server (a server this balancer "
+            "does not know)",
+            labels=["peer", "outcome"],
+        )
+        refused = CounterMetricFamily(
+            "rower_peer_refused_lines",
+            "Lines from a peer that were not placements (each ended its stream)",
+            labels=["peer"],
+        )
+        for peer in self.peers:
+            name, counts = str(peer.peer), peer.counts
+            connected.add_metric([name], 1 if counts.connected else 0)
+            heard.add_metric([name, "applied"], counts.applied)
+            heard.add_metric([name, "unknown_server"], counts.unknown_server)
+            refused.add_metric([name], counts.refused_lines)
+        yield connected
+        yield heard
+        yield refused
+
+
 def _model_families(models: list[ModelSummary]) -> Iterator[Metric]:
     families = {
         "idle": GaugeMetricFamily(
@@ -200,10 +254,15 @@ class BalancerMetrics:
     """The balancer's Prometheus registry; `observe` is the reverse proxy's outcome listener."""
 
     def __init__(
-        self, publisher: FleetPublisher, *, listeners: Mapping[str, ListenerStats] | None = None
+        self,
+        publisher: FleetPublisher,
+        *,
+        listeners: Mapping[str, ListenerStats] | None = None,
+        peers: Sequence[PeerFollower] = (),
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(FleetCollector(publisher, listeners))
+        self.registry.register(PeerCollector(publisher.gate.placements, peers))
         self.fleet = publisher.gate.fleet
         self.requests = Counter(
             "rower_proxied_requests",

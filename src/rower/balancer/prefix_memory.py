@@ -41,6 +41,15 @@ DEFAULT_MAX_ENTRIES = 200_000
 """Entries in the whole fleet's memory: 200,000 conversations, ~55 MB (~285 bytes an entry)."""
 
 
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """`prefix` was sent to the llama-server `server` (an upstream's identity): what one
+    balancer tells the others (`peer_placements`), so that all remember the same."""
+
+    server: str
+    prefix: Chain
+
+
 @dataclass(slots=True)
 class _ServerPrefixes:
     entries: OrderedDict[int, int] = field(default_factory=OrderedDict)

@@ -24,6 +24,7 @@ from rower.balancer.http_limits import (
 from rower.balancer.management import management_app
 from rower.balancer.metrics import BalancerMetrics, add_metrics_routes
 from rower.balancer.outcome import OutcomeListener, all_of
+from rower.balancer.peers import PeerFollower
 from rower.balancer.proxy import ReverseProxy, proxy_app
 from rower.balancer.settings import BalancerSettings
 from rower.balancer.slot_gate import SlotGate
@@ -60,9 +61,13 @@ class Balancer:
         self.publisher = FleetPublisher(self.gate)
         self.management = management_app(self.gate, self.publisher, settings)
         self.listener_stats = {"reverse-proxy": ListenerStats(), "management": ListenerStats()}
+        self.peers = [
+            PeerFollower(peer, self.gate.placed_by_peer, token=settings.management_token)
+            for peer in settings.peer_balancer_addrs
+        ]
         # Observability (metrics.py, statsd.py, dashboard_web.py): routes before start.
         self.metrics = (
-            BalancerMetrics(self.publisher, listeners=self.listener_stats)
+            BalancerMetrics(self.publisher, listeners=self.listener_stats, peers=self.peers)
             if settings.metrics_endpoint_enable
             else None
         )
@@ -91,6 +96,8 @@ class Balancer:
 
         proxy.on_cleanup.append(close_upstream)
         self._tasks.append(asyncio.create_task(self.publisher.run(), name="fleet publisher"))
+        for peer in self.peers:
+            self._tasks.append(asyncio.create_task(peer.run(), name=f"peer {peer.peer}"))
         if self.settings.statsd_addr is not None:
             statsd = StatsdReporter(
                 self.settings.statsd_addr,

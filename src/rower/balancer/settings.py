@@ -40,6 +40,8 @@ class BalancerSettings:
     routing: Routing = Routing.CACHE_AWARE
     prompt_cache_contexts: int = 8
     prefix_memory_entries: int = DEFAULT_MAX_ENTRIES
+    peer_balancer_addrs: tuple[Address, ...] = ()
+    """Other balancers whose placements this one follows (`peers`)."""
     # Models (docs/models.md).
     models: ModelRules = field(default_factory=ModelRules)
     # Hostile clients and agents (docs/reliability.md).

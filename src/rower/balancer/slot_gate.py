@@ -14,6 +14,8 @@ from collections.abc import Callable, Mapping
 from rower.balancer.answer_timings import AnswerTimings
 from rower.balancer.fleet import Buffered, Dispatch, Fleet, Rejected, RejectReason
 from rower.balancer.models import UNKNOWN
+from rower.balancer.placement_feed import PlacementFeed
+from rower.balancer.prefix_memory import Placement
 from rower.balancer.request_needs import RequestNeeds
 from rower.balancer.upstream import Upstream
 from rower.status import StatusUpdate
@@ -73,6 +75,8 @@ class SlotGate:
         """Set whenever the fleet changed; observers clear it after reading."""
         self.closing = False
         """The balancer is shutting down: no request gets a slot any more."""
+        self.placements = PlacementFeed()
+        """Where the balancers following this one hear what it sent where (`peers`)."""
 
     def new_request_id(self) -> int:
         """A fresh id for a request that will ask for a slot."""
@@ -93,6 +97,7 @@ class SlotGate:
         decision = self.fleet.request_slot(request_id, self.clock(), needs=needs, retry=retry)
         self._touch()
         if isinstance(decision, Dispatch):
+            self.placements.publish(decision.placement)
             return decision
         if isinstance(decision, Rejected):
             raise _rejection(decision, self.buffer_timeout)
@@ -109,6 +114,7 @@ class SlotGate:
             async with asyncio.timeout(timeout):
                 dispatch = await waiter
             granted = True
+            self.placements.publish(dispatch.placement)
             return dispatch
         except TimeoutError:
             raise SlotUnavailable(
@@ -168,6 +174,11 @@ class SlotGate:
             matched_blocks=matched_blocks,
             newer_blocks=newer_blocks,
         )
+
+    def placed_by_peer(self, placement: Placement) -> bool:
+        """A peer balancer sent `placement.prefix` to `placement.server`; returns whether this
+        balancer knows that server (and so remembered it)."""
+        return self.fleet.placed_by_peer(placement)
 
     def quarantine(self, agent_id: str) -> None:
         """An upstream refused a connection outside of any slot (a request that needs none)."""

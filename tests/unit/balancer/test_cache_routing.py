@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from rower.balancer.answer_timings import AnswerTimings
@@ -390,3 +392,26 @@ def test_a_prefix_found_gone_shrinks_what_the_server_is_believed_to_hold() -> No
     found = AnswerTimings(evaluated=100, cached=1400)
     fleet.answered(last.agent_id, found, head_bytes=6144, matched_blocks=last.matched_blocks)
     assert upstream.learned_capacity > before
+
+
+def test_a_balancer_that_heard_a_peers_placement_sends_the_next_turn_there() -> None:
+    # Two balancers in front of the same servers; A's report shows agent1 busier, so a new
+    # conversation goes to agent0 there, and B would send it to agent1 on its own.
+    mine, peer = fleet_of(2, 2), fleet_of(2, 2)
+    mine.report("agent1", status(8001, 2, 1), 0.0, 0.0)
+    peer.report("agent0", status(8000, 2, 1), 0.0, 0.0)
+    sent = Client(mine).send(turn(1, 4))
+    assert sent.upstream == "127.0.0.1:8000"
+    assert sent.placement is not None
+    assert peer.placed_by_peer(sent.placement)
+    assert Client(peer).send(turn(1, 5)).upstream == "127.0.0.1:8000"
+
+
+def test_a_peers_placement_on_an_unknown_server_or_under_least_busy_is_not_remembered() -> None:
+    fleet = fleet_of(2)
+    sent = Client(fleet_of(2)).send(turn(1, 4))
+    assert sent.placement is not None
+    assert not fleet.placed_by_peer(replace(sent.placement, server="127.0.0.1:9999"))
+    assert not fleet_of(2, routing=Routing.LEAST_BUSY).placed_by_peer(sent.placement)
+    assert len(fleet.prefixes) == 0
+    assert Client(fleet_of(2, routing=Routing.LEAST_BUSY)).send(turn(1, 4)).placement is None
