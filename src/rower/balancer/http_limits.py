@@ -1,7 +1,9 @@
 """What each HTTP listener of the balancer allows a client connection, and how it says no.
 
-aiohttp parses requests (llhttp) and runs the handlers; this module customises its request
-handler, the one place that sees every connection and every request head of a listener:
+`ListenerLimits` and `ListenerStats` are both listeners'. The reverse-proxy listener is Rower's
+own server (`client_connection`), which keeps these rules itself; the management listener is
+aiohttp's, which parses requests (llhttp) and runs the handlers, and this module customises its
+request handler, the one place that sees every connection and every request head:
 
 - **Header sizes**: a request line or header field over `--max-header-bytes`, or more than
   `MAX_HEADERS` fields, gets 431 (aiohttp enforces the sizes; it would answer a plain 400).

@@ -19,9 +19,9 @@ client never sees "Server disconnected" for it. A request that asks for a stream
 connection of its own, and llama-server's chunks are written to the client's socket from that
 connection's own callback: one system call per token and no task woken (docs/performance.md).
 
-The listener runs with `handler_cancellation=True`, so a client that goes away cancels the
-handler: the `finally` that hands the upstream connection back then closes it (an answer not
-read to its end is never pooled). llama-server then
+The listener is Rower's own HTTP/1.1 server (`client_connection`); a client that goes away
+cancels the handler: the `finally` that hands the upstream connection back then closes it (an
+answer not read to its end is never pooled). llama-server then
 stops a streamed generation at its next token; a non-streamed one runs to its end, which is why
 such a slot is given back as "abandoned". A client that leaves is counted as what it is
 (`client_disconnected`), not as a failure of the upstream.
@@ -32,10 +32,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
+from urllib.parse import unquote_plus
 
-from aiohttp import web
+import msgspec
 from multidict import CIMultiDict, MultiMapping
 
 from rower.balancer.answer_timings import (
@@ -43,6 +44,7 @@ from rower.balancer.answer_timings import (
     from_body,
     from_stream_tail,
 )
+from rower.balancer.client_connection import BodyTooLarge, ClientRequest
 from rower.balancer.fleet import Dispatch
 from rower.balancer.model_listing import MODELS_PATHS, listing
 from rower.balancer.outcome import (
@@ -52,6 +54,7 @@ from rower.balancer.outcome import (
     ProxyOutcome,
 )
 from rower.balancer.paths import is_slots_endpoint, normalize
+from rower.balancer.request_head import HeadRefused
 from rower.balancer.request_ids import HEADER as REQUEST_ID
 from rower.balancer.request_ids import request_id
 from rower.balancer.request_needs import BadRequest, RequestNeeds, read_needs, with_model
@@ -65,7 +68,7 @@ from rower.balancer.upstream_connection import (
     request_head,
 )
 from rower.balancer.upstream_framing import AnswerHead, BadAnswer, Framing
-from rower.http_errors import error_response, openai_error_response
+from rower.llamacpp import error_body
 from rower.logs import log_throttled
 
 log = logging.getLogger(__name__)
@@ -84,11 +87,6 @@ HOP_BY_HOP = frozenset(
     }
 )
 
-_NEEDS = web.RequestKey("rower.needs", RequestNeeds)
-_DISPATCH = web.RequestKey("rower.dispatch", Dispatch)
-_EXCHANGE: web.RequestKey[_Exchange] = web.RequestKey("rower.exchange")
-"""Where a request keeps what it needs, where it went and how far it got, for its outcome."""
-
 MAX_ATTEMPTS = 3
 """Upstreams tried for one request when they refuse connections."""
 
@@ -97,6 +95,7 @@ SMALL_BODY = 64 * 1024
 write, where relaying them as a stream costs three (headers, body, end) plus the stream's
 machinery; most of the proxy's CPU per small request is those writes."""
 
+JSON = ("Content-Type", "application/json; charset=utf-8")
 
 _UNAVAILABLE = {
     429: Failure.BUFFER_FULL,
@@ -108,8 +107,21 @@ _UNAVAILABLE = {
 """The slot gate's refusals, by the status it chose."""
 
 
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A whole answer to send: status, headers (without framing), body; `close`: the
+    connection closes after it; `length`: the `Content-Length` of a HEAD's answer."""
+
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes = b""
+    reason: str | None = None
+    close: bool = False
+    length: int | None = None
+
+
 class ReverseProxy:
-    """aiohttp handler for every method and path of the public listener."""
+    """The handler of every request on the public listener (`client_connection`)."""
 
     def __init__(
         self,
@@ -124,89 +136,88 @@ class ReverseProxy:
         self.settings = settings
         self.on_outcome = on_outcome
 
-    async def __call__(self, request: web.Request) -> web.StreamResponse:
+    async def __call__(self, request: ClientRequest) -> None:
         """Relay one request."""
-        exchange = request[_EXCHANGE] = _Exchange(
-            request_id(request.headers.get(REQUEST_ID)), time.perf_counter()
+        exchange = _Exchange(
+            request, request_id(request.headers.get(REQUEST_ID)), time.perf_counter()
         )
         try:
-            response = await self._relay(request)
+            answer = await self._relay(exchange)
         except asyncio.CancelledError:
             self._report(
-                request,
+                exchange,
                 exchange.status or CLIENT_CLOSED_REQUEST,
                 Failure.CLIENT_DISCONNECTED,
                 "the client closed the connection",
             )
             raise
-        if not response.prepared:
-            response.headers[REQUEST_ID] = exchange.request_id
-        return response
+        if answer is not None:
+            answer.headers.append((REQUEST_ID, exchange.request_id))
+            request.respond(
+                answer.status,
+                answer.headers,
+                answer.body,
+                reason=answer.reason,
+                close=answer.close,
+                length=answer.length,
+            )
 
-    async def _relay(self, request: web.Request) -> web.StreamResponse:
+    async def _relay(self, exchange: _Exchange) -> Answer | None:
+        request = exchange.request
         if is_slots_endpoint(request.path) and not self.settings.slots_endpoint_enable:
             message = (
                 "The /slots endpoint is not exposed through the balancer; "
                 "start it with --slots-endpoint-enable to allow it"
             )
-            return self._refuse(request, 403, Failure.SLOTS_FORBIDDEN, message)
+            return self._refuse(exchange, 403, Failure.SLOTS_FORBIDDEN, message)
         limit = self.settings.max_request_body_bytes
         if request.content_length is not None and request.content_length > limit:
-            return self._body_too_large(request)
+            return self._body_too_large(exchange)
         if self.gate.closing:
             message = "The balancer is shutting down; retry on another balancer or in a moment"
             return self._refuse(
-                request, 503, Failure.SHUTTING_DOWN, message, headers={"Retry-After": "1"}
+                exchange, 503, Failure.SHUTTING_DOWN, message, headers={"Retry-After": "1"}
             )
         if request.method == "GET" and normalize(request.path) in MODELS_PATHS:
             # The fleet's models, not one server's.
-            answer = listing(self.gate.fleet, self.gate.clock(), self.gate.wall_clock())
-            response = web.json_response(answer)
-            self._report(request, 200)
-            return response
+            models = listing(self.gate.fleet, self.gate.clock(), self.gate.wall_clock())
+            body = msgspec.json.encode(models)
+            exchange.bytes_sent = len(body)
+            self._report(exchange, 200)
+            return Answer(200, [JSON], body)
         try:
-            body = await self._read_body(request)
+            body = await request.read_body(limit, self.settings.request_body_timeout)
         except BodyTooLarge:
-            return self._body_too_large(request)
+            return self._body_too_large(exchange)
         except TimeoutError:
-            return self._body_too_slow(request)
-        request[_EXCHANGE].bytes_received = len(body)
+            return self._body_too_slow(exchange)
+        except HeadRefused as error:
+            answer = self._refuse(
+                exchange,
+                error.status,
+                Failure.BAD_REQUEST,
+                error.message,
+                error_type="invalid_request_error",
+            )
+            return Answer(answer.status, answer.headers, answer.body, close=True)
+        exchange.bytes_received = len(body)
         try:
-            needs = request[_NEEDS] = read_needs(request.path, body, request.query.get("model"))
+            needs = exchange.needs = read_needs(request.path, body, _query_model(request.query))
         except BadRequest as error:
             return self._refuse(
-                request,
+                exchange,
                 400,
                 Failure.BAD_REQUEST,
                 error.message,
                 error_type="invalid_request_error",
             )
         if needs.takes_slot:
-            return await self._relay_on_slot(request, body, needs)
-        return await self._relay_anywhere(request, body, needs)
-
-    async def _read_body(self, request: web.Request) -> bytes:
-        """The whole request body, within `--max-request-body-bytes` and the read deadline."""
-        if not request.body_exists:
-            return b""
-        limit = self.settings.max_request_body_bytes
-        async with asyncio.timeout(self.settings.request_body_timeout):
-            if request.content_length is not None:
-                return await request.read()
-            # Chunked: the size is known only once it has all arrived.
-            chunks: list[bytes] = []
-            seen = 0
-            async for chunk in request.content.iter_any():
-                seen += len(chunk)
-                if seen > limit:
-                    raise BodyTooLarge
-                chunks.append(chunk)
-            return b"".join(chunks)
+            return await self._relay_on_slot(exchange, body, needs)
+        return await self._relay_anywhere(exchange, body, needs)
 
     async def _relay_on_slot(
-        self, request: web.Request, body: bytes, needs: RequestNeeds
-    ) -> web.StreamResponse:
-        exchange: _Exchange = request[_EXCHANGE]
+        self, exchange: _Exchange, body: bytes, needs: RequestNeeds
+    ) -> Answer | None:
         slot_request = self.gate.new_request_id()
         retry = False
         for _ in range(MAX_ATTEMPTS):
@@ -221,17 +232,17 @@ class ReverseProxy:
                 headers = {"Retry-After": str(error.retry_after)} if error.retry_after else None
                 failure = _UNAVAILABLE.get(error.status, Failure.BUFFER_FULL)
                 return self._refuse(
-                    request,
+                    exchange,
                     error.status,
                     failure,
                     error.message,
                     headers=headers,
                     openai_code=error.openai_code,
                 )
-            request[_DISPATCH] = dispatch
+            exchange.dispatch = dispatch
             sent = with_model(body, dispatch.rename_to) if dispatch.rename_to else body
             try:
-                return await self._forward(request, sent, dispatch.upstream)
+                return await self._forward(exchange, sent, dispatch.upstream)
             except UpstreamRefused:
                 log.warning("llama-server at %s refused the connection", dispatch.upstream)
                 self.gate.refused(slot_request)
@@ -243,40 +254,38 @@ class ReverseProxy:
                 raise
             finally:
                 self.gate.release(slot_request)
-        return self._unreachable(request)
+        return self._unreachable(exchange)
 
     async def _relay_anywhere(
-        self, request: web.Request, body: bytes, needs: RequestNeeds
-    ) -> web.StreamResponse:
+        self, exchange: _Exchange, body: bytes, needs: RequestNeeds
+    ) -> Answer | None:
         for _ in range(MAX_ATTEMPTS):
             upstream = self.gate.any_upstream(needs.model)
             if upstream is None:
                 message = "No llama.cpp server is registered and healthy; start an agent"
-                return self._refuse(request, 503, Failure.NO_UPSTREAM, message)
+                return self._refuse(exchange, 503, Failure.NO_UPSTREAM, message)
             try:
-                return await self._forward(request, body, upstream.address)
+                return await self._forward(exchange, body, upstream.address)
             except UpstreamRefused:
                 log.warning("llama-server at %s refused the connection", upstream.address)
                 self.gate.quarantine(upstream.agent_id)
-        return self._unreachable(request)
+        return self._unreachable(exchange)
 
-    def _unreachable(self, request: web.Request) -> web.Response:
+    def _unreachable(self, exchange: _Exchange) -> Answer:
         message = "llama.cpp servers refused the connection; check that they are running"
-        return self._refuse(request, 502, Failure.UPSTREAMS_REFUSED, message)
+        return self._refuse(exchange, 502, Failure.UPSTREAMS_REFUSED, message)
 
-    async def _forward(
-        self, request: web.Request, body: bytes, upstream: str
-    ) -> web.StreamResponse:
-        exchange: _Exchange = request[_EXCHANGE]
+    async def _forward(self, exchange: _Exchange, body: bytes, upstream: str) -> Answer | None:
+        request = exchange.request
         exchange.upstream = upstream
-        needs: RequestNeeds | None = request.get(_NEEDS)
+        needs = exchange.needs
         streaming = needs is not None and needs.streaming
-        headers = self._upstream_headers(request, upstream)
+        headers = self._upstream_headers(exchange, upstream)
         self._body_headers(request, headers, body)
         if streaming:
             # llama-server closes the connection after a stream anyway (`upstream_client`).
             headers["Connection"] = "close"
-        head = request_head(request.method, str(request.rel_url), headers)
+        head = request_head(request.method, request.target, headers)
         try:
             answer = await self.upstream.request(
                 upstream, head + body, head_request=request.method == "HEAD", closing=streaming
@@ -284,121 +293,122 @@ class ReverseProxy:
         except ConnectionRefusedError as error:
             raise UpstreamRefused from error
         except (BadAnswer, OSError, TimeoutError) as error:
-            return self._upstream_failed(request, upstream, error)
+            return self._upstream_failed(exchange, upstream, error)
         exchange.connection_reused, exchange.retried = answer.reused, answer.retried
         exchange.first_byte = time.perf_counter() - exchange.started
         try:
             if request.method == "HEAD":
-                return await self._relay_head(request, answer.head)
+                return self._relay_head(exchange, answer.head)
             if answer.head.framing is Framing.EMPTY or (
                 answer.head.framing is Framing.LENGTH and answer.head.length <= SMALL_BODY
             ):
-                return await self._relay_whole(request, answer.connection, answer.head, upstream)
-            return await self._relay_body(request, answer.connection, answer.head, upstream)
+                return await self._relay_whole(exchange, answer.connection, answer.head, upstream)
+            await self._relay_body(exchange, answer.connection, answer.head, upstream)
+            return None
         finally:
             self.upstream.release(upstream, answer.connection)
 
     async def _relay_body(
         self,
-        request: web.Request,
+        exchange: _Exchange,
         connection: UpstreamConnection,
         answer: AnswerHead,
         upstream: str,
-    ) -> web.StreamResponse:
+    ) -> None:
         """An answer relayed as it arrives (a stream, or a long or unframed body)."""
-        exchange: _Exchange = request[_EXCHANGE]
-        response = web.StreamResponse(status=answer.status, reason=answer.reason)
-        for name, value in end_to_end(CIMultiDict(answer.headers)):
-            if name.lower() != "content-length":
-                response.headers.add(name, value)
-        response.headers[REQUEST_ID] = exchange.request_id
+        request = exchange.request
+        headers = [
+            (name, value)
+            for name, value in end_to_end(CIMultiDict(answer.headers))
+            if name.lower() != "content-length"
+        ]
+        headers.append((REQUEST_ID, exchange.request_id))
         # llama-server's chunks pass as they are to a client that takes chunks (HTTP/1.1).
         chunked = request.version >= (1, 1)
-        if chunked:
-            response.enable_chunked_encoding()
-        await response.prepare(request)
         exchange.status = answer.status
-        exchange.streaming = response.content_type == "text/event-stream"
+        exchange.streaming = any(
+            name.lower() == "content-type" and value.startswith("text/event-stream")
+            for name, value in headers
+        )
         try:
-            await _send(response, b"")  # the head, before the relayed body
-            transport = request.transport
-            if transport is None:
-                raise ClientLeft("the client's connection is closed")
             try:
-                await connection.relay(transport, request.writer, chunked=chunked)
+                transport = request.start(
+                    answer.status, headers, reason=answer.reason, chunked=chunked
+                )
+            except ConnectionError as error:
+                raise ClientLeft(str(error)) from error
+            try:
+                await connection.relay(transport, request, chunked=chunked)
             finally:
                 exchange.bytes_sent = connection.payload_bytes
             # The last event carries the answer's timings.
-            self._count_prompt(request, from_stream_tail(b"".join(connection.tail)))
-            await _send(response, None)
+            self._count_prompt(exchange, from_stream_tail(b"".join(connection.tail)))
+            request.end(chunked=chunked)
         except ClientLeft as left:
             # Not the upstream's fault: the client closed its connection mid-answer.
             self._report(
-                request,
+                exchange,
                 answer.status,
                 Failure.CLIENT_DISCONNECTED,
                 f"the client left mid-response: {left}",
             )
-            return response
+            request.abort()
+            return
         except UpstreamCut as error:
             # Headers are gone already: all that is left is to end the client's answer.
             log.warning("llama-server at %s failed mid-response: %s", upstream, error)
             self._report(
-                request,
+                exchange,
                 answer.status,
                 Failure.UPSTREAM_CUT,
                 f"upstream failed mid-response: {error}",
             )
-            if request.transport is not None:
-                request.transport.close()
-            return response
-        self._report(request, answer.status)
-        return response
+            request.abort()
+            return
+        self._report(exchange, answer.status)
 
     async def _relay_whole(
         self,
-        request: web.Request,
+        exchange: _Exchange,
         connection: UpstreamConnection,
         answer: AnswerHead,
         upstream: str,
-    ) -> web.StreamResponse:
+    ) -> Answer:
         """A short answer of known length, read whole and sent in one write."""
         try:
             body = await connection.whole()
         except UpstreamCut as error:
-            return self._upstream_failed(request, upstream, error)
-        self._count_prompt(request, from_body(body))
-        headers = CIMultiDict(
+            return self._upstream_failed(exchange, upstream, error)
+        self._count_prompt(exchange, from_body(body))
+        headers = [
             (name, value)
             for name, value in end_to_end(CIMultiDict(answer.headers))
             if name.lower() != "content-length"
-        )
-        response = web.Response(
-            status=answer.status, reason=answer.reason, body=body, headers=headers
-        )
-        request[_EXCHANGE].bytes_sent = len(body)
-        self._report(request, answer.status)
-        return response
+        ]
+        exchange.bytes_sent = len(body)
+        self._report(exchange, answer.status)
+        return Answer(answer.status, headers, body, reason=answer.reason)
 
-    async def _relay_head(self, request: web.Request, answer: AnswerHead) -> web.StreamResponse:
+    def _relay_head(self, exchange: _Exchange, answer: AnswerHead) -> Answer:
         """The answer to a HEAD: the headers, `Content-Length` included, and no body."""
-        response = web.StreamResponse(status=answer.status, reason=answer.reason)
-        for name, value in end_to_end(CIMultiDict(answer.headers)):
-            response.headers.add(name, value)
-        response.headers[REQUEST_ID] = request[_EXCHANGE].request_id
-        self._report(request, answer.status)
-        return response
+        headers = end_to_end(CIMultiDict(answer.headers))
+        length = None
+        for name, value in headers:
+            if name.lower() == "content-length" and value.isdigit():
+                length = int(value)
+        headers = [(name, value) for name, value in headers if name.lower() != "content-length"]
+        self._report(exchange, answer.status)
+        return Answer(answer.status, headers, reason=answer.reason, length=length or 0)
 
-    def _upstream_failed(
-        self, request: web.Request, upstream: str, error: BaseException
-    ) -> web.Response:
+    def _upstream_failed(self, exchange: _Exchange, upstream: str, error: BaseException) -> Answer:
         message = (
             f"Request to llama.cpp server at {upstream} failed: {error or type(error).__name__}"
         )
         log.warning("%s", message)
-        return self._refuse(request, 502, Failure.UPSTREAM_FAILED, message)
+        return self._refuse(exchange, 502, Failure.UPSTREAM_FAILED, message)
 
-    def _body_too_slow(self, request: web.Request) -> web.Response:
+    def _body_too_slow(self, exchange: _Exchange) -> Answer:
+        request = exchange.request
         timeout = self.settings.request_body_timeout
         message = (
             f"The request body did not arrive within {timeout:g} s; send it at once, "
@@ -413,14 +423,14 @@ class ReverseProxy:
             request.path,
             request.remote,
         )
-        response = self._refuse(
-            request, 408, Failure.BODY_TIMEOUT, message, error_type="invalid_request_error"
+        answer = self._refuse(
+            exchange, 408, Failure.BODY_TIMEOUT, message, error_type="invalid_request_error"
         )
         # The rest of the body may still come: the connection cannot carry another request.
-        response.force_close()
-        return response
+        return Answer(answer.status, answer.headers, answer.body, close=True)
 
-    def _body_too_large(self, request: web.Request) -> web.Response:
+    def _body_too_large(self, exchange: _Exchange) -> Answer:
+        request = exchange.request
         limit = self.settings.max_request_body_bytes
         message = (
             f"The request body is over {limit} bytes; send less, or raise --max-request-body-bytes"
@@ -435,12 +445,12 @@ class ReverseProxy:
             request.remote,
             limit,
         )
-        response = self._refuse(request, 413, Failure.BODY_TOO_LARGE, message)
+        answer = self._refuse(exchange, 413, Failure.BODY_TOO_LARGE, message)
         # The rest of the body is not read: the connection cannot carry another request.
-        response.force_close()
-        return response
+        return Answer(answer.status, answer.headers, answer.body, close=True)
 
-    def _upstream_headers(self, request: web.Request, upstream: str) -> CIMultiDict[str]:
+    def _upstream_headers(self, exchange: _Exchange, upstream: str) -> CIMultiDict[str]:
+        request = exchange.request
         headers = CIMultiDict(end_to_end(request.headers))
         if self.settings.rewrite_host_header or "Host" not in headers:
             headers["Host"] = upstream
@@ -448,10 +458,10 @@ class ReverseProxy:
         if peer:
             previous = request.headers.get("X-Forwarded-For")
             headers["X-Forwarded-For"] = f"{previous}, {peer}" if previous else peer
-        headers[REQUEST_ID] = request[_EXCHANGE].request_id
+        headers[REQUEST_ID] = exchange.request_id
         return headers
 
-    def _body_headers(self, request: web.Request, headers: CIMultiDict[str], body: bytes) -> None:
+    def _body_headers(self, request: ClientRequest, headers: CIMultiDict[str], body: bytes) -> None:
         # The body was read whole (and a router's model may have been renamed in it:
         # `Dispatch.rename_to`): it goes with its length, and needs no `100 Continue`.
         headers.popall("Expect", None)
@@ -460,10 +470,10 @@ class ReverseProxy:
         else:
             headers.popall("Content-Length", None)
 
-    def _count_prompt(self, request: web.Request, tokens: AnswerTimings | None) -> None:
-        dispatch: Dispatch | None = request.get(_DISPATCH)
+    def _count_prompt(self, exchange: _Exchange, tokens: AnswerTimings | None) -> None:
+        dispatch = exchange.dispatch
         if tokens is not None and dispatch is not None:
-            needs: RequestNeeds | None = request.get(_NEEDS)
+            needs = exchange.needs
             head_bytes = needs.head_bytes if needs is not None else 0
             self.gate.answered(
                 dispatch.agent_id,
@@ -476,7 +486,7 @@ class ReverseProxy:
 
     def _refuse(
         self,
-        request: web.Request,
+        exchange: _Exchange,
         status: int,
         failure: Failure,
         message: str,
@@ -484,29 +494,34 @@ class ReverseProxy:
         headers: Mapping[str, str] | None = None,
         error_type: str | None = None,
         openai_code: str | None = None,
-    ) -> web.Response:
+    ) -> Answer:
         """An error answered by the balancer itself, reported as `failure` (in OpenAI's shape
         when it has an `openai_code`, else llama.cpp's)."""
         if openai_code is not None:
-            response = openai_error_response(status, message, code=openai_code, param="model")
+            error = {
+                "message": message,
+                "type": "invalid_request_error",
+                "param": "model",
+                "code": openai_code,
+            }
+            body = msgspec.json.encode({"error": error})
         else:
-            response = error_response(status, message, headers=headers, error_type=error_type)
-        assert isinstance(response.body, bytes)
-        request[_EXCHANGE].bytes_sent = len(response.body)
-        self._report(request, status, failure, message)
-        return response
+            body = error_body(status, message, error_type)
+        exchange.bytes_sent = len(body)
+        self._report(exchange, status, failure, message)
+        return Answer(status, [JSON, *(headers or {}).items()], body)
 
     def _report(
         self,
-        request: web.Request,
+        exchange: _Exchange,
         status: int,
         failure: Failure | None = None,
         error: str | None = None,
     ) -> None:
-        exchange: _Exchange = request[_EXCHANGE]
         if self.on_outcome is None or exchange.reported:
             return
         exchange.reported = True
+        request = exchange.request
         self.on_outcome(
             ProxyOutcome(
                 request_id=exchange.request_id,
@@ -524,22 +539,21 @@ class ReverseProxy:
                 retried=exchange.retried,
                 failure=failure,
                 error=error,
-                needs=request.get(_NEEDS),
-                dispatch=request.get(_DISPATCH),
+                needs=exchange.needs,
+                dispatch=exchange.dispatch,
             )
         )
 
 
-async def _send(response: web.StreamResponse, chunk: bytes | None) -> None:
-    """Write `chunk` to the client (None: end the answer); `ClientLeft` if it is gone."""
-    try:
-        if chunk is None:
-            await response.write_eof()
-        else:
-            await response.write(chunk)
-    except ConnectionError as error:
-        # aiohttp's "Cannot write to closing transport" is a ConnectionResetError.
-        raise ClientLeft(str(error) or type(error).__name__) from error
+def _query_model(query: str) -> str | None:
+    """The `model` of a query string (`model=X&...`), percent-decoded, if any."""
+    if "model=" not in query:
+        return None
+    for field in query.split("&"):
+        name, _, value = field.partition("=")
+        if unquote_plus(name) == "model":
+            return unquote_plus(value)
+    return None
 
 
 def end_to_end(headers: MultiMapping[str]) -> list[tuple[str, str]]:
@@ -557,18 +571,17 @@ def end_to_end(headers: MultiMapping[str]) -> list[tuple[str, str]]:
     ]
 
 
-class BodyTooLarge(Exception):
-    """The request body grew past `--max-request-body-bytes` while it was read."""
-
-
 @dataclass(slots=True)
 class _Exchange:
     """One request as the proxy handles it: what its outcome will say, filled in as it goes.
 
     Attributes:
+        request: the client's request.
         request_id: its id (`X-Request-Id`).
         started: when it arrived (`time.perf_counter`: the event loop's clock is in whole
             milliseconds under uvloop, too coarse for a proxy's own cost).
+        needs: what it needs from the fleet, once its body is read.
+        dispatch: where the fleet sent it, once it has a slot.
         bytes_received: the request body's size, once read.
         upstream: the llama-server it was last sent to.
         waited: seconds in the buffer before its slot.
@@ -581,8 +594,11 @@ class _Exchange:
         reported: whether its outcome was reported (it is, exactly once).
     """
 
+    request: ClientRequest
     request_id: str
     started: float
+    needs: RequestNeeds | None = None
+    dispatch: Dispatch | None = None
     bytes_received: int = 0
     upstream: str | None = None
     waited: float = 0.0
@@ -597,10 +613,3 @@ class _Exchange:
 
 class UpstreamRefused(Exception):
     """The upstream refused the TCP connection: nothing was sent, so trying elsewhere is safe."""
-
-
-def proxy_app(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.Application:
-    """An application that sends every method and path to `handler`."""
-    app = web.Application(client_max_size=0)
-    app.router.add_route("*", "/{tail:.*}", handler)
-    return app

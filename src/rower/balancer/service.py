@@ -11,6 +11,7 @@ import signal
 from aiohttp import web
 
 from rower.balancer.access_log import open_access_log
+from rower.balancer.client_connection import ClientListener
 from rower.balancer.dashboard_web import add_dashboard_routes
 from rower.balancer.fleet import Fleet
 from rower.balancer.fleet_stream import FleetPublisher
@@ -25,7 +26,7 @@ from rower.balancer.management import management_app
 from rower.balancer.metrics import BalancerMetrics, add_metrics_routes
 from rower.balancer.outcome import OutcomeListener, all_of
 from rower.balancer.peers import PeerFollower
-from rower.balancer.proxy import ReverseProxy, proxy_app
+from rower.balancer.proxy import ReverseProxy
 from rower.balancer.settings import BalancerSettings
 from rower.balancer.slot_gate import SlotGate
 from rower.balancer.statsd import StatsdReporter
@@ -37,6 +38,10 @@ LISTEN_BACKLOG = 2048
 """Connections the kernel queues before accepting (capped by `net.core.somaxconn`): aiohttp's
 128 drops connections in a burst (thousands of clients, or agents reconnecting after a restart)
 and they retry only after a second or more."""
+
+SHUTDOWN_TIMEOUT = 0.5
+"""Handlers still running when a listener closes are cut after this, in seconds; the proxy's
+streams had the grace period already (`drain`)."""
 
 
 class Balancer:
@@ -77,24 +82,19 @@ class Balancer:
             add_dashboard_routes(self.management)
         self.access_log = open_access_log(settings.access_log, settings.log_format)
         self._runners: list[web.AppRunner] = []
-        self._proxy_site: web.TCPSite | None = None
+        self._proxy_listener: ClientListener | None = None
+        self._upstream: UpstreamClient | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         """Listen on the management and reverse-proxy addresses."""
-        upstream = UpstreamClient()
+        upstream = self._upstream = UpstreamClient()
         self.proxy = ReverseProxy(
             self.gate,
             upstream,
             self.settings,
             on_outcome=self._outcome_listener(),
         )
-        proxy = proxy_app(self.proxy)
-
-        async def close_upstream(_: web.Application) -> None:
-            await upstream.close()
-
-        proxy.on_cleanup.append(close_upstream)
         self._tasks.append(asyncio.create_task(self.publisher.run(), name="fleet publisher"))
         for peer in self.peers:
             self._tasks.append(asyncio.create_task(peer.run(), name=f"peer {peer.peer}"))
@@ -108,28 +108,30 @@ class Balancer:
             self._tasks.append(asyncio.create_task(statsd.run(), name="statsd reporter"))
         limits = listener_limits(self.settings)
         raise_open_file_limit(sum(limit.max_connections for limit in limits.values()) + 256)
-        for app, address, name in (
-            (self.management, self.settings.management_addr, "management"),
-            (proxy, self.settings.reverseproxy_addr, "reverse-proxy"),
-        ):
-            runner = LimitedAppRunner(
-                app,
-                limits=limits[name],
-                stats=self.listener_stats[name],
-                handler_cancellation=True,
-                access_log=None,
-                # Handlers still running when a listener closes are cut after this; the proxy's
-                # streams had the grace period already (`drain`).
-                shutdown_timeout=0.5,
-            )
-            await runner.setup()
-            site = web.TCPSite(
-                runner, address.host, address.port, reuse_address=True, backlog=LISTEN_BACKLOG
-            )
-            await site.start()
-            self._runners.append(runner)
-            if app is proxy:
-                self._proxy_site = site
+        address = self.settings.management_addr
+        runner = LimitedAppRunner(
+            self.management,
+            limits=limits["management"],
+            stats=self.listener_stats["management"],
+            handler_cancellation=True,
+            access_log=None,
+            shutdown_timeout=SHUTDOWN_TIMEOUT,
+        )
+        await runner.setup()
+        site = web.TCPSite(
+            runner, address.host, address.port, reuse_address=True, backlog=LISTEN_BACKLOG
+        )
+        await site.start()
+        self._runners.append(runner)
+        # The public side is Rower's own HTTP server (client_connection.py).
+        address = self.settings.reverseproxy_addr
+        self._proxy_listener = ClientListener(
+            self.proxy,
+            limits=limits["reverse-proxy"],
+            stats=self.listener_stats["reverse-proxy"],
+            max_body_bytes=self.settings.max_request_body_bytes,
+        )
+        await self._proxy_listener.start(address.host, address.port, backlog=LISTEN_BACKLOG)
         log.info(
             "balancer listening: management on %s, reverse proxy on %s",
             self.settings.management_addr,
@@ -153,8 +155,8 @@ class Balancer:
         keep reporting. `cut_short` ends the wait early (a second SIGTERM).
         """
         self.gate.close()
-        if self._proxy_site is not None:
-            await self._proxy_site.stop()
+        if self._proxy_listener is not None:
+            self._proxy_listener.stop_listening()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace_period
         in_flight = self.fleet.requests_in_flight
@@ -176,6 +178,11 @@ class Balancer:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self._proxy_listener is not None:
+            await self._proxy_listener.close(SHUTDOWN_TIMEOUT)
+            self._proxy_listener = None
+        if self._upstream is not None:
+            await self._upstream.close()
         for runner in reversed(self._runners):
             await runner.cleanup()
 

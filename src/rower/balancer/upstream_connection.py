@@ -10,11 +10,11 @@ llama-server's chunks go out as they came to an HTTP/1.1 client (`ChunkedBody` c
 finds the end), so nothing is re-encoded; an HTTP/1.0 client gets the chunks' data.
 
 The handler owns the exchange: it sends the request (`send`), waits for the head (`head`), then
-either reads a short body whole (`whole`) or prepares the client's answer with aiohttp and waits
+either reads a short body whole (`whole`) or sends the head of the client's answer and waits
 in `relay` until the answer ended, the upstream failed (`UpstreamCut`), or the client left
 (`ClientLeft`, or the handler is cancelled: it then closes the connection). Back-pressure: when
 the client's transport buffers more than `HIGH_WATER`, reading from llama-server pauses, and the
-handler resumes it once aiohttp's writer has drained. Which connections are kept for another
+handler resumes it once the client's transport has drained. Which connections are kept for another
 request is `upstream_client`'s business; this one says whether it may be (`reusable`).
 """
 
@@ -23,9 +23,8 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections import deque
-from typing import cast
+from typing import Protocol, cast
 
-from aiohttp.abc import AbstractStreamWriter
 from multidict import CIMultiDict
 
 from rower.addresses import Address
@@ -44,6 +43,13 @@ CONNECT_SECONDS = 5.0
 
 HIGH_WATER = 64 * 1024
 """Bytes the client's transport may buffer before reading from llama-server pauses."""
+
+
+class Drainable(Protocol):
+    """What waits until the client's transport takes more (`ClientRequest.drain`)."""
+
+    async def drain(self) -> None:
+        """Return once the client's transport buffers less."""
 
 
 class ClientLeft(Exception):
@@ -181,14 +187,12 @@ class UpstreamConnection(asyncio.Protocol):
         self.idle_since = self._loop.time()
         return body
 
-    async def relay(
-        self, client: asyncio.Transport, writer: AbstractStreamWriter, *, chunked: bool
-    ) -> None:
+    async def relay(self, client: asyncio.Transport, writer: Drainable, *, chunked: bool) -> None:
         """Pass the body to `client` until the answer ends: as chunks when the client's answer
         is `chunked` (llama-server's own, when it sent chunks), else as bare data.
 
-        `writer` is aiohttp's writer of the client's answer: waited on when the client reads
-        slower than llama-server writes. Raises `UpstreamCut` or `ClientLeft`.
+        `writer` is waited on when the client reads slower than llama-server writes (the
+        client's request, `ClientRequest.drain`). Raises `UpstreamCut` or `ClientLeft`.
         """
         self._client, self._framed = client, chunked
         if self._answer is not None and self._answer.framing is Framing.CHUNKED:
@@ -201,7 +205,10 @@ class UpstreamConnection(asyncio.Protocol):
         while not self._done:
             await self._wait()
             if self._paused and not self._done:
-                await writer.drain()
+                try:
+                    await writer.drain()
+                except ConnectionError as error:
+                    raise ClientLeft(str(error) or type(error).__name__) from error
                 self._paused = False
                 if self._transport is not None:
                     self._transport.resume_reading()
