@@ -328,6 +328,7 @@ def run(
     variants: Sequence[FrontSpec] = (),
     calibration_seconds: float = 6.0,
     interval_ms: int = INTERVAL_MS,
+    first_repeat: int = 0,
 ) -> dict[str, Any]:
     """Every front at every load, `repeats` times interleaved; returns (and writes) the results.
 
@@ -335,7 +336,9 @@ def run(
     needs no git history), beside `after` with the pick of `old_pick` (None: not run), and, if
     `before` names a commit, Rower as committed then.
     `variants`: more fronts to compare (experiments), placed before "Rower" (the last front,
-    whose ratios to HAProxy are the targets); `interval_ms`: how often the agents report.
+    whose ratios to HAProxy are the targets); `interval_ms`: how often the agents report;
+    `first_repeat`: the number of the first repeat (its schedules' seeds and the fronts'
+    order follow it), so that sessions merged later run different schedules.
     """
     found = llama_servers.tools(build=build)
     if found is None:
@@ -385,7 +388,7 @@ def run(
             runner, [s for s in specs if s.kind == "rower"], upstreams, work
         )
         sampler = ServerSampler(servers)
-        for repeat in range(repeats):
+        for repeat in range(first_repeat, first_repeat + repeats):
             for load_index, load in enumerate(loads):
                 requests = poisson_schedule(
                     rate=load * cap,
@@ -437,6 +440,8 @@ def one_run(
     watch = {"proxy": front.pids, "servers": [s.pid for s in servers]}
     if front.agents is not None:
         watch["agents"] = [front.agents]
+    if front.management is not None:
+        wait_no_busy_belief(front.management)
     tokens_before = tokens_per_server(servers)
     seconds_before = server_seconds(servers)
     rower_before = rower_sums(front)
@@ -473,6 +478,28 @@ def one_run(
     )
     del result["ttft_all"]
     return result
+
+
+def wait_no_busy_belief(management: str, seconds: float = 10.0) -> None:
+    """Block until the Rower at `management` believes no slot busy.
+
+    Every Rower front hears the same agents, so the previous front's requests are others' work
+    to it, and the servers going idle (`wait_idle`) reaches its estimate only with the agents'
+    next report: without this wait a run would begin with up to a second of slots believed
+    busy that are free (a cost of the rig, not of Rower; HAProxy starts each run empty).
+    """
+    deadline = time.monotonic() + seconds
+    while True:
+        agents = get_json(f"http://{management}/api/v1/agents")["agents"]
+        busy = sum(int(a["status"]["slots_processing"]) for a in agents)
+        if busy == 0:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"the balancer at {management} still believes {busy} slots busy {seconds:g} s "
+                "after the servers went idle: are its agents reporting?"
+            )
+        time.sleep(0.05)
 
 
 def _shares(values: list[float]) -> list[float]:
