@@ -152,15 +152,17 @@ class ClientRequest:
             transport = self.transport
             if transport is not None and not self._received:
                 transport.write(_CONTINUE)
-        async with asyncio.timeout(seconds):
-            while not self.body_complete and self._body_error is None:
-                if self._received > limit:
-                    raise BodyTooLarge
-                self._waiter = asyncio.get_running_loop().create_future()
-                try:
-                    await self._waiter
-                finally:
-                    self._waiter = None
+        # Most bodies arrive with their head: then no deadline is set at all.
+        if not self.body_complete and self._body_error is None:
+            async with asyncio.timeout(seconds):
+                while not self.body_complete and self._body_error is None:
+                    if self._received > limit:
+                        raise BodyTooLarge
+                    self._waiter = asyncio.get_running_loop().create_future()
+                    try:
+                        await self._waiter
+                    finally:
+                        self._waiter = None
         if self._body_error is not None:
             raise self._body_error
         if self._received > limit:
@@ -285,6 +287,7 @@ class ClientConnection(asyncio.Protocol):
         "_buffer",
         "_drain",
         "_head_timed",
+        "_idle_from",
         "_lingering",
         "_listener",
         "_remote",
@@ -306,6 +309,7 @@ class ClientConnection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._lingering = False
         self._head_timed = False
+        self._idle_from = 0.0
         self._writing_paused = False
         self._drain: asyncio.Future[None] | None = None
         self._remote: str | None = None
@@ -335,6 +339,7 @@ class ClientConnection(asyncio.Protocol):
         listener.connections.add(self)
         peer = transport.get_extra_info("peername")
         self._remote = str(peer[0]) if isinstance(peer, tuple) and peer else None
+        self._idle_from = asyncio.get_running_loop().time()
         self._set_timer(limits.idle_timeout, self._idle_expired)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -401,21 +406,23 @@ class ClientConnection(asyncio.Protocol):
         if not buffer:
             return
         limits = self._listener.limits
-        if not self._head_timed:
-            # From the head's first byte; the idle deadline is over.
-            self._head_timed = True
-            self._set_timer(limits.header_timeout, self._head_expired)
         try:
             end = head_end(buffer, limits.max_header_bytes)
             if end < 0:
+                if not self._head_timed:
+                    # From the head's first byte; the idle deadline is over. (A head that
+                    # arrives whole sets no timer: most do.)
+                    self._head_timed = True
+                    self._set_timer(limits.header_timeout, self._head_expired)
                 return
             head = parse_head(bytes(buffer[:end]), limits.max_header_bytes)
         except HeadRefused as refused:
             self._refuse(refused.status, refused.message, refused.reason)
             return
         del buffer[:end]
-        self._cancel_timer()
-        self._head_timed = False
+        if self._head_timed:
+            self._cancel_timer()
+            self._head_timed = False
         framing = refusal(
             head.method,
             head.version,
@@ -479,7 +486,11 @@ class ClientConnection(asyncio.Protocol):
             return
         self._request = None
         transport.resume_reading()
-        self._set_timer(self._listener.limits.idle_timeout, self._idle_expired)
+        # The idle timer is lazy: set once, it checks when it fires whether the connection
+        # was used since (one timer per connection, not two timer calls per request).
+        self._idle_from = asyncio.get_running_loop().time()
+        if self._timer is None:
+            self._set_timer(self._listener.limits.idle_timeout, self._idle_expired)
         if self._buffer:
             self._read_head()
 
@@ -487,7 +498,13 @@ class ClientConnection(asyncio.Protocol):
 
     def _idle_expired(self) -> None:
         self._timer = None
-        if not self.busy:
+        if self.busy:
+            return  # the answer's end sets it again
+        left = self._idle_from + self._listener.limits.idle_timeout
+        left -= asyncio.get_running_loop().time()
+        if left > 0.001:
+            self._set_timer(left, self._idle_expired)
+        else:
             self._close()
 
     def _head_expired(self) -> None:
