@@ -1,9 +1,12 @@
 """The fleet core under random interleavings of every event it knows.
 
-The model beside it plays the llama-servers: which of our requests each one runs. After every
-step the invariants must hold: no request is lost or counted twice, no server runs more of our
-requests than it has slots (this balancer is their only client), and nobody waits while a
-usable slot is free.
+The model beside it plays the llama-servers: which of our requests each one runs, and the work
+of other clients. After every step the invariants must hold: no request is lost or counted
+twice, no server runs more than it has slots of our requests and of the other clients' work,
+and nobody waits while a usable slot is free. Reports may arrive a while after their poll,
+saying how old it is, while requests end and start in between. Other clients' work starts only
+where a report tells the balancer at once: work it cannot know of may take a slot it fills, and
+llama-server then queues one request (not modelled).
 
 Agents come and go: each server has a list of live agents (ids `s<server>-g<generation>`), and
 a restarted agent may report beside an old one that never said goodbye (frozen). Whatever their
@@ -74,6 +77,9 @@ class FleetMachine(RuleBasedStateMachine):
         """Requests sent to a server since its last report: its poll may have missed them."""
         self.polls: dict[str, tuple[float, int]] = {}
         """A server's poll whose report has not arrived yet: when, and the busy slots it saw."""
+        self.others: dict[str, set[int]] = {a: set() for a in AGENTS}
+        """Work of other clients (another balancer, a direct client) each server runs."""
+        self.next_other = 0
         self.waiting: set[int] = set()
         self.retried: set[int] = set()
         self.rejected = 0
@@ -106,9 +112,13 @@ class FleetMachine(RuleBasedStateMachine):
         return next(a for a, ids in self.running.items() if request_id in ids)
 
     def _busy_at_poll(self, server: str, unseen: int) -> int:
-        # The poll may have missed requests sent since the last report, still in transit.
-        missed = min(unseen, len(self.recent[server] & self.running[server]))
-        return len(self.running[server]) - missed + len(self.zombies[server])
+        # The poll may have missed requests sent since the last report, still in transit; the
+        # estimate of others' work assumes it did not (`fleet`'s docstring), so only where
+        # there is none.
+        missed = 0 if self.others[server] else unseen
+        missed = min(missed, len(self.recent[server] & self.running[server]))
+        busy = len(self.running[server]) - missed + len(self.zombies[server])
+        return busy + len(self.others[server])
 
     @rule(
         server=st.sampled_from(AGENTS),
@@ -136,6 +146,28 @@ class FleetMachine(RuleBasedStateMachine):
         polled, processing = self.polls[server]
         self.now += 0.001
         self._report(server, which, processing, (self.now - polled) * 1000)
+
+    @rule(server=st.sampled_from(AGENTS), dated=st.booleans())
+    def another_client_takes_a_slot(self, server: str, dated: bool) -> None:
+        busy = len(self.running[server]) + len(self.zombies[server]) + len(self.others[server])
+        if busy >= self.totals[server] or not self.live[server]:
+            return
+        self.next_other -= 1
+        self.others[server].add(self.next_other)
+        self.now += 0.01
+        agent = self.live[server][-1]
+        self._report(server, 0, self._busy_at_poll(server, 0), 0.0 if dated else None)
+        if agent not in self.fleet.upstreams:
+            # A report the balancer did not take (a superseded agent's): the work never began.
+            self.others[server].discard(self.next_other)
+
+    @precondition(lambda self: any(self.others.values()))
+    @rule(data=st.data())
+    def another_clients_work_ends(self, data: st.DataObject) -> None:
+        every = sorted(i for ids in self.others.values() for i in ids)
+        work = data.draw(st.sampled_from(every))
+        for ids in self.others.values():
+            ids.discard(work)
 
     def _report(self, server: str, which: int, processing: int, age_ms: float | None) -> None:
         # Agents send their newest poll: one taken before this report is never sent after it.
@@ -175,6 +207,7 @@ class FleetMachine(RuleBasedStateMachine):
         self.live[server].append(agent)
         self.polls.pop(server, None)
         processing = len(self.running[server]) + len(self.zombies[server])
+        processing += len(self.others[server])
         self.now += 0.01
         out = self.fleet.report(
             agent, status(agent, self.totals[server], processing), self.now, 0.0
@@ -325,8 +358,9 @@ class FleetMachine(RuleBasedStateMachine):
     @invariant()
     def no_server_runs_more_than_its_slots(self) -> None:
         for agent, ids in self.running.items():
-            busy = len(ids) + len(self.zombies[agent])
-            assert busy <= self.totals[agent], (agent, ids, self.zombies[agent])
+            others = self.others[agent]
+            busy = len(ids) + len(self.zombies[agent]) + len(others)
+            assert busy <= self.totals[agent], (agent, ids, self.zombies[agent], others)
 
     @invariant()
     def balancer_counts_match_the_servers(self) -> None:
