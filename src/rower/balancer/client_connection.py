@@ -2,9 +2,10 @@
 
 aiohttp's server kept 9.4 KB per waiting request (its protocol, parsed message, request and
 payload stream) and most of the Python time of a small proxied request (docs/performance.md).
-Here a connection is this protocol and a request is a `ClientRequest`: the head is parsed by
-`request_head` (sans-I/O), the body is collected as it arrives, and the handler (the proxy)
-writes its answer as bytes to the transport, or relays llama-server's straight to it.
+Here a connection is this protocol and a request a `ClientRequest` (`client_request`): the
+head is parsed by `request_head` (sans-I/O), the body is collected as it arrives, and the
+handler (the proxy) writes its answer as bytes to the transport, or relays llama-server's
+straight to it.
 
 What a connection lives by (the listener's `ListenerLimits`, as `http_limits` does it for the
 management listener on aiohttp):
@@ -29,22 +30,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterable
-from http import HTTPStatus
+from collections.abc import Awaitable, Callable
 from typing import cast
-from urllib.parse import unquote
 
-from multidict import CIMultiDict
-
+from rower.balancer.client_request import REASONS, ClientRequest
 from rower.balancer.http_limits import LINGER, OVER_CAPACITY_LINGER, ListenerLimits, ListenerStats
 from rower.balancer.request_framing import refusal
-from rower.balancer.request_head import (
-    ChunkedBody,
-    HeadRefused,
-    RequestHead,
-    head_end,
-    parse_head,
-)
+from rower.balancer.request_head import HeadRefused, head_end, parse_head
 from rower.llamacpp import error_body
 from rower.logs import log_throttled
 
@@ -53,231 +45,7 @@ log = logging.getLogger(__name__)
 PIPELINE_BYTES = 64 * 1024
 """Bytes of requests sent ahead (pipelined) kept before reading from the client pauses."""
 
-_REASONS = {status.value: status.phrase for status in HTTPStatus}
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-
-Handler = Callable[["ClientRequest"], Awaitable[None]]
-
-
-class BodyTooLarge(Exception):
-    """The request body is over the limit it was read with."""
-
-
-class ClientRequest:
-    """One request on a client connection, as the handler sees it.
-
-    Attributes:
-        head: the parsed head.
-        method: the request method.
-        target: the target for the upstream: the path and query as sent (an absolute URL's
-            scheme and authority dropped).
-        path: the target's path, percent-decoded.
-        query: the target's query string (after `?`), as sent.
-        headers: the header fields.
-        remote: the client's address, if known.
-        version: `(major, minor)` of the request line.
-        answered: whether the head of an answer went out.
-    """
-
-    __slots__ = (
-        "_body",
-        "_body_error",
-        "_chunks",
-        "_closes",
-        "_connection",
-        "_received",
-        "_waiter",
-        "answered",
-        "head",
-        "headers",
-        "method",
-        "path",
-        "query",
-        "remote",
-        "target",
-        "version",
-    )
-
-    def __init__(self, connection: ClientConnection, head: RequestHead, remote: str | None):
-        self._connection = connection
-        self.head = head
-        self.method = head.method
-        self.version = head.version
-        self.target = _origin_form(head.target)
-        path, _, self.query = self.target.partition("?")
-        self.path = unquote(path)
-        self.headers = CIMultiDict(head.headers)
-        self.remote = remote
-        self.answered = False
-        self._closes = not head.keep_alive
-        self._body: list[bytes] = []
-        self._received = 0
-        self._chunks = ChunkedBody() if head.chunked else None
-        self._body_error: HeadRefused | None = None
-        self._waiter: asyncio.Future[None] | None = None
-
-    @property
-    def content_length(self) -> int | None:
-        """The `Content-Length` the client sent, if any."""
-        return self.head.length
-
-    @property
-    def body_exists(self) -> bool:
-        """Whether the request has a body (of any length, chunked included)."""
-        return self.head.has_body
-
-    @property
-    def transport(self) -> asyncio.Transport | None:
-        """The client's transport, None once the connection is closed."""
-        return self._connection.transport
-
-    @property
-    def body_complete(self) -> bool:
-        """Whether the whole body has arrived."""
-        if self._chunks is not None:
-            return self._chunks.ended
-        return self._received >= (self.head.length or 0)
-
-    async def read_body(self, limit: int, seconds: float) -> bytes:
-        """The whole body, within `limit` bytes and `seconds` from now.
-
-        Raises:
-            BodyTooLarge: it is (or grew) over `limit`.
-            TimeoutError: it did not all arrive in time.
-            HeadRefused: a chunked body is malformed.
-        """
-        if (self.head.length or 0) > limit:
-            raise BodyTooLarge
-        if not self.body_complete and self.head.expects_continue and self.version >= (1, 1):
-            transport = self.transport
-            if transport is not None and not self._received:
-                transport.write(_CONTINUE)
-        # Most bodies arrive with their head: then no deadline is set at all.
-        if not self.body_complete and self._body_error is None:
-            async with asyncio.timeout(seconds):
-                while not self.body_complete and self._body_error is None:
-                    if self._received > limit:
-                        raise BodyTooLarge
-                    self._waiter = asyncio.get_running_loop().create_future()
-                    try:
-                        await self._waiter
-                    finally:
-                        self._waiter = None
-        if self._body_error is not None:
-            raise self._body_error
-        if self._received > limit:
-            raise BodyTooLarge
-        return b"".join(self._body)
-
-    def respond(
-        self,
-        status: int,
-        headers: Iterable[tuple[str, str]],
-        body: bytes,
-        *,
-        reason: str | None = None,
-        close: bool = False,
-        length: int | None = None,
-    ) -> None:
-        """Send a whole answer in one write: `headers` (without framing), then `body` with its
-        `Content-Length` (or `length`'s, for a HEAD, whose answer has no body). `close`: the
-        connection closes after it."""
-        if close:
-            self._closes = True
-        size = len(body) if length is None else length
-        head = self._head_lines(status, reason, headers)
-        head.append(f"Content-Length: {size}\r\n\r\n")
-        data = "".join(head).encode("latin-1", "replace")
-        transport = self.transport
-        if transport is not None:
-            transport.write(data if self.method == "HEAD" else data + body)
-        self.answered = True
-
-    def start(
-        self,
-        status: int,
-        headers: Iterable[tuple[str, str]],
-        *,
-        reason: str | None = None,
-        chunked: bool,
-    ) -> asyncio.Transport:
-        """Send the head of an answer whose body the caller writes to the transport returned:
-        in chunks when `chunked` (end it with `end`), else until the connection closes.
-
-        Raises:
-            ConnectionResetError: the client is gone.
-        """
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            raise ConnectionResetError("the client's connection is closed")
-        if not chunked:
-            self._closes = True
-        head = self._head_lines(status, reason, headers)
-        head.append("Transfer-Encoding: chunked\r\n\r\n" if chunked else "\r\n")
-        transport.write("".join(head).encode("latin-1", "replace"))
-        self.answered = True
-        return transport
-
-    def end(self, *, chunked: bool) -> None:
-        """End an answer sent with `start`."""
-        transport = self.transport
-        if transport is not None and chunked:
-            transport.write(b"0\r\n\r\n")
-
-    def abort(self) -> None:
-        """Cut the connection: the answer under way cannot be completed."""
-        self._closes = True
-        transport = self.transport
-        if transport is not None:
-            transport.close()
-
-    async def drain(self) -> None:
-        """Wait until the client's transport takes more (it buffers what the client is slow to
-        read)."""
-        await self._connection.drain()
-
-    def _head_lines(
-        self, status: int, reason: str | None, headers: Iterable[tuple[str, str]]
-    ) -> list[str]:
-        minor = 0 if self.version == (1, 0) else 1
-        lines = [f"HTTP/1.{minor} {status} {reason or _REASONS.get(status, 'Unknown')}\r\n"]
-        lines.extend(f"{name}: {value}\r\n" for name, value in headers)
-        if self._closes:
-            lines.append("Connection: close\r\n")
-        elif minor == 0:
-            lines.append("Connection: keep-alive\r\n")
-        return lines
-
-    # The connection's side.
-
-    def _feed(self, data: bytes, limit: int) -> bytes:
-        """Take the body's bytes from `data`; returns what follows the body."""
-        rest = b""
-        if self._chunks is not None:
-            try:
-                pieces, rest = self._chunks.feed(data)
-            except HeadRefused as error:
-                self._body_error = error
-                pieces = []
-            for piece in pieces:
-                self._keep(piece, limit)
-        else:
-            wanted = (self.head.length or 0) - self._received
-            if len(data) > wanted:
-                data, rest = data[:wanted], data[wanted:]
-            self._keep(data, limit)
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-        return rest
-
-    def _keep(self, data: bytes, limit: int) -> None:
-        self._received += len(data)
-        if self._received <= limit:
-            self._body.append(data)
-
-    @property
-    def _failed(self) -> bool:
-        return self._body_error is not None
+Handler = Callable[[ClientRequest], Awaitable[None]]
 
 
 class ClientConnection(asyncio.Protocol):
@@ -361,8 +129,8 @@ class ClientConnection(asyncio.Protocol):
             self._drop(data)
             return
         request = self._request
-        if request is not None and not request.body_complete and not request._failed:
-            data = request._feed(data, self._listener.max_body_bytes)
+        if request is not None and not request.body_complete and not request.body_failed:
+            data = request.feed_body(data, self._listener.max_body_bytes)
             if not data:
                 return
         self._buffer += data
@@ -437,7 +205,7 @@ class ClientConnection(asyncio.Protocol):
         self._request = request
         if buffer:
             pending, self._buffer = bytes(buffer), bytearray()
-            rest = request._feed(pending, self._listener.max_body_bytes)
+            rest = request.feed_body(pending, self._listener.max_body_bytes)
             self._buffer += rest
         self._task = asyncio.get_running_loop().create_task(self._serve(request))
 
@@ -474,14 +242,14 @@ class ClientConnection(asyncio.Protocol):
         if not request.answered:
             request.abort()
             return
-        if request._failed:
+        if request.body_failed:
             self._linger(LINGER, write_eof=True)
             return
         if not request.body_complete:
             # The rest of the body is still coming: read and drop it for a moment, then close.
             self._linger(LINGER, write_eof=False)
             return
-        if request._closes:
+        if request.closes:
             self._close()
             return
         self._request = None
@@ -581,7 +349,7 @@ class ClientConnection(asyncio.Protocol):
         if transport is None:
             return
         transport.write(
-            f"HTTP/1.1 {status} {_REASONS[status]}\r\n".encode()
+            f"HTTP/1.1 {status} {REASONS[status]}\r\n".encode()
             + b"Content-Type: application/json; charset=utf-8\r\n"
             + f"Content-Length: {len(body)}\r\n".encode()
             + b"Connection: close\r\n"
@@ -605,8 +373,8 @@ class ClientConnection(asyncio.Protocol):
     def _drop(self, data: bytes) -> None:
         request = self._request
         if self._lingering and request is not None and not request.body_complete:
-            if not request._failed:
-                request._feed(data, 0)
+            if not request.body_failed:
+                request.feed_body(data, 0)
             if request.body_complete:
                 # The rest of the body is in: nothing more to wait for.
                 self._close()
@@ -634,18 +402,6 @@ class ClientConnection(asyncio.Protocol):
 
 
 _JSON = (("Content-Type", "application/json; charset=utf-8"),)
-
-
-def _origin_form(target: str) -> str:
-    """The path and query of `target` (`http://host/v1/models?x` -> `/v1/models?x`)."""
-    if target.startswith("/"):
-        return target
-    scheme_end = target.find("://")
-    slash = target.find("/", scheme_end + 3) if scheme_end >= 0 else -1
-    if slash < 0:
-        query = target.find("?", scheme_end + 3) if scheme_end >= 0 else -1
-        return "/" + (target[query:] if query >= 0 else "")
-    return target[slash:]
 
 
 class ClientListener:

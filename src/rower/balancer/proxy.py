@@ -44,7 +44,7 @@ from rower.balancer.answer_timings import (
     from_body,
     from_stream_tail,
 )
-from rower.balancer.client_connection import BodyTooLarge, ClientRequest
+from rower.balancer.client_request import BodyTooLarge, ClientRequest
 from rower.balancer.fleet import Dispatch
 from rower.balancer.model_listing import MODELS_PATHS, listing
 from rower.balancer.outcome import (

@@ -5,12 +5,13 @@ gets back decisions: where the head ends, what it says (`RequestHead`), or why i
 (`HeadRefused`, with the status to answer). The rules are llhttp's strict ones, which the
 listener followed when it was aiohttp's (the chaos tests pin them): CRLF line ends only, no
 obs-fold, header names that are tokens with no space before the colon, no control characters
-in values, a method llhttp knows (`METHODS`), the request target without spaces or control
-characters, HTTP/1.0 or 1.1 (2.0 and 3.0 get 505 from `request_framing`, any other version
-400), exactly one `Host` in HTTP/1.1,
-`Content-Length` as digits only, `chunked` only as the last coding and once. Sizes: a request
-line or header field over the listener's `max_header_bytes`, or more than `MAX_HEADERS`
-fields, is 431. What a proxy must refuse beyond these is `request_framing`'s business.
+in values, a method llhttp knows (`METHODS`), a request target of visible ASCII only (no
+spaces, control characters or bytes over 0x7f: percent-encode them), HTTP/1.0 or 1.1 (2.0
+and 3.0 get 505 from `request_framing`, any other version 400), exactly one `Host` in
+HTTP/1.1, `Content-Length` as digits only, `chunked` only as the last coding and once. Sizes:
+a request line or header field over the listener's `max_header_bytes`, or more than
+`MAX_HEADERS` fields, is 431. What a proxy must refuse beyond these is `request_framing`'s
+business.
 
 A bad head is found as early as the bytes show it: a method that is not a token (TLS on the
 plain port, binary junk) or a bare LF is refused before the head is complete, so such a client
@@ -32,7 +33,7 @@ MAX_HEADERS = 128
 MAX_SIZE_LINE = 1024
 """Longest chunk-size line (size and extensions) or trailer line accepted in a request body."""
 
-_REQUEST_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([^\x00-\x20\x7f]+)(?: (.*))?")
+_REQUEST_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([\x21-\x7e]+)(?: (.*))?")
 _VERSION = re.compile(rb"HTTP/([0-9])\.([0-9])")
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _METHOD_PREFIX = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]*")

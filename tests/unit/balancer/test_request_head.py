@@ -82,8 +82,8 @@ def test_chunked_and_expect_continue() -> None:
 
 
 def test_bytes_that_are_not_utf8_pass_through_unchanged() -> None:
-    head = parsed(b"GET /caf\xc3\xa9 HTTP/1.1\r\nHost: x\r\nX-Raw: \xff\xfe\r\n\r\n")
-    assert head.target.encode("utf-8", "surrogateescape") == b"/caf\xc3\xa9"
+    head = parsed(b"GET /caf%C3%A9 HTTP/1.1\r\nHost: x\r\nX-Raw: \xff\xfe\r\n\r\n")
+    assert head.target == "/caf%C3%A9"
     assert head.headers[1][1].encode("utf-8", "surrogateescape") == b"\xff\xfe"
 
 
@@ -204,3 +204,8 @@ def test_size_counts_the_chunks_announced() -> None:
     body.feed(b"10\r\nabc")
     assert body.size == 16
     assert not body.ended
+
+
+def test_a_target_is_visible_ascii_only() -> None:
+    assert refused(b"GET /\x80 HTTP/1.1\r\nHost: x\r\n\r\n").status == 400
+    assert parsed(b"GET /%C3%A9?q=%20 HTTP/1.1\r\nHost: x\r\n\r\n").target == "/%C3%A9?q=%20"
