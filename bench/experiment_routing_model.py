@@ -13,9 +13,11 @@ balancers a conversation's turns alternate between them. The anchor hashes each 
 to a server and ignores load (HAProxy hashing a session header).
 
 Compared: the anchor; Rower with the buffer first come first served (`buffer_patience=0`, as
-before home lines) and as it is; two Rowers. Reuse = Σ cached prompt tokens / Σ prompt tokens,
-medians over seeds. It is a model: it says
-which policy is better and by about how much, not what llama-server will measure.
+before home lines) and as it is; two Rowers, on their own and following each other's
+placements (`--peer-balancer-addr`). Reuse = Σ cached prompt tokens / Σ prompt tokens; with it
+each request's end-to-end time (p50, p99) and the turns served in the run (the servers' time a
+policy saves on prefill serves more turns); medians over seeds. It is a model: it says which
+policy is better and by about how much, not what llama-server will measure.
 
     python -m bench.experiment_routing_model [--seeds 9] [--conversations 12 18]
 """
@@ -23,12 +25,15 @@ which policy is better and by about how much, not what llama-server will measure
 from __future__ import annotations
 
 import argparse
+import functools
 import heapq
 import itertools
 import random
 import statistics
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from rower.balancer.answer_timings import AnswerTimings
 from rower.balancer.fleet import BUFFER_PATIENCE, Dispatch, Fleet, Routing
@@ -77,6 +82,16 @@ class ModelServer:
         )
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """What one run measured."""
+
+    reuse: float
+    e2e_p50: float
+    e2e_p99: float
+    turns: int
+
+
 @dataclass
 class Conversation:
     think: float
@@ -100,8 +115,8 @@ def run(
     keep: int = 5,
     patience: float = BUFFER_PATIENCE,
     shared: bool = False,
-) -> float:
-    """One run; returns its reuse."""
+) -> Outcome:
+    """One run; `shared`: the balancers tell each other their placements."""
     rng = random.Random(seed)
     servers = [ModelServer(i, keep) for i in range(SERVERS)]
     fleets = [
@@ -125,6 +140,8 @@ def run(
     answers: dict[int, AnswerTimings] = {}
     prompt = cached = 0
     request_ids = itertools.count(1)
+    sent_at: dict[int, float] = {}
+    e2e: list[float] = []
 
     def begin(server: ModelServer, request_id: int, now: float) -> None:
         nonlocal prompt, cached
@@ -169,6 +186,7 @@ def run(
             chat = chats[args[0]]
             request_id = next(request_ids)
             sent[request_id] = (args[0], chat.balancer, None)
+            sent_at[request_id] = now
             if anchor:
                 server = servers[(args[0] * 2_654_435_761 >> 7) % SERVERS]
                 deliver([Dispatch(request_id, f"agent{server.index}", server.address)], now)
@@ -182,6 +200,7 @@ def run(
             server = servers[index]
             conversation, balancer, dispatched = sent[request_id]
             chat = chats[conversation]
+            e2e.append(now - sent_at[request_id])
             server.active -= 1
             server.cache[conversation] = chat.tokens + ANSWER_TOKENS
             while len(server.cache) > server.keep:
@@ -210,7 +229,24 @@ def run(
             for fleet in fleets:
                 deliver(fleet.expire_waits(now), now)
             at(now + 0.02, "tick")
-    return cached / prompt if prompt else 0.0
+    e2e.sort()
+    return Outcome(
+        cached / prompt if prompt else 0.0,
+        e2e[len(e2e) // 2] if e2e else 0.0,
+        e2e[int(len(e2e) * 0.99)] if e2e else 0.0,
+        len(e2e),
+    )
+
+
+def medians(runs: Callable[..., Outcome], seeds: range) -> Outcome:
+    """Each measure's median over `seeds` (given to `runs` as `seed=`)."""
+    outcomes = [runs(seed=seed) for seed in seeds]
+    return Outcome(
+        statistics.median(o.reuse for o in outcomes),
+        statistics.median(o.e2e_p50 for o in outcomes),
+        statistics.median(o.e2e_p99 for o in outcomes),
+        round(statistics.median(o.turns for o in outcomes)),
+    )
 
 
 def main() -> None:
@@ -220,17 +256,17 @@ def main() -> None:
     args = parser.parse_args()
     seeds = range(args.seeds)
     for n in args.conversations:
-        hashed = statistics.median(run(n, anchor=True, seed=s) for s in seeds)
-        fifo = statistics.median(run(n, seed=s, patience=0.0) for s in seeds)
-        one = statistics.median(run(n, seed=s) for s in seeds)
-        two = statistics.median(run(n, balancers=2, seed=s) for s in seeds)
-        peers = statistics.median(run(n, balancers=2, seed=s, shared=True) for s in seeds)
-        print(
-            f"{n} conversations: anchor {hashed:.2f}; Rower with a first-come buffer "
-            f"{fifo:.2f} (x{fifo / hashed:.2f}), with home lines {one:.2f} (x{one / hashed:.2f}); "
-            f"two Rowers alternating {two:.2f} (x{two / one:.2f} of one), "
-            f"telling each other their placements {peers:.2f} (x{peers / one:.2f} of one)"
-        )
+        print(f"{n} conversations: reuse, e2e p50 / p99 (s), turns served")
+        policies: dict[str, dict[str, Any]] = {
+            "anchor (session hash)": {"anchor": True},
+            "Rower, first-come buffer": {"patience": 0.0},
+            "Rower": {},
+            "two Rowers alternating": {"balancers": 2},
+            "two Rowers following each other": {"balancers": 2, "shared": True},
+        }
+        for name, options in policies.items():
+            o = medians(functools.partial(run, n, **options), seeds)
+            print(f"  {name:34} {o.reuse:.2f}  {o.e2e_p50:.2f} / {o.e2e_p99:.2f}  {o.turns}")
 
 
 if __name__ == "__main__":

@@ -147,7 +147,11 @@ def test_affinity_key_cost(tmp_path: Path) -> None:
 
 def test_routing_model_runs_the_fleet_core_and_home_lines_keep_conversations() -> None:
     # Seeded and simulated time: the same result every run.
-    home_lines = experiment_routing_model.run(18, seed=0, seconds=30)
-    first_come = experiment_routing_model.run(18, seed=0, seconds=30, patience=0.0)
+    home_lines = experiment_routing_model.run(18, seed=0, seconds=30).reuse
+    first_come = experiment_routing_model.run(18, seed=0, seconds=30, patience=0.0).reuse
     assert 0 < first_come < home_lines < 1
-    assert 0 < experiment_routing_model.run(12, balancers=2, seed=0, seconds=30) < 1
+    alone = experiment_routing_model.run(12, balancers=2, seed=0, seconds=30)
+    following = experiment_routing_model.run(12, balancers=2, seed=0, seconds=30, shared=True)
+    assert 0 < alone.reuse < following.reuse < 1
+    assert following.turns > 0
+    assert 0 < following.e2e_p50 <= following.e2e_p99

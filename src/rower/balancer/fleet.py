@@ -128,6 +128,7 @@ class Buffered:
 
     request_id: int
     until: float | None = None
+    """When to call `Fleet.expire_waits` for it (a `now` value; None: never needed)."""
     model: str = UNKNOWN
 
 
@@ -407,15 +408,23 @@ class Fleet:
             return Rejected(request_id, reason, resolved.asked, resolved.served)
         pool = self._pool(resolved)
         if not pool.waiting:
+            pool.held.clear()
             decision = self._place(pool, request_id, needs, now, may_wait=not retry)
             if decision is not None:
                 return decision
+        elif pool.held:
+            held = self._take_held(pool, request_id, needs, now)
+            if held is not None:
+                return held
         if pool.max_buffered == 0:
             return Rejected(request_id, RejectReason.BUFFER_DISABLED, resolved)
         if pool.buffered >= pool.max_buffered and not retry:
             return Rejected(request_id, RejectReason.BUFFER_FULL, resolved)
-        self._wait(pool, request_id, needs, now, first=retry)
-        return Buffered(request_id, model=resolved)
+        home = self._wait(pool, request_id, needs, now, first=retry)
+        # A waiter with a home may make freed slots wait for it (`waiting_line`): the caller
+        # calls `expire_waits` when its patience ends, and a held slot goes to whoever is due.
+        until = now + self.buffer_patience if home is not None else None
+        return Buffered(request_id, until, model=resolved)
 
     def release(self, request_id: int, now: float, *, abandoned: bool = False) -> list[Dispatch]:
         """A request finished (or failed, or its client left): free its slot.
@@ -571,6 +580,10 @@ class Fleet:
                     dispatched.append(decision)
             if due:
                 self.revision += 1
+            if pool.held:
+                for upstream in list(pool.held.values()):
+                    dispatched.extend(self._drain_buffer(now, upstream))
+                    self._reindex(upstream, now)
         return dispatched
 
     # Internals.
@@ -737,14 +750,39 @@ class Fleet:
 
     def _wait(
         self, pool: Pool, request_id: int, needs: RequestNeeds | None, now: float, *, first: bool
-    ) -> None:
-        home = None
-        if self._routes_by_cache(needs):
-            assert needs is not None
-            home = home_of(needs, self.prefixes, pool.by_identity, now)
+    ) -> str | None:
+        """`request_id` waits in the pool's buffer; returns its home server (None: none)."""
+        home = self._home(pool, needs, now)
         pool.waiting.add(request_id, Waiter(needs, now, home), first=first)
         self._waiting_in[request_id] = pool
         self.revision += 1
+        return home
+
+    def _home(self, pool: Pool, needs: RequestNeeds | None, now: float) -> str | None:
+        if not self._routes_by_cache(needs):
+            return None
+        assert needs is not None
+        return home_of(needs, self.prefixes, pool.by_identity, now)
+
+    def _take_held(
+        self, pool: Pool, request_id: int, needs: RequestNeeds | None, now: float
+    ) -> Dispatch | None:
+        """A slot held free for the waiting requests of other servers (`waiting_line`) goes to
+        a newcomer that belongs to its server, or that belongs nowhere; None if none fits."""
+        home = self._home(pool, needs, now)
+        free = [u for u in pool.held.values() if u.slots_free(now) > 0]
+        if home is not None:
+            free = [u for u in free if u.identity == home]
+        if not free:
+            return None
+        upstream = min(free, key=lambda u: (u.slots_processing, -u.slots_free(now)))
+        affinity, blocks = None, 0
+        if self._routes_by_cache(needs):
+            assert needs is not None
+            affinity, blocks = self._affinity_of_buffered(needs, upstream)
+        dispatch = self._assign(request_id, now, upstream, needs, affinity, blocks)
+        self._reindex(upstream, now)
+        return dispatch
 
     def _place(
         self,
@@ -915,15 +953,18 @@ class Fleet:
             self._assigned[request_id] = upstream
 
     def _drain_buffer(self, now: float, touched: Upstream) -> list[Dispatch]:
-        # While requests wait in a pool, none of its upstreams has a free slot: every event
-        # that frees one drains the buffer at once. So only `touched`, the one upstream this
-        # event changed, can take them, and draining costs no scan of the fleet, however large
-        # (1,000 agents each reporting every second would otherwise scan it 1,000 times a
-        # second).
+        # While requests wait in a pool, none of its upstreams has a free slot but those held
+        # for a while (`Pool.held`): every event that frees one drains the buffer at once. So
+        # only `touched`, the one upstream this event changed, can take them, and draining
+        # costs no scan of the fleet, however large (1,000 agents each reporting every second
+        # would otherwise scan it 1,000 times a second). A held slot is looked at again when
+        # its server reports, when a request's patience ends (`expire_waits`), or when a
+        # newcomer can take it (`_take_held`).
         dispatched: list[Dispatch] = []
         pool = self.pools.get(touched.model)
         if pool is None or pool.members.get(touched.key) is not touched:
             return dispatched
+        pool.held.pop(touched.key, None)
         for request_id in [i for i, home in pool.homing.items() if home.upstream is touched]:
             if touched.slots_free(now) <= 0:
                 break
@@ -935,7 +976,10 @@ class Fleet:
             )
         while pool.waiting and touched.slots_free(now) > 0:
             taken = pool.waiting.next_for(touched.identity, now, self.buffer_patience)
-            assert taken is not None
+            if taken is None:
+                # Everyone waiting belongs to another server: keep the slot for a while.
+                pool.held[touched.key] = touched
+                break
             request_id = taken
             waiter = pool.waiting.remove(request_id)
             assert waiter is not None

@@ -47,6 +47,10 @@ class Pool:
         first to a request whose prefix it holds (`waiting_line`)."""
         self.homing: OrderedDict[int, Homing] = OrderedDict()
         """Requests waiting a short while for the busy server holding their prefix."""
+        self.held: dict[str, Upstream] = {}
+        """Members with a slot kept free while requests wait, each for a server of its own
+        (`waiting_line`), by key: new conversations may take it, and `Fleet.expire_waits`
+        gives it away when the oldest request has waited its patience."""
 
     @property
     def buffered(self) -> int:
@@ -67,5 +71,6 @@ class Pool:
         """`upstream` left the fleet or serves another model now."""
         if self.members.get(upstream.key) is upstream:
             del self.members[upstream.key]
+            self.held.pop(upstream.key, None)
         if self.by_identity.get(upstream.identity) is upstream:
             del self.by_identity[upstream.identity]

@@ -197,6 +197,44 @@ def test_a_waiting_turn_lets_others_pass_for_a_bounded_time_only() -> None:
     assert (sent.request_id, sent.upstream, sent.affinity) == (50, other, Affinity.SPILL_BUSY)
 
 
+def test_a_freed_slot_waits_a_while_when_every_waiting_turn_belongs_to_another_server() -> None:
+    fleet = fleet_of(1, 1)
+    client = Client(fleet)
+    home = client.send(turn(1, 4)).upstream
+    fleet.release(1, 0.0)
+    blockers = {b.upstream: b for b in (client.send(turn(10 + n, 4)) for n in range(2))}
+    waiting = fleet.request_slot(50, 0.0, needs=turn(1, 6))
+    assert isinstance(waiting, Buffered)
+    assert waiting.until == BUFFER_PATIENCE
+    other = next(u for u in blockers if u != home)
+    # The other server frees a slot: moving conversation 1 there would cost its whole prompt,
+    # so the slot is held for its own conversations and for new ones.
+    assert fleet.release(blockers[other].request_id, 0.5) == []
+    assert fleet.requests_buffered == 1
+    newcomer = fleet.request_slot(51, 0.6, needs=turn(3, 4))
+    assert isinstance(newcomer, Dispatch)
+    assert newcomer.upstream == other
+    assert fleet.expire_waits(1.0) == []
+    fleet.release(51, 1.0)
+    # The waiting turn's patience ends: it takes the held slot.
+    (sent,) = fleet.expire_waits(BUFFER_PATIENCE)
+    assert (sent.request_id, sent.upstream, sent.affinity) == (50, other, Affinity.SPILL_BUSY)
+    assert fleet.requests_buffered == 0
+
+
+def test_a_held_slot_takes_a_newcomer_of_its_own_server_but_not_of_another() -> None:
+    fleet = fleet_of(1, 1)
+    client = Client(fleet)
+    homes = {n: client.send(turn(n, 4)).upstream for n in (1, 2)}
+    assert homes[1] != homes[2]
+    assert isinstance(fleet.request_slot(50, 0.0, needs=turn(1, 6)), Buffered)
+    assert fleet.release(2, 0.1) == []  # conversation 2's server: held for it
+    assert isinstance(fleet.request_slot(51, 0.2, needs=turn(1, 7)), Buffered)
+    mine = fleet.request_slot(52, 0.3, needs=turn(2, 6))
+    assert isinstance(mine, Dispatch)
+    assert (mine.upstream, mine.affinity) == (homes[2], Affinity.HIT)
+
+
 def test_least_busy_routing_ignores_prefixes() -> None:
     fleet = fleet_of(2, 2, routing=Routing.LEAST_BUSY)
     client = Client(fleet)
@@ -238,7 +276,8 @@ def test_a_buffered_request_says_whether_it_reached_its_server() -> None:
     assert own.upstream == first.upstream != other.upstream
     assert not isinstance(fleet.request_slot(98, 0.0, needs=turn(1, 7)), Dispatch)
     assert not isinstance(fleet.request_slot(99, 0.0, needs=turn(1, 8)), Dispatch)
-    (spilled,) = fleet.release(other.request_id, 0.0)
+    # Both wait for the first server; the other's slot goes to them once they waited long.
+    (spilled,) = fleet.release(other.request_id, BUFFER_PATIENCE)
     assert (spilled.request_id, spilled.affinity) == (98, Affinity.SPILL_BUSY)
     # Request 98 took the conversation's longest head to the other server: going home now
     # reuses only the 5 blocks sent there before.

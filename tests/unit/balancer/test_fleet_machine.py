@@ -20,7 +20,14 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from rower.balancer.answer_timings import AnswerTimings
-from rower.balancer.fleet import MAX_AFFINITY_WAIT, Buffered, Dispatch, Fleet, Rejected
+from rower.balancer.fleet import (
+    BUFFER_PATIENCE,
+    MAX_AFFINITY_WAIT,
+    Buffered,
+    Dispatch,
+    Fleet,
+    Rejected,
+)
 from rower.balancer.models import ModelRules
 from rower.balancer.request_needs import RequestNeeds
 from rower.balancer.upstream_index import pick_key
@@ -265,14 +272,15 @@ class FleetMachine(RuleBasedStateMachine):
             overtaken = [
                 i for i in self.waiting if not self.fleet.is_homing(i) and self.model_of[i] == model
             ]
-            assert not overtaken, "a request overtook the buffer"
+            # Only into a slot held for waiting requests of other servers (`waiting_line`).
+            assert not overtaken or self._held_for_others(model), "a request overtook the buffer"
             self._check_target(decision)
             self.running[server_of(decision.agent_id)].add(decision.request_id)
         elif isinstance(decision, Buffered):
             assert decision.model == model
             self.waiting.add(decision.request_id)
-            if decision.until is not None:
-                assert self.fleet.is_homing(decision.request_id)
+            if self.fleet.is_homing(decision.request_id):
+                assert decision.until is not None
                 self.homing_since[decision.request_id] = self.now
         else:
             assert isinstance(decision, Rejected)
@@ -373,10 +381,28 @@ class FleetMachine(RuleBasedStateMachine):
 
     @invariant()
     def nobody_waits_while_a_slot_of_its_model_is_free(self) -> None:
-        # Except, a short while, a request waiting for the busy server holding its prefix.
+        # Except, a short while, a request waiting for the busy server holding its prefix, and
+        # slots held while every waiting request belongs to another server.
         for request_id in self.waiting:
             if not self.fleet.is_homing(request_id):
-                assert self.fleet.pick(self.now, self.model_of[request_id]) is None
+                model = self.model_of[request_id]
+                free = self.fleet.pick(self.now, model)
+                assert free is None or self._held_for_others(model), free.identity
+
+    def _held_for_others(self, model: str) -> bool:
+        """Whether every free slot of `model` is held: each waiting request has a home that is
+        not a server with a free slot, and the oldest has waited less than its patience."""
+        waiters = [waiter for _, waiter in self.fleet.pools[model].waiting.items()]
+        if not waiters:
+            return True
+        free = {
+            u.identity
+            for u in self.fleet.upstreams.values()
+            if u.model == model and u.slots_free(self.now) > 0
+        }
+        return self.now - waiters[0].since < BUFFER_PATIENCE and all(
+            waiter.home is not None and waiter.home not in free for waiter in waiters
+        )
 
     @invariant()
     def nobody_waits_for_its_home_server_for_long(self) -> None:

@@ -23,8 +23,22 @@ def test_a_server_takes_its_own_oldest_waiter_before_older_ones_elsewhere() -> N
     line = line_of((1, 0.0, "b"), (2, 0.1, "a"), (3, 0.2, "a"))
     assert line.next_for("a", 0.5, 2.0) == 2
     assert line.next_for("b", 0.5, 2.0) == 1
-    # A server nobody calls home takes the oldest.
-    assert line.next_for("c", 0.5, 2.0) == 1
+    # A server nobody calls home takes no one, for a while: each waiter has a server.
+    assert line.next_for("c", 0.5, 2.0) is None
+    assert line.next_for("c", 2.0, 2.0) == 1
+
+
+def test_a_server_nobody_calls_home_takes_the_oldest_without_a_home() -> None:
+    line = line_of((1, 0.0, "b"), (2, 0.1, None), (3, 0.2, None))
+    assert line.next_for("c", 0.5, 2.0) == 2
+    assert line.next_for("b", 0.5, 2.0) == 1
+    assert line.homeless() == 2
+    line.remove(2)
+    assert line.homeless() == 3
+    assert line.patience_ends(2.0) == 2.0
+    line.clear()
+    assert line.homeless() is None
+    assert line.patience_ends(2.0) is None
 
 
 def test_the_oldest_waits_no_longer_than_its_patience() -> None:
