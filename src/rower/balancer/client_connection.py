@@ -55,7 +55,6 @@ class ClientConnection(asyncio.Protocol):
         "_buffer",
         "_drain",
         "_head_timed",
-        "_idle_from",
         "_lingering",
         "_listener",
         "_remote",
@@ -77,7 +76,6 @@ class ClientConnection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._lingering = False
         self._head_timed = False
-        self._idle_from = 0.0
         self._writing_paused = False
         self._drain: asyncio.Future[None] | None = None
         self._remote: str | None = None
@@ -107,7 +105,6 @@ class ClientConnection(asyncio.Protocol):
         listener.connections.add(self)
         peer = transport.get_extra_info("peername")
         self._remote = str(peer[0]) if isinstance(peer, tuple) and peer else None
-        self._idle_from = asyncio.get_running_loop().time()
         self._set_timer(limits.idle_timeout, self._idle_expired)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -188,14 +185,15 @@ class ClientConnection(asyncio.Protocol):
             self._refuse(refused.status, refused.message, refused.reason)
             return
         del buffer[:end]
-        if self._head_timed:
-            self._cancel_timer()
-            self._head_timed = False
+        # The head or idle deadline is over. (A waiting request keeps no timer of its own
+        # connection: 0.5 KB each.)
+        self._cancel_timer()
+        self._head_timed = False
         framing = refusal(
             head.method,
             head.version,
             head.target,
-            head.headers,
+            head.headers.items(),
         )
         if framing is not None:
             error_type = None if framing.status == 501 else "invalid_request_error"
@@ -254,11 +252,7 @@ class ClientConnection(asyncio.Protocol):
             return
         self._request = None
         transport.resume_reading()
-        # The idle timer is lazy: set once, it checks when it fires whether the connection
-        # was used since (one timer per connection, not two timer calls per request).
-        self._idle_from = asyncio.get_running_loop().time()
-        if self._timer is None:
-            self._set_timer(self._listener.limits.idle_timeout, self._idle_expired)
+        self._set_timer(self._listener.limits.idle_timeout, self._idle_expired)
         if self._buffer:
             self._read_head()
 
@@ -266,13 +260,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _idle_expired(self) -> None:
         self._timer = None
-        if self.busy:
-            return  # the answer's end sets it again
-        left = self._idle_from + self._listener.limits.idle_timeout
-        left -= asyncio.get_running_loop().time()
-        if left > 0.001:
-            self._set_timer(left, self._idle_expired)
-        else:
+        if not self.busy:
             self._close()
 
     def _head_expired(self) -> None:

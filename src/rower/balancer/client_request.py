@@ -16,8 +16,6 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
-from multidict import CIMultiDict
-
 from rower.balancer.request_head import ChunkedBody, HeadRefused, RequestHead
 
 if TYPE_CHECKING:
@@ -76,7 +74,7 @@ class ClientRequest:
         self.target = _origin_form(head.target)
         path, _, self.query = self.target.partition("?")
         self.path = unquote(path)
-        self.headers = CIMultiDict(head.headers)
+        self.headers = head.headers
         self.remote = remote
         self.answered = False
         self._closes = not head.keep_alive
@@ -137,7 +135,10 @@ class ClientRequest:
             raise self._body_error
         if self._received > limit:
             raise BodyTooLarge
-        return b"".join(self._body)
+        # Kept as one piece, and handed out as it is: a waiting request holds its body once.
+        if len(self._body) != 1:
+            self._body = [b"".join(self._body)]
+        return self._body[0]
 
     def respond(
         self,

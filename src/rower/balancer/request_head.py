@@ -27,6 +27,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from multidict import CIMultiDict
+
 MAX_HEADERS = 128
 """Most header fields in one request (aiohttp's and llhttp's usual limit)."""
 
@@ -89,7 +91,7 @@ class RequestHead:
     method: str
     target: str
     version: tuple[int, int]
-    headers: list[tuple[str, str]]
+    headers: CIMultiDict[str]
     length: int | None = None
     chunked: bool = False
     keep_alive: bool = True
@@ -151,7 +153,7 @@ def parse_head(head: bytes, max_header_bytes: int) -> RequestHead:
     if method == "PRI":
         raise HeadRefused(400, "Malformed request: HTTP/2 is not served here; send HTTP/1.1")
     version = _version(request_line.group(3))
-    headers: list[tuple[str, str]] = []
+    headers: CIMultiDict[str] = CIMultiDict()
     lengths: list[bytes] = []
     codings: list[bytes] = []
     connection: list[bytes] = []
@@ -177,7 +179,7 @@ def parse_head(head: bytes, max_header_bytes: int) -> RequestHead:
             hosts += 1
         elif lowered == b"expect":
             expects_continue = value.lower() == b"100-continue"
-        headers.append((name.decode("ascii"), value.decode("utf-8", "surrogateescape")))
+        headers.add(name.decode("ascii"), value.decode("utf-8", "surrogateescape"))
     if version == (1, 1) and hosts != 1:
         said = "no Host header" if not hosts else "Host more than once"
         raise HeadRefused(400, f"Malformed request: {said}; send one Host header")
