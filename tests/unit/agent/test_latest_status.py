@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -34,3 +35,14 @@ async def test_wait_returns_at_once_when_already_newer() -> None:
     await asyncio.wait_for(board.wait_newer(None), 0.1)
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(board.wait_newer(board.latest), 0.05)
+
+
+def test_the_board_keeps_when_the_newest_poll_ended() -> None:
+    board = LatestStatus()
+    assert board.polled_at == 0.0
+    before = time.monotonic()
+    board.publish(StatusUpdate(external_llamacpp_addr="h:1", sequence=1))
+    # By default the poll ended as it was published: a monitor publishes as soon as it returns.
+    assert before <= board.polled_at <= time.monotonic()
+    board.publish(StatusUpdate(external_llamacpp_addr="h:1", sequence=2), polled_at=12.5)
+    assert board.polled_at == 12.5
