@@ -184,20 +184,9 @@ def test_a_freed_slot_goes_first_to_a_waiting_turn_its_server_holds() -> None:
     assert (sent.request_id, sent.upstream, sent.affinity) == (51, homes[1], Affinity.HIT)
 
 
-def test_a_waiting_turn_lets_others_pass_for_a_bounded_time_only() -> None:
-    fleet = fleet_of(1, 1)
-    client = Client(fleet)
-    home = client.send(turn(1, 4)).upstream
-    fleet.release(1, 0.0)
-    blockers = {b.upstream: b for b in (client.send(turn(10 + n, 4)) for n in range(2))}
-    assert isinstance(fleet.request_slot(50, 0.0, needs=turn(1, 6)), Buffered)
-    other = next(u for u in blockers if u != home)
-    # Its home is still busy after the patience: the other server's slot takes it.
-    (sent,) = fleet.release(blockers[other].request_id, BUFFER_PATIENCE + 0.1)
-    assert (sent.request_id, sent.upstream, sent.affinity) == (50, other, Affinity.SPILL_BUSY)
-
-
-def test_a_freed_slot_waits_a_while_when_every_waiting_turn_belongs_to_another_server() -> None:
+def waiting_for_home() -> tuple[Fleet, Dispatch, Buffered]:
+    """Two 1-slot servers, both busy with new conversations; conversation 1's next turn
+    (request 50) waits for its home. Returns the fleet, the other server's request, the wait."""
     fleet = fleet_of(1, 1)
     client = Client(fleet)
     home = client.send(turn(1, 4)).upstream
@@ -205,11 +194,25 @@ def test_a_freed_slot_waits_a_while_when_every_waiting_turn_belongs_to_another_s
     blockers = {b.upstream: b for b in (client.send(turn(10 + n, 4)) for n in range(2))}
     waiting = fleet.request_slot(50, 0.0, needs=turn(1, 6))
     assert isinstance(waiting, Buffered)
-    assert waiting.until == BUFFER_PATIENCE
     other = next(u for u in blockers if u != home)
+    return fleet, blockers[other], waiting
+
+
+def test_a_waiting_turn_lets_others_pass_for_a_bounded_time_only() -> None:
+    fleet, blocker, _ = waiting_for_home()
+    other = blocker.upstream
+    # Its home is still busy after the patience: the other server's slot takes it.
+    (sent,) = fleet.release(blocker.request_id, BUFFER_PATIENCE + 0.1)
+    assert (sent.request_id, sent.upstream, sent.affinity) == (50, other, Affinity.SPILL_BUSY)
+
+
+def test_a_freed_slot_waits_a_while_when_every_waiting_turn_belongs_to_another_server() -> None:
+    fleet, blocker, waiting = waiting_for_home()
+    other = blocker.upstream
+    assert waiting.until == BUFFER_PATIENCE
     # The other server frees a slot: moving conversation 1 there would cost its whole prompt,
     # so the slot is held for its own conversations and for new ones.
-    assert fleet.release(blockers[other].request_id, 0.5) == []
+    assert fleet.release(blocker.request_id, 0.5) == []
     assert fleet.requests_buffered == 1
     newcomer = fleet.request_slot(51, 0.6, needs=turn(3, 4))
     assert isinstance(newcomer, Dispatch)
