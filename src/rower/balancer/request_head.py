@@ -7,7 +7,7 @@ listener followed when it was aiohttp's (the chaos tests pin them): CRLF line en
 obs-fold, header names that are tokens with no space before the colon, no control characters
 in values, a method llhttp knows (`METHODS`), a request target of visible ASCII only (no
 spaces, control characters or bytes over 0x7f: percent-encode them), HTTP/1.0 or 1.1 (2.0
-and 3.0 get 505 from `request_framing`, any other version 400), exactly one `Host` in
+gets 505 from `request_framing`, any other version 400), exactly one `Host` in
 HTTP/1.1, `Content-Length` as digits only, `chunked` only as the last coding and once. Sizes:
 a request line or header field over the listener's `max_header_bytes`, or more than
 `MAX_HEADERS` fields, is 431. What a proxy must refuse beyond these is `request_framing`'s
@@ -40,6 +40,11 @@ _VERSION = re.compile(rb"HTTP/([0-9])\.([0-9])")
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _METHOD_PREFIX = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]*")
 _FIELD_VALUE = re.compile(rb"[^\x00-\x08\x0a-\x1f\x7f]*")
+_FIELDS = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\x00-\x08\x0a-\x1f\x7f]*\r\n)*")
+_FRAMING_FIELDS = frozenset(
+    {b"content-length", b"transfer-encoding", b"connection", b"host", b"expect"}
+)
+"""The fields the parser reads, beside passing them on."""
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,15})(?:;[\t\x20-\x7e\x80-\xff]*)?")
 METHODS = frozenset(
     {
@@ -52,8 +57,8 @@ METHODS = frozenset(
 )
 """The methods llhttp knows (case matters); any other is refused, as it was and as llama-server
 and aiohttp's servers refuse it."""
-_SERVED_VERSIONS = frozenset({(1, 0), (1, 1), (2, 0), (3, 0)})
-"""Versions parsed as such; 2.0 and 3.0 only to be answered 505 (`request_framing`)."""
+_SERVED_VERSIONS = frozenset({(1, 0), (1, 1), (2, 0)})
+"""Versions parsed as such; 2.0 only to be answered 505 (`request_framing`), as llhttp does."""
 
 
 class HeadRefused(Exception):
@@ -134,17 +139,22 @@ def parse_head(head: bytes, max_header_bytes: int) -> RequestHead:
     Raises:
         HeadRefused: it is malformed or too large.
     """
-    lines = head[:-4].split(b"\r\n")
-    if len(lines) - 1 > MAX_HEADERS:
+    line_end = head.find(b"\r\n")
+    # Each field line with its CRLF: checked whole by one expression.
+    block = head[line_end + 2 : -2]
+    if len(head) > max_header_bytes and any(
+        len(line) > max_header_bytes for line in head[:-4].split(b"\r\n")
+    ):
+        raise _too_large(max_header_bytes)
+    if _FIELDS.fullmatch(block) is None:
+        raise _bad_field(block)
+    # Checked: every line is `name:value`, so a split is all the reading left.
+    fields = [line.partition(b":") for line in block[:-2].split(b"\r\n")] if block else []
+    if len(fields) > MAX_HEADERS:
         raise HeadRefused(
             431, f"The request has more than {MAX_HEADERS} header fields", "header_too_large"
         )
-    for line in lines:
-        if len(line) > max_header_bytes:
-            raise _too_large(max_header_bytes)
-        if b"\r" in line or b"\n" in line:
-            raise HeadRefused(400, "Malformed request: lines must end with CRLF")
-    request_line = _REQUEST_LINE.fullmatch(lines[0])
+    request_line = _REQUEST_LINE.fullmatch(head, 0, line_end)
     if request_line is None:
         raise HeadRefused(400, "Malformed request: bad request line")
     method = request_line.group(1).decode("ascii")
@@ -159,26 +169,20 @@ def parse_head(head: bytes, max_header_bytes: int) -> RequestHead:
     connection: list[bytes] = []
     hosts = 0
     expects_continue = False
-    for line in lines[1:]:
-        name, colon, value = line.partition(b":")
-        if not colon or _TOKEN.fullmatch(name) is None:
-            raise HeadRefused(400, f"Malformed request: bad header line {_excerpt(line)}")
+    for name, _, value in fields:
         value = value.strip(b" \t")
-        if _FIELD_VALUE.fullmatch(value) is None:
-            raise HeadRefused(
-                400, f"Malformed request: control characters in header {_excerpt(name)}"
-            )
         lowered = name.lower()
-        if lowered == b"content-length":
-            lengths.append(value)
-        elif lowered == b"transfer-encoding":
-            codings.extend(c.strip(b" \t").lower() for c in value.split(b","))
-        elif lowered == b"connection":
-            connection.extend(c.strip(b" \t").lower() for c in value.split(b","))
-        elif lowered == b"host":
-            hosts += 1
-        elif lowered == b"expect":
-            expects_continue = value.lower() == b"100-continue"
+        if lowered in _FRAMING_FIELDS:
+            if lowered == b"content-length":
+                lengths.append(value)
+            elif lowered == b"transfer-encoding":
+                codings.extend(c.strip(b" \t").lower() for c in value.split(b","))
+            elif lowered == b"connection":
+                connection.extend(c.strip(b" \t").lower() for c in value.split(b","))
+            elif lowered == b"host":
+                hosts += 1
+            else:
+                expects_continue = value.lower() == b"100-continue"
         headers.add(name.decode("ascii"), value.decode("utf-8", "surrogateescape"))
     if version == (1, 1) and hosts != 1:
         said = "no Host header" if not hosts else "Host more than once"
@@ -209,6 +213,21 @@ def parse_head(head: bytes, max_header_bytes: int) -> RequestHead:
         keep_alive,
         expects_continue,
     )
+
+
+def _bad_field(block: bytes) -> HeadRefused:
+    """What is wrong with the first bad line of a header block."""
+    for line in block[:-2].split(b"\r\n"):
+        if b"\r" in line or b"\n" in line:
+            return HeadRefused(400, "Malformed request: lines must end with CRLF")
+        name, colon, value = line.partition(b":")
+        if not colon or _TOKEN.fullmatch(name) is None:
+            return HeadRefused(400, f"Malformed request: bad header line {_excerpt(line)}")
+        if _FIELD_VALUE.fullmatch(value.strip(b" \t")) is None:
+            return HeadRefused(
+                400, f"Malformed request: control characters in header {_excerpt(name)}"
+            )
+    return HeadRefused(400, "Malformed request: bad header block")
 
 
 def _version(said: bytes | None) -> tuple[int, int]:

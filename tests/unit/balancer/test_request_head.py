@@ -100,6 +100,7 @@ def test_bytes_that_are_not_utf8_pass_through_unchanged() -> None:
         (b"GET /v1/models HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n", 400),
         (b"GET /v1/models HTTP/1.2\r\nHost: x\r\n\r\n", 400),
         (b"GET /v1/models http/1.1\r\nHost: x\r\n\r\n", 400),
+        (b"GET /v1/models HTTP/3.0\r\nHost: x\r\n\r\n", 400),
         (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 400),
         (b"FOO /v1/models HTTP/1.1\r\nHost: x\r\n\r\n", 400),
         (b"get /v1/models HTTP/1.1\r\nHost: x\r\n\r\n", 400),
