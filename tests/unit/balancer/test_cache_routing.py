@@ -121,6 +121,18 @@ def test_new_conversations_spread_and_two_balancers_agree_on_them() -> None:
     assert max(chosen.count(u) for u in set(chosen)) <= 20
 
 
+def test_new_conversations_fill_the_servers_evenly_among_the_least_busy() -> None:
+    # Idle servers tie on load: a new conversation goes to the one holding the fewest, so no
+    # server's cache gets more conversations than its share while another's has room.
+    client = Client(fleet_of(2, 2, 2))
+    chosen = []
+    for conversation in range(9):
+        sent = client.send(turn(conversation, 3))
+        chosen.append(sent.upstream)
+        client.fleet.release(sent.request_id, 0.0)
+    assert sorted(chosen.count(u) for u in set(chosen)) == [3, 3, 3]
+
+
 def test_conversations_sharing_only_a_system_prompt_spread_and_return_home() -> None:
     fleet = fleet_of(2, 2, 2)
     client = Client(fleet)
