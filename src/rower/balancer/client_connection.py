@@ -33,8 +33,16 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import cast
 
-from rower.balancer.client_request import REASONS, ClientRequest
-from rower.balancer.http_limits import LINGER, OVER_CAPACITY_LINGER, ListenerLimits, ListenerStats
+from rower.balancer.client_request import ClientRequest
+from rower.balancer.http_limits import (
+    LINGER,
+    OVER_CAPACITY_LINGER,
+    ListenerLimits,
+    ListenerStats,
+    raw_answer,
+    refuse_over_capacity,
+    refuse_slow_head,
+)
 from rower.balancer.request_framing import refusal
 from rower.balancer.request_head import HeadRefused, head_end, parse_head
 from rower.llamacpp import error_body
@@ -267,23 +275,8 @@ class ClientConnection(asyncio.Protocol):
         self._timer = None
         if self.busy or self.transport is None:
             return
-        limits = self._listener.limits
-        self._listener.stats.refused["header_timeout"] += 1
-        log_throttled(
-            log,
-            logging.WARNING,
-            f"{limits.name} header timeout",
-            "closed a connection from %s on the %s listener: no complete request head "
-            "within %g s (--request-header-timeout)",
-            self._remote or "?",
-            limits.name,
-            limits.header_timeout,
-        )
-        message = (
-            f"The request line and headers did not arrive within {limits.header_timeout:g} s "
-            "(--request-header-timeout)"
-        )
-        self._answer_raw(408, error_body(408, message, "invalid_request_error"))
+        listener = self._listener
+        self._answer_raw(refuse_slow_head(listener.limits, listener.stats, self._remote or "?"))
 
     def _refuse(
         self,
@@ -304,47 +297,22 @@ class ClientConnection(asyncio.Protocol):
             listener.limits.name,
             message,
         )
-        self._answer_raw(status, error_body(status, message, error_type))
+        self._answer_raw(raw_answer(status, error_body(status, message, error_type)))
 
     def _over_capacity(self) -> None:
-        stats, limits = self._listener.stats, self._listener.limits
-        stats.refused["over_capacity"] += 1
-        log_throttled(
-            log,
-            logging.WARNING,
-            f"{limits.name} over capacity",
-            "refused a connection on the %s listener: %d open (--max-client-connections)",
-            limits.name,
-            stats.connections,
-        )
-        message = (
-            f"The balancer has {stats.connections} client connections open, its limit "
-            "(--max-client-connections); retry in a moment"
-        )
+        listener = self._listener
         self._answer_raw(
-            503,
-            error_body(503, message, "unavailable_error"),
-            extra=b"Retry-After: 1\r\n",
-            linger=OVER_CAPACITY_LINGER,
+            refuse_over_capacity(listener.limits, listener.stats), linger=OVER_CAPACITY_LINGER
         )
 
-    def _answer_raw(
-        self, status: int, body: bytes, *, extra: bytes = b"", linger: float = LINGER
-    ) -> None:
-        """A whole HTTP/1.1 answer, for when no request is being handled; then the connection
-        closes (after `linger`, so that what the client still sends does not reset it)."""
+    def _answer_raw(self, answer: bytes, *, linger: float = LINGER) -> None:
+        """A whole HTTP/1.1 answer (`http_limits.raw_answer`), for when no request is being
+        handled; then the connection closes (after `linger`, so that what the client still
+        sends does not reset it)."""
         transport = self.transport
         if transport is None:
             return
-        transport.write(
-            f"HTTP/1.1 {status} {REASONS[status]}\r\n".encode()
-            + b"Content-Type: application/json; charset=utf-8\r\n"
-            + f"Content-Length: {len(body)}\r\n".encode()
-            + b"Connection: close\r\n"
-            + extra
-            + b"\r\n"
-            + body
-        )
+        transport.write(answer)
         self._linger(linger, write_eof=True)
 
     def _linger(self, seconds: float, *, write_eof: bool) -> None:

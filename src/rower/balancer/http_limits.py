@@ -34,6 +34,7 @@ import resource
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any, cast
 
 from aiohttp import web
@@ -107,24 +108,8 @@ class _LimitedRequestHandler(web.RequestHandler):
             self._admitted = True
             return
         self._over_capacity = True
-        stats.refused["over_capacity"] += 1
-        log_throttled(
-            log,
-            logging.WARNING,
-            f"{limits.name} over capacity",
-            "refused a connection on the %s listener: %d open (--max-client-connections)",
-            limits.name,
-            stats.connections,
-        )
         transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        transport.write(
-            _raw_answer(
-                503,
-                f"The balancer has {stats.connections} client connections open, its limit "
-                "(--max-client-connections); retry in a moment",
-                extra=b"Retry-After: 1\r\n",
-            )
-        )
+        transport.write(refuse_over_capacity(limits, stats))
         if transport.can_write_eof():
             transport.write_eof()
         self._loop.call_later(OVER_CAPACITY_LINGER, self.force_close)
@@ -163,24 +148,8 @@ class _LimitedRequestHandler(web.RequestHandler):
         self._head_deadline = None
         if self._busy or self.transport is None:
             return
-        limits = self._server.limits
-        self._server.stats.refused["header_timeout"] += 1
-        log_throttled(
-            log,
-            logging.WARNING,
-            f"{limits.name} header timeout",
-            "closed a connection from %s on the %s listener: no complete request head "
-            "within %g s (--request-header-timeout)",
-            _peer(self.transport),
-            limits.name,
-            limits.header_timeout,
-        )
         self.transport.write(
-            _raw_answer(
-                408,
-                f"The request line and headers did not arrive within {limits.header_timeout:g} "
-                "s (--request-header-timeout)",
-            )
+            refuse_slow_head(self._server.limits, self._server.stats, _peer(self.transport))
         )
         self.force_close()
 
@@ -372,14 +341,51 @@ def _summary(message: str) -> str:
     return " ".join(head.replace(":\n", ": ").split()).rstrip(":") or "unreadable request"
 
 
-def _raw_answer(status: int, message: str, *, extra: bytes = b"") -> bytes:
-    """A whole HTTP/1.1 answer that closes the connection, for when no request was parsed."""
-    body = error_body(
-        status, message, "unavailable_error" if status == 503 else "invalid_request_error"
+def refuse_over_capacity(limits: ListenerLimits, stats: ListenerStats) -> bytes:
+    """Count and log a connection beyond `--max-client-connections`; returns the 503 to send
+    it before closing (both listeners: `LimitedAppRunner`'s and `client_connection`'s)."""
+    stats.refused["over_capacity"] += 1
+    log_throttled(
+        log,
+        logging.WARNING,
+        f"{limits.name} over capacity",
+        "refused a connection on the %s listener: %d open (--max-client-connections)",
+        limits.name,
+        stats.connections,
     )
-    reason = {408: "Request Timeout", 503: "Service Unavailable"}[status]
+    message = (
+        f"The balancer has {stats.connections} client connections open, its limit "
+        "(--max-client-connections); retry in a moment"
+    )
+    body = error_body(503, message, "unavailable_error")
+    return raw_answer(503, body, extra=b"Retry-After: 1\r\n")
+
+
+def refuse_slow_head(limits: ListenerLimits, stats: ListenerStats, remote: str) -> bytes:
+    """Count and log a connection whose request head took longer than
+    `--request-header-timeout`; returns the 408 to send it before closing."""
+    stats.refused["header_timeout"] += 1
+    log_throttled(
+        log,
+        logging.WARNING,
+        f"{limits.name} header timeout",
+        "closed a connection from %s on the %s listener: no complete request head "
+        "within %g s (--request-header-timeout)",
+        remote,
+        limits.name,
+        limits.header_timeout,
+    )
+    message = (
+        f"The request line and headers did not arrive within {limits.header_timeout:g} s "
+        "(--request-header-timeout)"
+    )
+    return raw_answer(408, error_body(408, message, "invalid_request_error"))
+
+
+def raw_answer(status: int, body: bytes, *, extra: bytes = b"") -> bytes:
+    """A whole HTTP/1.1 answer that closes the connection, for when no request is handled."""
     return (
-        f"HTTP/1.1 {status} {reason}\r\n".encode()
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n".encode()
         + b"Content-Type: application/json; charset=utf-8\r\n"
         + f"Content-Length: {len(body)}\r\n".encode()
         + b"Connection: close\r\n"
