@@ -56,6 +56,9 @@ class Affinity(enum.Enum):
     """Sent there after waiting for it to free a slot (`Fleet`'s brief wait for home)."""
     MISS = "miss"
     """No server was sent a head of it: a new conversation (or one this balancer forgot)."""
+    RETURN = "return"
+    """Back to the server where its conversation lived, which the memory forgot for want of
+    room (`PrefixMemory.last_server`): the server may still hold some of it."""
     SPILL_BUSY = "spill_busy"
     """The server holding its longest head had no free slot."""
     SPILL_LOAD = "spill_load"
@@ -131,7 +134,7 @@ def pick_cached(
             and last.slots_free(now) > 0
             and busy_fraction(last) - floor <= SPREAD
         ):
-            return CachePick(last, Affinity.MISS)
+            return CachePick(last, Affinity.RETURN)
     # Spill, or place a new conversation, where the load says: a server with as few busy slots
     # as the least busy pick's, the one holding least, then by rendezvous rank, so that
     # balancers that remember the same choose alike.

@@ -996,7 +996,8 @@ class Fleet:
         """What sending a buffered request to the first upstream that freed a slot amounts to."""
         best = next(self.prefixes.matches(needs.prefix), None)
         if best is None:
-            return Affinity.MISS, 0
+            returned = self.prefixes.last_server(needs.prefix) == taker.identity
+            return (Affinity.RETURN if returned else Affinity.MISS), 0
         if best[0] == taker.identity:
             return Affinity.HIT, best[1]
         return Affinity.SPILL_BUSY, self.prefixes.matched(taker.identity, needs.prefix)

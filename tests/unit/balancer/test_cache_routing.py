@@ -171,7 +171,7 @@ def test_a_conversation_forgotten_for_room_goes_back_to_its_last_server() -> Non
         busy = client.send(None)
     assert busy.upstream == home.address
     again = client.send(turn(1, 6))
-    assert (again.upstream, again.affinity) == (home.address, Affinity.MISS)
+    assert (again.upstream, again.affinity) == (home.address, Affinity.RETURN)
 
 
 def test_a_freed_slot_goes_first_to_a_waiting_turn_its_server_holds() -> None:
@@ -469,3 +469,16 @@ def test_a_peers_placement_on_an_unknown_server_or_under_least_busy_is_not_remem
     assert not fleet_of(2, routing=Routing.LEAST_BUSY).placed_by_peer(sent.placement)
     assert len(fleet.prefixes) == 0
     assert Client(fleet_of(2, routing=Routing.LEAST_BUSY)).send(turn(1, 4)).placement is None
+
+
+def test_a_waiting_turn_of_a_forgotten_conversation_returns_to_where_it_lived() -> None:
+    fleet = fleet_of(1, 1)
+    client = Client(fleet)
+    first = client.send(turn(1, 4))
+    fleet.release(first.request_id, 0.0)
+    (home,) = [u for u in fleet.upstreams.values() if u.address == first.upstream]
+    fleet.prefixes.trim(home.identity, 0)
+    blockers = {b.upstream: b for b in (client.send(turn(10 + n, 4)) for n in range(2))}
+    assert isinstance(fleet.request_slot(50, 0.0, needs=turn(1, 6)), Buffered)
+    (sent,) = fleet.release(blockers[home.address].request_id, 0.1)
+    assert (sent.request_id, sent.upstream, sent.affinity) == (50, home.address, Affinity.RETURN)
