@@ -412,15 +412,16 @@ class Fleet:
             decision = self._place(pool, request_id, needs, now, may_wait=not retry)
             if decision is not None:
                 return decision
-        elif pool.held:
-            held = self._take_held(pool, request_id, needs, now)
+        home = self._home(pool, needs, now)
+        if pool.held:
+            held = self._take_held(pool, request_id, needs, now, home)
             if held is not None:
                 return held
         if pool.max_buffered == 0:
             return Rejected(request_id, RejectReason.BUFFER_DISABLED, resolved)
         if pool.buffered >= pool.max_buffered and not retry:
             return Rejected(request_id, RejectReason.BUFFER_FULL, resolved)
-        home = self._wait(pool, request_id, needs, now, first=retry)
+        self._wait(pool, request_id, needs, now, first=retry, home=home)
         # A waiter with a home may make freed slots wait for it (`waiting_line`): the caller
         # calls `expire_waits` when its patience ends, and a held slot goes to whoever is due.
         until = now + self.buffer_patience if home is not None else None
@@ -572,7 +573,8 @@ class Fleet:
                 del self._waiting_in[request_id]
                 decision = self._place(pool, request_id, needs, now, may_wait=False)
                 if decision is None:
-                    self._wait(pool, request_id, needs, now, first=True)
+                    home = self._home(pool, needs, now)
+                    self._wait(pool, request_id, needs, now, first=True, home=home)
                 else:
                     assert isinstance(decision, Dispatch)
                     if decision.affinity is Affinity.SPILL_BUSY:
@@ -749,14 +751,19 @@ class Fleet:
         unrouted.waiting.clear()
 
     def _wait(
-        self, pool: Pool, request_id: int, needs: RequestNeeds | None, now: float, *, first: bool
-    ) -> str | None:
-        """`request_id` waits in the pool's buffer; returns its home server (None: none)."""
-        home = self._home(pool, needs, now)
+        self,
+        pool: Pool,
+        request_id: int,
+        needs: RequestNeeds | None,
+        now: float,
+        *,
+        first: bool,
+        home: str | None,
+    ) -> None:
+        """`request_id` waits in the pool's buffer, in the line of `home` (`_home`) if any."""
         pool.waiting.add(request_id, Waiter(needs, now, home), first=first)
         self._waiting_in[request_id] = pool
         self.revision += 1
-        return home
 
     def _home(self, pool: Pool, needs: RequestNeeds | None, now: float) -> str | None:
         if not self._routes_by_cache(needs):
@@ -765,11 +772,16 @@ class Fleet:
         return home_of(needs, self.prefixes, pool.by_identity, now)
 
     def _take_held(
-        self, pool: Pool, request_id: int, needs: RequestNeeds | None, now: float
+        self,
+        pool: Pool,
+        request_id: int,
+        needs: RequestNeeds | None,
+        now: float,
+        home: str | None,
     ) -> Dispatch | None:
         """A slot held free for the waiting requests of other servers (`waiting_line`) goes to
-        a newcomer that belongs to its server, or that belongs nowhere; None if none fits."""
-        home = self._home(pool, needs, now)
+        a newcomer that belongs to its server (`home`), or that belongs nowhere; None if none
+        fits."""
         free = [u for u in pool.held.values() if u.slots_free(now) > 0]
         if home is not None:
             free = [u for u in free if u.identity == home]

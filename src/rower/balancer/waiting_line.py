@@ -106,16 +106,6 @@ class WaitingLine:
         line = self._by_home.get(home) or self._homeless
         return next(iter(line)) if line else None
 
-    def homeless(self) -> int | None:
-        """The oldest waiter without a home (None if none)."""
-        return next(iter(self._homeless), None)
-
-    def patience_ends(self, patience: float) -> float | None:
-        """When the oldest waiter will have waited `patience` (None when nobody waits)."""
-        for waiter in self._all.values():
-            return waiter.since + patience
-        return None
-
     def clear(self) -> None:
         self._all.clear()
         self._by_home.clear()

@@ -17,6 +17,7 @@ from rower.balancer.fleet import (
     Routing,
 )
 from rower.balancer.request_needs import RequestNeeds
+from rower.balancer.upstream import Upstream
 from rower.status import SlotStatus, StatusUpdate
 
 
@@ -157,13 +158,19 @@ def test_conversations_sharing_only_a_system_prompt_spread_and_return_home() -> 
         fleet.release(again.request_id, 0.0)
 
 
-def test_a_conversation_forgotten_for_room_goes_back_to_its_last_server() -> None:
-    fleet = fleet_of(2, 2)
+def forgotten(*totals: int) -> tuple[Fleet, Client, Upstream]:
+    """Conversation 1 went to a server once, and the memory forgot it for room there."""
+    fleet = fleet_of(*totals)
     client = Client(fleet)
     first = client.send(turn(1, 4))
     fleet.release(first.request_id, 0.0)
     (home,) = [u for u in fleet.upstreams.values() if u.address == first.upstream]
     fleet.prefixes.trim(home.identity, 0)
+    return fleet, client, home
+
+
+def test_a_conversation_forgotten_for_room_goes_back_to_its_last_server() -> None:
+    fleet, client, home = forgotten(2, 2)
     # Its server is busier than the other now; the memory no longer believes it holds it.
     busy = client.send(None)
     if busy.upstream != home.address:
@@ -472,12 +479,7 @@ def test_a_peers_placement_on_an_unknown_server_or_under_least_busy_is_not_remem
 
 
 def test_a_waiting_turn_of_a_forgotten_conversation_returns_to_where_it_lived() -> None:
-    fleet = fleet_of(1, 1)
-    client = Client(fleet)
-    first = client.send(turn(1, 4))
-    fleet.release(first.request_id, 0.0)
-    (home,) = [u for u in fleet.upstreams.values() if u.address == first.upstream]
-    fleet.prefixes.trim(home.identity, 0)
+    fleet, client, home = forgotten(1, 1)
     blockers = {b.upstream: b for b in (client.send(turn(10 + n, 4)) for n in range(2))}
     assert isinstance(fleet.request_slot(50, 0.0, needs=turn(1, 6)), Buffered)
     (sent,) = fleet.release(blockers[home.address].request_id, 0.1)

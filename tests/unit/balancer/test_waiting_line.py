@@ -32,13 +32,10 @@ def test_a_server_nobody_calls_home_takes_the_oldest_without_a_home() -> None:
     line = line_of((1, 0.0, "b"), (2, 0.1, None), (3, 0.2, None))
     assert line.next_for("c", 0.5, 2.0) == 2
     assert line.next_for("b", 0.5, 2.0) == 1
-    assert line.homeless() == 2
     line.remove(2)
-    assert line.homeless() == 3
-    assert line.patience_ends(2.0) == 2.0
+    assert line.next_for("c", 0.5, 2.0) == 3
     line.clear()
-    assert line.homeless() is None
-    assert line.patience_ends(2.0) is None
+    assert line.next_for("c", 0.5, 2.0) is None
 
 
 def test_the_oldest_waits_no_longer_than_its_patience() -> None:
