@@ -19,6 +19,9 @@ each request's end-to-end time (p50, p99) and the turns served in the run (the s
 policy saves on prefill serves more turns); medians over seeds. It is a model: it says which
 policy is better and by about how much, not what llama-server will measure.
 
+Also the prompt tokens computed (the prefill work) and the turns served elsewhere than their
+conversation's previous turn (moved).
+
     python -m bench.experiment_routing_model [--seeds 9] [--conversations 12 18]
 """
 
@@ -90,6 +93,10 @@ class Outcome:
     e2e_p50: float
     e2e_p99: float
     turns: int
+    computed: float = 0.0
+    """Prompt tokens computed (not found cached), in thousands: the prefill work."""
+    moved: float = 0.0
+    """Turns served elsewhere than their conversation's previous turn."""
 
 
 @dataclass
@@ -143,9 +150,15 @@ def run(
     sent_at: dict[int, float] = {}
     e2e: list[float] = []
 
+    served_on: dict[int, int] = {}
+    moved = 0
+
     def begin(server: ModelServer, request_id: int, now: float) -> None:
-        nonlocal prompt, cached
+        nonlocal prompt, cached, moved
         chat = chats[sent[request_id][0]]
+        previous = served_on.get(sent[request_id][0], server.index)
+        moved += previous != server.index
+        served_on[sent[request_id][0]] = server.index
         held = server.cache.pop(sent[request_id][0], 0)
         held = held if held <= chat.tokens else 0
         server.active += 1
@@ -235,6 +248,8 @@ def run(
         e2e[len(e2e) // 2] if e2e else 0.0,
         e2e[int(len(e2e) * 0.99)] if e2e else 0.0,
         len(e2e),
+        (prompt - cached) / 1000,
+        moved,
     )
 
 
@@ -246,6 +261,8 @@ def medians(runs: Callable[..., Outcome], seeds: range) -> Outcome:
         statistics.median(o.e2e_p50 for o in outcomes),
         statistics.median(o.e2e_p99 for o in outcomes),
         round(statistics.median(o.turns for o in outcomes)),
+        statistics.median(o.computed for o in outcomes),
+        statistics.median(o.moved for o in outcomes),
     )
 
 
@@ -256,7 +273,10 @@ def main() -> None:
     args = parser.parse_args()
     seeds = range(args.seeds)
     for n in args.conversations:
-        print(f"{n} conversations: reuse, e2e p50 / p99 (s), turns served")
+        print(
+            f"{n} conversations: reuse, e2e p50 / p99 (s), turns served, "
+            "thousand tokens computed, turns moved"
+        )
         policies: dict[str, dict[str, Any]] = {
             "anchor (session hash)": {"anchor": True},
             "Rower, first-come buffer": {"patience": 0.0},
@@ -266,7 +286,10 @@ def main() -> None:
         }
         for name, options in policies.items():
             o = medians(functools.partial(run, n, **options), seeds)
-            print(f"  {name:34} {o.reuse:.2f}  {o.e2e_p50:.2f} / {o.e2e_p99:.2f}  {o.turns}")
+            print(
+                f"  {name:34} {o.reuse:.2f}  {o.e2e_p50:.2f} / {o.e2e_p99:.2f}  {o.turns}"
+                f"  {o.computed:.0f}  {o.moved:.0f}"
+            )
 
 
 if __name__ == "__main__":

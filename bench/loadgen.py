@@ -137,6 +137,7 @@ class Turn(Record):
     prompt_ms: float | None = None
     predicted_n: int | None = None
     slot: int | None = None
+    request_id: str = ""
 
 
 def conversation_body(
@@ -270,9 +271,16 @@ async def conversations(spec: dict[str, Any]) -> list[Turn]:
             if slot is not None and (pin == "last" or (pin == "held" and holder[slot] == index)):
                 body["id_slot"] = slot
             record = Turn(due=time.perf_counter() - t0, conversation=index, turn=turn, front=front)
+            # Each turn names itself, so a front's access log says where it went.
+            record.request_id = f"{chat['id']}-{turn}"
             records.append(record)
             answer = await converse_one(
-                client, urls[front] + spec["path"], body, headers, record, deadline
+                client,
+                urls[front] + spec["path"],
+                body,
+                {**headers, "X-Request-Id": record.request_id},
+                record,
+                deadline,
             )
             if answer is not None:
                 exchanges.append((user, answer))

@@ -18,10 +18,23 @@ HAProxy hashing an `X-Session-Id` header the client sends; only that front gets 
 Every run has its own random text (nothing cached by an earlier run can help), and the same
 conversation shapes and think times as the other fronts of its repeat; repeats are
 interleaved with the order of the fronts rotated, and the report shows medians.
+
+Each run also says where its prefill went (`breakdown`: first turns, later turns that found
+their prefix cached, and those that did not) and each server's prompt batches as the server
+counts them (`servers_prefill`: every batch once, where a turn's `prompt_ms` also covers what
+its batch-mates computed). To measure one change, a subset of the cells and fronts:
+
+    python -m bench.scenario_affinity --cell fits,completion --cell exceeds,completion \
+        --front "HAProxy hash of X-Session-Id (anchor)" --front "Rower cache-aware" \
+        --repeats 5 --trace --out /tmp/affinity-subset
+
+`--trace` gives Rower's balancers an access log, so a later turn that did not find its prefix
+is split into `moved` (to another server than its previous turn) and `evicted` (same server).
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import math
@@ -241,14 +254,22 @@ class Rig:
     servers: list[LlamaServer]
     fronts: dict[str, list[Front]]
     skipped: dict[str, str] = field(default_factory=dict)
+    access_log: Path | None = None
+    """Rower's access log (`trace`): which server each turn went to."""
 
 
 def start_fronts(
-    runner: procs.Procs, servers: list[LlamaServer], wanted: set[str], work: Path
+    runner: procs.Procs,
+    servers: list[LlamaServer],
+    wanted: set[str],
+    work: Path,
+    *,
+    trace: bool = False,
 ) -> Rig:
-    """Start every front of `wanted`; say why any is left out."""
+    """Start every front of `wanted`; say why any is left out. With `trace`, Rower's
+    balancers write an access log (which server each turn went to)."""
     upstreams = [Upstream(s.address, s.slots) for s in servers]
-    rig = Rig(servers, {})
+    rig = Rig(servers, {}, access_log=work / "access.log" if trace else None)
     routing = routing_available()
     rowers = []
     for policy in ALL_FRONTS:
@@ -275,7 +296,10 @@ def start_fronts(
             balancers,
             upstreams,
             work,
-            extra=("--metrics-endpoint-enable",),
+            extra=(
+                "--metrics-endpoint-enable",
+                *(("--access-log", str(rig.access_log)) if rig.access_log else ()),
+            ),
             peered=peered,
         )
         for policy, front in zip(rowers, started, strict=False):
@@ -313,6 +337,7 @@ def run_one(
     spec_path.write_text(json.dumps(spec))
     out = spec_path.with_suffix(".out.json")
     served_before = [llama_servers.metrics(s.port) for s in rig.servers]
+    log_offset = rig.access_log.stat().st_size if rig.access_log and rig.access_log.exists() else 0
     rower_before = rower_counters(fronts)
     groups = {
         "servers": [s.pid for s in rig.servers],
@@ -336,6 +361,19 @@ def run_one(
         for before, after in zip(served_before, served_after, strict=True)
     ]
     result["turns_per_server"] = turns
+    result["servers_prefill"] = [
+        {
+            "prompt_tokens": after[PROMPT_TOKENS] - before[PROMPT_TOKENS],
+            "prompt_s": after[PROMPT_SECONDS] - before[PROMPT_SECONDS],
+        }
+        for before, after in zip(served_before, served_after, strict=True)
+    ]
+    served_by = (
+        access_log_upstreams(rig.access_log, log_offset) if rig.access_log is not None else {}
+    )
+    if policy.kind == ANCHOR:
+        served_by = {}
+    result["breakdown"] = breakdown(records, served_by)
     result["spread"] = max(turns) / statistics.fmean(turns) if sum(turns) else None
     rower_after = rower_counters(fronts)
     result["rower_counters"] = {
@@ -347,6 +385,60 @@ def run_one(
     result.update(front=policy.name, kind=policy.kind, cell=cell.name, regime=cell.regime)
     result.update(api=cell.api, variant=cell.variant)
     return result
+
+
+PROMPT_TOKENS = "llamacpp:prompt_tokens_total"
+PROMPT_SECONDS = "llamacpp:prompt_seconds_total"
+"""A server's prompt batches: tokens and wall time, each batch counted once (a request's
+`prompt_ms` also covers what its slot's batch-mates computed meanwhile)."""
+
+ACCESS_LINE = re.compile(r"upstream=(\S+).*request_id=(\S+)")
+
+
+def access_log_upstreams(path: Path, offset: int) -> dict[str, str]:
+    """request id -> the upstream a Rower front sent it to, from its access log past `offset`."""
+    if not path.exists():
+        return {}
+    with path.open("rb") as log:
+        log.seek(offset)
+        text = log.read().decode(errors="replace")
+    found = {}
+    for line in text.splitlines():
+        match = ACCESS_LINE.search(line)
+        if match:
+            found[match.group(2)] = match.group(1)
+    return found
+
+
+def breakdown(records: list[dict[str, Any]], served_by: dict[str, str]) -> dict[str, Any]:
+    """Where a run's prefill went: turns by kind, each with its count, tokens computed
+    (`prompt_n`) and `prompt_ms`. Kinds: `first` (a conversation's first turn), `reused` (a
+    later turn that found at least half its prompt cached), `recomputed` (a later turn that
+    did not); with `served_by` (request id -> server), `recomputed` splits into `moved` (sent
+    to another server than its previous turn) and `evicted` (same server, cache gone)."""
+    kinds: dict[str, dict[str, float]] = {}
+    last_server: dict[int, str] = {}
+    ok = sorted(
+        (r for r in records if r["error"] is None), key=lambda r: (r["conversation"], r["turn"])
+    )
+    for r in ok:
+        server = served_by.get(r.get("request_id", ""))
+        previous = last_server.get(r["conversation"])
+        if r["turn"] == 0:
+            kind = "first"
+        elif r["cache_n"] >= (r["cache_n"] + r["prompt_n"]) / 2:
+            kind = "reused"
+        elif server is not None and previous is not None:
+            kind = "evicted" if server == previous else "moved"
+        else:
+            kind = "recomputed"
+        if server is not None:
+            last_server[r["conversation"]] = server
+        totals = kinds.setdefault(kind, {"turns": 0, "prompt_n": 0, "prompt_s": 0.0})
+        totals["turns"] += 1
+        totals["prompt_n"] += r["prompt_n"]
+        totals["prompt_s"] += r["prompt_ms"] / 1000
+    return kinds
 
 
 RUN_LIMIT_S = 300.0
@@ -417,15 +509,19 @@ def run(
     only: Sequence[Cell] | None = None,
     front_names: set[str] | None = None,
     build: bool = True,
+    trace: bool = False,
+    name: str = "affinity",
 ) -> dict[str, Any]:
-    """Run every cell with every front, `repeats` times interleaved; write affinity.json."""
+    """Run every cell with every front, `repeats` times interleaved; write `name`.json.
+    `trace`: Rower's balancers log each request, so each run's `breakdown` splits the turns
+    that recomputed their prompt into moved and evicted."""
     found = llama_servers.tools(build=build)
     if found is None:
         results: dict[str, Any] = {
             "scenario": "affinity",
             "skipped": "llama-server or model missing",
         }
-        (out / "affinity.json").write_text(json.dumps(results))
+        (out / f"{name}.json").write_text(json.dumps(results))
         return results
     server, model = found
     chosen = list(only or cells(quick))
@@ -448,7 +544,7 @@ def run(
             slot_context=SLOT_CONTEXT,
             extra=cache,
         )
-        rig = start_fronts(runner, servers, wanted, work)
+        rig = start_fronts(runner, servers, wanted, work, trace=trace)
         for repeat in range(repeats):
             for cell_index, cell in enumerate(chosen):
                 fronts = [p for p in ALL_FRONTS if p.name in cell.fronts and p.name in rig.fronts]
@@ -482,7 +578,7 @@ def run(
         "runs": runs,
         "medians": medians(runs),
     }
-    (out / "affinity.json").write_text(json.dumps(results, indent=1))
+    (out / f"{name}.json").write_text(json.dumps(results, indent=1))
     return results
 
 
@@ -497,3 +593,49 @@ def _line(result: dict[str, Any]) -> str:
         f"e2e p50 {ms(result['e2e_p50'])} p99 {ms(result['e2e_p99'])} ms, "
         f"turns/server {result['turns_per_server']}, errors {result['errors']}"
     )
+
+
+def main() -> None:
+    """`python -m bench.scenario_affinity`: a subset of the scenario, for measuring one
+    change (the whole scenario runs from `python -m bench.run --scenario affinity`)."""
+    parser = argparse.ArgumentParser(prog="python -m bench.scenario_affinity", description=__doc__)
+    parser.add_argument(
+        "--cell",
+        action="append",
+        metavar="REGIME,API",
+        help="e.g. fits,completion or exceeds,chat (repeatable; default: the quick run's cells)",
+    )
+    parser.add_argument(
+        "--front",
+        action="append",
+        metavar="NAME",
+        help=f"a front's name (repeatable; default: all): {', '.join(p.name for p in ALL_FRONTS)}",
+    )
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--trace", action="store_true", help="split recomputed turns (access log)")
+    parser.add_argument("--out", type=Path, default=Path("/tmp/affinity-subset"))
+    parser.add_argument("--name", default="affinity", help="the result file's name (.json)")
+    args = parser.parse_args()
+    chosen = cells(quick=False)
+    if args.cell:
+        wanted = [tuple(c.split(",")) for c in args.cell]
+        chosen = [c for c in chosen if (c.regime, c.api) in wanted and not c.variant]
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = run(
+        args.out,
+        repeats=args.repeats,
+        only=chosen,
+        front_names=set(args.front) if args.front else None,
+        trace=args.trace,
+        name=args.name,
+    )
+    for row in results.get("medians", []):
+        print(
+            f"{row['cell']:<28} {row['front']:<44} reuse {row['reuse']:.2f} prefill "
+            f"{row['prefill_s']:.1f} s, vs anchor: reuse {row['vs_anchor_reuse'] or 0:.2f} "
+            f"prefill {row['vs_anchor_prefill_s'] or 0:.2f} p99 {row['vs_anchor_e2e_p99'] or 0:.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

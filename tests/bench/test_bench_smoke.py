@@ -93,12 +93,19 @@ def test_cache_affinity_and_report(tmp_path: Path) -> None:
         )
         for api in ("completion", "chat")
     ]
-    results = scenario_affinity.run(tmp_path, only=cells, repeats=1, build=False)
+    results = scenario_affinity.run(tmp_path, only=cells, repeats=1, build=False, trace=True)
     assert results["runs"]
     for run in results["runs"]:
         assert run["ok"] == run["requests"] == 6, run["error_kinds"]
         assert run["prompt_tokens"] > 0
         assert sum(run["turns_per_server"]) == 6
+        # Every turn is in one kind, and the access log said where every later turn went.
+        kinds = run["breakdown"]
+        assert sum(kind["turns"] for kind in kinds.values()) == 6
+        assert kinds["first"]["turns"] == 3
+        assert "recomputed" not in kinds
+        computed = sum(s["prompt_tokens"] for s in run["servers_prefill"])
+        assert computed == sum(kind["prompt_n"] for kind in kinds.values())
     text = report.write(tmp_path).read_text()
     assert "## 5. Prompt-cache affinity" in text
     assert (tmp_path / "affinity.png").exists()
