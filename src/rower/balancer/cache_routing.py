@@ -23,6 +23,12 @@ The rule (docs/routing.md says it for operators):
    server (the known trap of hashing the first message).
 4. A request without a prefix (short prompts, embeddings) takes the least-busy pick.
 
+A conversation the memory forgot for room goes back to where it lived
+(`PrefixMemory.last_server`) when that server has a free slot within the guard; when it has
+none, that server is the home the request may wait for (`Fleet`), as for one believed to hold
+it. Sent elsewhere at once, as it was, it was computed again there and pushed another
+conversation out of that server's cache (docs/routing.md, "Forgotten is not moved").
+
 Every choice says what it was (`Affinity`), for metrics.
 """
 
@@ -58,11 +64,14 @@ class Affinity(enum.Enum):
     """No server was sent a head of it: a new conversation (or one this balancer forgot)."""
     RETURN = "return"
     """Back to the server where its conversation lived, which the memory forgot for want of
-    room (`PrefixMemory.last_server`): the server may still hold some of it."""
+    room (`PrefixMemory.last_server`): the server may still hold some of it. Also after
+    waiting for that server."""
     SPILL_BUSY = "spill_busy"
-    """The server holding its longest head had no free slot."""
+    """The server holding its longest head (or, for a conversation the memory forgot, the
+    server where it lived) had no free slot."""
     SPILL_LOAD = "spill_load"
-    """The server holding its longest head was too much busier than the least busy one."""
+    """The server holding its longest head (or where a forgotten conversation lived) was too
+    much busier than the least busy one."""
     SPILL_AFTER_WAIT = "spill_after_wait"
     """It waited for its busy home, which did not free a slot in time."""
     SPILL_UNUSABLE = "spill_unusable"
@@ -126,15 +135,18 @@ def pick_cached(
         return CachePick(upstream, longest or Affinity.HIT, blocks, home, home_blocks)
     if longest is None:
         # Forgotten for want of room, the conversation still lives where it went last: going
-        # back there keeps each server's set of conversations (its cache) stable.
+        # back there keeps each server's set of conversations (its cache) stable. When that
+        # server is busy, it is the home to wait for (`Fleet`), as one believed to hold the
+        # prefix would be: the memory forgot the conversation for room, not because the
+        # server did, so its whole head is at stake.
         last = members.get(memory.last_server(needs.prefix) or "")
-        if (
-            last is not None
-            and last.is_usable(now)
-            and last.slots_free(now) > 0
-            and busy_fraction(last) - floor <= SPREAD
-        ):
-            return CachePick(last, Affinity.RETURN)
+        if last is not None and last.is_usable(now):
+            if last.slots_free(now) <= 0:
+                longest, home, home_blocks = Affinity.SPILL_BUSY, last, len(needs.prefix)
+            elif busy_fraction(last) - floor <= SPREAD:
+                return CachePick(last, Affinity.RETURN)
+            else:
+                longest = Affinity.SPILL_LOAD
     # Spill, or place a new conversation, where the load says: a server with as few busy slots
     # as the least busy pick's, the one holding least, then by rendezvous rank, so that
     # balancers that remember the same choose alike.

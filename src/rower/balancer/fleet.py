@@ -983,9 +983,9 @@ class Fleet:
             home = pool.homing.pop(request_id)
             del self._waiting_in[request_id]
             blocks = self.prefixes.matched(touched.identity, home.needs.prefix)
-            dispatched.append(
-                self._assign(request_id, now, touched, home.needs, Affinity.HIT_AFTER_WAIT, blocks)
-            )
+            # Nothing matched: it waited for where its forgotten conversation lived.
+            waited = Affinity.HIT_AFTER_WAIT if blocks else Affinity.RETURN
+            dispatched.append(self._assign(request_id, now, touched, home.needs, waited, blocks))
         while pool.waiting and touched.slots_free(now) > 0:
             taken = pool.waiting.next_for(touched.identity, now, self.buffer_patience)
             if taken is None:

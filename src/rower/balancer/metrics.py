@@ -305,9 +305,9 @@ class BalancerMetrics:
             "Requests routed with a prompt prefix (--routing cache-aware), by what the pick did: "
             "hit (to the server holding its longest head), hit_after_wait (there, after waiting "
             "for it), miss (no server had it), return (to where its conversation lived, which "
-            "the memory had forgotten), spill_after_wait (waited for it in vain), "
-            "spill_busy / spill_load / spill_unusable (that server was full, too much busier "
-            "than the least busy one, or not usable)",
+            "the memory had forgotten, at once or after waiting for it), spill_after_wait "
+            "(waited for that server in vain), spill_busy / spill_load / spill_unusable (that "
+            "server was full, too much busier than the least busy one, or not usable)",
             ["outcome"],
             registry=self.registry,
         )

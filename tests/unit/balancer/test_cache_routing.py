@@ -484,3 +484,43 @@ def test_a_waiting_turn_of_a_forgotten_conversation_returns_to_where_it_lived() 
     assert isinstance(fleet.request_slot(50, 0.0, needs=turn(1, 6)), Buffered)
     (sent,) = fleet.release(blockers[home.address].request_id, 0.1)
     assert (sent.request_id, sent.upstream, sent.affinity) == (50, home.address, Affinity.RETURN)
+
+
+def forgotten_with_busy_home() -> tuple[Fleet, Dispatch, Buffered]:
+    """Conversation 1 was forgotten for room on its server, which is busy now, and its next
+    turn (request 50) waits for it while the other server is free. Prefill is slow here (100
+    tokens/s), so waiting pays."""
+    fleet, client, home = forgotten(1, 1)
+    for agent in fleet.upstreams:
+        fleet.answered(agent, AnswerTimings(100, 0, 1.0, 100, 0.1))
+    holder = client.send(None)
+    if holder.upstream != home.address:
+        other = holder
+        holder = client.send(None)
+        fleet.release(other.request_id, 0.0)
+    assert holder.upstream == home.address
+    waiting = fleet.request_slot(50, 0.0, needs=turn(1, 6))
+    assert isinstance(waiting, Buffered)
+    assert fleet.is_homing(50)
+    return fleet, holder, waiting
+
+
+def test_a_forgotten_conversation_waits_for_its_busy_server_and_returns_there() -> None:
+    # Sent elsewhere at once, it would be computed again there and push another
+    # conversation out of that server's cache; where it lived may still hold it.
+    fleet, holder, waiting = forgotten_with_busy_home()
+    assert waiting.until is not None
+    assert 0 < waiting.until <= MAX_AFFINITY_WAIT
+    # The other server stays free for others meanwhile.
+    assert isinstance(fleet.request_slot(51, 0.0, needs=None), Dispatch)
+    (sent,) = fleet.release(holder.request_id, 0.1)
+    assert (sent.request_id, sent.upstream, sent.affinity) == (50, holder.upstream, Affinity.RETURN)
+
+
+def test_a_forgotten_conversation_spills_when_its_server_stays_busy() -> None:
+    fleet, holder, waiting = forgotten_with_busy_home()
+    assert waiting.until is not None
+    (moved,) = fleet.expire_waits(waiting.until)
+    assert moved.request_id == 50
+    assert moved.upstream != holder.upstream
+    assert moved.affinity is Affinity.SPILL_AFTER_WAIT
