@@ -40,6 +40,10 @@ class Record:
     ttft: float | None = None
     e2e: float | None = None
     tokens: int = 0
+    reads: int = 0
+    """Reads that carried tokens (several tokens per read: the front wrote them together)."""
+    longest_gap: float = 0.0
+    """The longest time between two reads that carried tokens."""
     error: str | None = None
 
 
@@ -54,14 +58,22 @@ async def stream_one(
     """Send one request and read its stream to the end, filling `record`."""
     due = t0 + record.due
     tail = b""
+    last_read = 0.0
     try:
         async with asyncio.timeout(deadline), session.post(url, data=body) as response:
             record.status = response.status
             async for chunk in response.content.iter_any():
+                now = time.perf_counter()
                 if record.ttft is None:
-                    record.ttft = time.perf_counter() - due
+                    record.ttft = now - due
                 buffer = tail + chunk
-                record.tokens += buffer.count(TOKEN_EVENT)
+                tokens = buffer.count(TOKEN_EVENT)
+                if tokens:
+                    if record.reads:
+                        record.longest_gap = max(record.longest_gap, now - last_read)
+                    record.tokens += tokens
+                    record.reads += 1
+                    last_read = now
                 tail = buffer[-(len(TOKEN_EVENT) - 1) :]
             record.e2e = time.perf_counter() - due
             if response.status != 200:

@@ -39,6 +39,7 @@ TARGETS = (
     Policy("direct", "direct"),
     Policy("Rower", "rower", 1000),
     Policy("nginx", "nginx-rr"),
+    Policy("Rower, each token as it comes", "rower", 1000, flags=("--stream-flush-interval", "0")),
 )
 
 
@@ -85,9 +86,11 @@ def measure(
     closed(runner, url, 4, 16, one, work)  # warm
     records = closed(runner, url, 1, n1, one, work)
     ttfb = [r["ttft"] for r in records if r["ttft"] is not None and not r["error"]]
+    whole = [r["e2e"] for r in records if r["e2e"] is not None and not r["error"]]
     row: dict[str, Any] = {
         "ttfb_c1_p50": percentile(ttfb, 0.5),
         "ttfb_c1_p99": percentile(ttfb, 0.99),
+        "e2e_c1_p50": percentile(whole, 0.5),
         "errors": sum(1 for r in records if r["error"]),
     }
     body = {"prompt": "Once upon a time", "n_predict": events, "stream": True, "ignore_eos": True}
@@ -104,6 +107,12 @@ def measure(
     row["errors"] += sum(1 for r in records if r["error"])
     row["sse_events"] = relayed
     row["tokens_per_s"] = relayed / wall
+    reads = sum(r.get("reads", 0) for r in records)
+    row["events_per_client_read"] = relayed / reads if reads else None
+    gaps = [r["longest_gap"] for r in records if r.get("reads", 0) > 1]
+    row["longest_gap_p50_ms"] = 1000 * statistics.median(gaps) if gaps else None
+    ends = [r["e2e"] for r in records if r["e2e"] is not None and not r["error"]]
+    row["stream_e2e_p50"] = percentile(ends, 0.5)
     row["front_cpu_ms_per_1000_events"] = 1000 * cpu / relayed * 1000 if relayed else None
     cpu0 = sum(procs.cpu_seconds(p) for p in front.pids)
     started = time.monotonic()
@@ -217,7 +226,12 @@ def summarize(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, An
 
 
 def run(
-    out: Path, *, quick: bool = False, rounds: int = 3, profile_seconds: int = 0
+    out: Path,
+    *,
+    quick: bool = False,
+    rounds: int = 3,
+    profile_seconds: int = 0,
+    flush_intervals: tuple[int, ...] = (),
 ) -> dict[str, Any]:
     work = out / "work" / "proxy-real"
     work.mkdir(parents=True, exist_ok=True)
@@ -234,7 +248,13 @@ def run(
         )
         upstreams = [Upstream(s.address, s.slots) for s in servers]
         fronts: dict[str, Front] = {}
-        for target in TARGETS:
+        more = tuple(
+            Policy(
+                f"Rower, flush {ms} ms", "rower", 1000, flags=("--stream-flush-interval", str(ms))
+            )
+            for ms in flush_intervals
+        )
+        for target in TARGETS + more:
             if target.kind == "direct":
                 fronts[target.name] = Front(servers[0].url, [servers[0].pid])
             elif not target.kind.startswith("nginx") or shutil.which("nginx") is not None:
@@ -273,9 +293,23 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--profile", type=int, default=0, metavar="SECONDS")
+    parser.add_argument(
+        "--flush",
+        type=int,
+        action="append",
+        default=[],
+        metavar="MS",
+        help="also a Rower with --stream-flush-interval MS (repeatable)",
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    results = run(args.out, quick=args.quick, rounds=args.rounds, profile_seconds=args.profile)
+    results = run(
+        args.out,
+        quick=args.quick,
+        rounds=args.rounds,
+        profile_seconds=args.profile,
+        flush_intervals=tuple(args.flush),
+    )
     for target, row in results["summary"].items():
         print(target, json.dumps(row))
 

@@ -36,12 +36,14 @@ class Policy:
     Attributes:
         interval_ms: how often Rower's agents report (rower, paddler).
         routing: Rower's `--routing` (None: the balancer's default).
+        flags: more of the balancer's flags (rower).
     """
 
     name: str
     kind: str
     interval_ms: int = 1000
     routing: str | None = None
+    flags: tuple[str, ...] = ()
 
 
 SIM_POLICIES = (
@@ -146,6 +148,7 @@ def start_rowers(
             "off",  # as nginx's `access_log off` in the baselines
             *(("--routing", policy.routing) if policy.routing else ()),
             *(flag for peer in peers for flag in ("--peer-balancer-addr", peer)),
+            *policy.flags,
             *extra,
         )
         balancer = runner.start(f"balancer-{policy.kind}-{port}", argv, port=port)

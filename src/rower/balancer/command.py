@@ -134,6 +134,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "(the body is read before a slot is taken) (default: 30000)",
     )
     parser.add_argument(
+        "--stream-flush-interval",
+        type=non_negative,
+        default=50,
+        metavar="MS",
+        help="read a stream's tokens from llama-server at most once per MS and write them to "
+        "the client together (less balancer CPU per token); the first token after a quiet MS "
+        "and the end of the answer never wait; 0: each token as it comes (default: 50)",
+    )
+    parser.add_argument(
         "--routing",
         choices=("cache-aware", "least-busy"),
         default="cache-aware",
@@ -293,6 +302,7 @@ def run(args: argparse.Namespace) -> int:
         max_status_line_bytes=args.max_status_line_bytes,
         max_agents=args.max_agents,
         request_body_timeout=args.request_body_timeout / 1000,
+        stream_flush_interval=args.stream_flush_interval / 1000,
         routing=Routing(args.routing),
         prompt_cache_contexts=args.prompt_cache_contexts,
         prefix_memory_entries=args.prefix_memory_entries,

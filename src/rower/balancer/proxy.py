@@ -39,6 +39,7 @@ from urllib.parse import unquote_plus
 import msgspec
 from multidict import CIMultiDict, MultiMapping
 
+from rower.balancer import stream_pacing
 from rower.balancer.answer_timings import (
     AnswerTimings,
     from_body,
@@ -135,6 +136,15 @@ class ReverseProxy:
         self.upstream = upstream
         self.settings = settings
         self.on_outcome = on_outcome
+        self.stream_pace = settings.stream_flush_interval
+        """Seconds a stream's reads from llama-server wait to be read together (0: each read
+        as it comes)."""
+        if self.stream_pace and not stream_pacing.reads_can_wait():
+            log.warning(
+                "--stream-flush-interval needs a Linux kernel that wakes a socket when its "
+                "SO_RCVLOWAT is lowered; this one does not: streams are relayed read by read"
+            )
+            self.stream_pace = 0.0
 
     async def __call__(self, request: ClientRequest) -> None:
         """Relay one request."""
@@ -278,8 +288,7 @@ class ReverseProxy:
     async def _forward(self, exchange: _Exchange, body: bytes, upstream: str) -> Answer | None:
         request = exchange.request
         exchange.upstream = upstream
-        needs = exchange.needs
-        streaming = needs is not None and needs.streaming
+        streaming = streamed(exchange)
         headers = self._upstream_headers(exchange, upstream)
         self._body_headers(request, headers, body)
         if streaming:
@@ -338,7 +347,14 @@ class ReverseProxy:
             except ConnectionError as error:
                 raise ClientLeft(str(error)) from error
             try:
-                await connection.relay(transport, request, chunked=chunked)
+                await connection.relay(
+                    transport,
+                    request,
+                    chunked=chunked,
+                    # Only where the request asked for a stream: it went with `Connection: close`,
+                    # and llama-server's close is what ends a paced stream without a wait.
+                    pace=self.stream_pace if exchange.streaming and streamed(exchange) else 0.0,
+                )
             finally:
                 exchange.bytes_sent = connection.payload_bytes
             # The last event carries the answer's timings.
@@ -613,3 +629,8 @@ class _Exchange:
 
 class UpstreamRefused(Exception):
     """The upstream refused the TCP connection: nothing was sent, so trying elsewhere is safe."""
+
+
+def streamed(exchange: _Exchange) -> bool:
+    """Whether the request asked for a stream (and went upstream with `Connection: close`)."""
+    return exchange.needs is not None and exchange.needs.streaming

@@ -36,6 +36,8 @@ class BalancerSettings:
     max_status_line_bytes: int = 1024 * 1024
     max_agents: int = 1024
     request_body_timeout: float = 30.0
+    stream_flush_interval: float = 0.05
+    """Seconds a stream's tokens may wait to be read together (`stream_pacing`; 0: never)."""
     # Routing (docs/routing.md).
     routing: Routing = Routing.CACHE_AWARE
     prompt_cache_contexts: int = 8

@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import socket
 from collections import deque
 from typing import Protocol, cast
 
 from multidict import CIMultiDict
 
 from rower.addresses import Address
+from rower.balancer import stream_pacing
 from rower.balancer.answer_timings import STREAM_TAIL_READS
 from rower.balancer.upstream_framing import (
     AnswerHead,
@@ -125,6 +127,9 @@ class UpstreamConnection(asyncio.Protocol):
         self._paused = False
         self._done = False
         self._error: Exception | None = None
+        self._pace = 0.0
+        self._socket: socket.socket | None = None
+        self._read_again: asyncio.TimerHandle | None = None
         self.payload_bytes = 0
         self.tail: deque[bytes] = deque(maxlen=STREAM_TAIL_READS)
 
@@ -187,14 +192,22 @@ class UpstreamConnection(asyncio.Protocol):
         self.idle_since = self._loop.time()
         return body
 
-    async def relay(self, client: asyncio.Transport, writer: Drainable, *, chunked: bool) -> None:
+    async def relay(
+        self, client: asyncio.Transport, writer: Drainable, *, chunked: bool, pace: float = 0.0
+    ) -> None:
         """Pass the body to `client` until the answer ends: as chunks when the client's answer
         is `chunked` (llama-server's own, when it sent chunks), else as bare data.
+
+        `pace` (seconds, 0: off): read from llama-server at most once per `pace`, so the tokens
+        that come meanwhile go to the client in one write (`stream_pacing`; the caller checks
+        `stream_pacing.reads_can_wait()`).
 
         `writer` is waited on when the client reads slower than llama-server writes (the
         client's request, `ClientRequest.drain`). Raises `UpstreamCut` or `ClientLeft`.
         """
         self._client, self._framed = client, chunked
+        if pace and self._transport is not None:
+            self._pace, self._socket = pace, self._transport.get_extra_info("socket")
         if self._answer is not None and self._answer.framing is Framing.CHUNKED:
             self._chunks = ChunkedBody(dechunk=not chunked)
         if self._pending:
@@ -324,6 +337,26 @@ class UpstreamConnection(asyncio.Protocol):
             self._transport.pause_reading()
             self._paused = True
             self._wake_handler()
+        if self._pace and self._read_again is None:
+            self._hold_reads()
+
+    def _hold_reads(self) -> None:
+        """Let the next tokens wait in the kernel until `_pace` from now (`stream_pacing`)."""
+        assert self._socket is not None
+        try:
+            stream_pacing.hold(self._socket)
+        except OSError:
+            self._pace = 0.0  # closing: read as it comes
+            return
+        self._read_again = self._loop.call_later(self._pace, self._let_go)
+
+    def _let_go(self) -> None:
+        self._read_again = None
+        if self._socket is not None and not self._done:
+            try:
+                stream_pacing.let_go(self._socket)
+            except OSError:
+                self._pace = 0.0
 
     def _closed(self, exc: Exception | None) -> None:
         if self._done:
@@ -336,6 +369,9 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _finish(self) -> None:
         # A relayed answer's connection is never reused: close it now, not at the pool.
+        if self._read_again is not None:
+            self._read_again.cancel()
+            self._read_again = None
         self._done = True
         self.close()
         self._wake_handler()
