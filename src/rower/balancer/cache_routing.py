@@ -7,15 +7,19 @@ The rule (docs/routing.md says it for operators):
    (`PrefixMemory.matches`) wins, unless it is much busier than the least busy candidate: its
    busy fraction may exceed the least busy one's by at most `SPREAD` (the load-spread guard).
 3. A request that matches nothing, or only its tools and system prompt (a new conversation, or
-   one this balancer forgot), and one whose home cannot take it (a spill), go where the load
-   says: to a candidate with as few busy slots as the least-busy pick; among those, the one the
-   memory says holds the least (so each server's cache gets its share of conversations: on an
-   idle 3-server fleet, 9 new conversations go 3/3/3, where the hash alone gave 2/3/4), then by
-   rendezvous hashing of its first own block (after the shared part) with each address
-   (`hash_rank`), so balancers that remember the same (`peers`) make the same choice. A/B in
-   one run (5 interleaved repeats, 12 chat conversations that fit the caches): reuse 0.68 and
-   0.68, prefill 10.3 s against 13.7 s with the hash alone. Not the hash home regardless of
-   load: two conversations
+   one this balancer forgot and whose server it cannot tell), goes to the candidate with the
+   fewest conversations lately (`recent_conversations`), within the load guard; among those the
+   least busy, then by rendezvous hashing of its first own block (after the shared part) with
+   each address (`hash_rank`), so balancers that remember the same (`peers`) tend to choose
+   alike. So each server's cache gets its share of conversations: on an idle 3-server fleet, 9
+   new conversations go 3/3/3, where the hash alone gave 2/3/4. Least busy first, as it was,
+   placed 12 conversations 5/4/3 in 4 of 5 runs on real llama-servers (the servers finish first
+   turns at different times), and the server with 5 did most of the evicting (docs/routing.md).
+   One whose home cannot take it (a spill) goes where the load says: to a candidate with as
+   few busy slots as the least-busy pick; among those, the one with the fewest conversations.
+   A/B in one run (5 interleaved repeats, 12 chat conversations that fit the caches): reuse
+   0.68 and 0.68, prefill 10.3 s against 13.7 s with the hash alone. Not the hash home
+   regardless of load: two conversations
    sharing a system prompt on one server evict each other from its slots (llama-server gives a
    prompt the idle slot with the longest common prefix), and on a model of the fleet
    (bench/experiment_routing_model.py) hashing within the load guard gained nothing. Keying a
@@ -106,11 +110,13 @@ def pick_cached(
     least_busy: Upstream,
     candidates: Callable[[], Iterable[Upstream]],
     now: float,
+    conversations: Callable[[Upstream], int],
 ) -> CachePick:
     """The cache-aware choice for `needs` (which has a prefix), given the least-busy pick.
 
     `members` are the pool's upstreams by identity; `candidates` lists the usable ones with a
-    free slot (called only when the memory does not decide).
+    free slot (called only when the memory does not decide); `conversations` says how many
+    conversations a server served lately (`recent_conversations`).
     """
     floor = busy_fraction(least_busy)
     longest: Affinity | None = None
@@ -147,17 +153,27 @@ def pick_cached(
                 return CachePick(last, Affinity.RETURN)
             else:
                 longest = Affinity.SPILL_LOAD
-    # Spill, or place a new conversation, where the load says: a server with as few busy slots
-    # as the least busy pick's, the one holding least, then by rendezvous rank, so that
-    # balancers that remember the same choose alike.
-    fewest = least_busy.slots_processing
     rank = hash_rank(needs)
+    if longest is None:
+        # A new conversation: where it will live for its next turns matters more than this
+        # turn's slot. The server with the fewest conversations lately (within the load
+        # guard), then the least busy, then by rendezvous rank, so that balancers that
+        # remember the same choose alike.
+        placed = max(
+            (u for u in candidates() if busy_fraction(u) - floor <= SPREAD),
+            key=lambda u: (-conversations(u), -u.slots_processing, rank(u)),
+            default=least_busy,
+        )
+        return CachePick(placed, Affinity.MISS)
+    # A spill goes where the load says: a server with as few busy slots as the least busy
+    # pick's, the one with the fewest conversations lately, then by rendezvous rank.
+    fewest = least_busy.slots_processing
     elsewhere = max(
         (u for u in candidates() if u.slots_processing <= fewest),
-        key=lambda u: (-memory.weight(u.identity), rank(u)),
+        key=lambda u: (-conversations(u), rank(u)),
         default=least_busy,
     )
-    return CachePick(elsewhere, longest or Affinity.MISS, 0, home, home_blocks)
+    return CachePick(elsewhere, longest, 0, home, home_blocks)
 
 
 def home_of(
@@ -178,9 +194,15 @@ def home_of(
     return last.identity if last is not None and last.is_usable(now) else None
 
 
+def conversation_of(needs: RequestNeeds) -> int:
+    """A conversation's name: its first own block (after the shared part; the same in every
+    turn). `needs` has a prefix."""
+    return needs.prefix[min(needs.shared_blocks, len(needs.prefix) - 1)]
+
+
 def hash_rank(needs: RequestNeeds) -> Callable[[Upstream], int]:
-    """Rendezvous hashing of a conversation with a server: its first own block (after the
-    shared part; the same in every turn) hashed with the server's address. The server of the
-    highest rank is the conversation's hash home; every balancer computes the same."""
-    seed = needs.prefix[min(needs.shared_blocks, len(needs.prefix) - 1)]
+    """Rendezvous hashing of a conversation with a server: its name (`conversation_of`)
+    hashed with the server's address. The server of the highest rank is the conversation's
+    hash home; every balancer computes the same."""
+    seed = conversation_of(needs)
     return lambda upstream: xxhash.xxh3_64_intdigest(upstream.address.encode(), seed)

@@ -56,10 +56,17 @@ import msgspec
 
 from rower.balancer.affinity import BLOCK_BYTES
 from rower.balancer.answer_timings import AnswerTimings
-from rower.balancer.cache_routing import Affinity, CachePick, home_of, pick_cached
+from rower.balancer.cache_routing import (
+    Affinity,
+    CachePick,
+    conversation_of,
+    home_of,
+    pick_cached,
+)
 from rower.balancer.models import UNKNOWN, ModelNames, ModelRefusal, ModelRules
 from rower.balancer.pool import Homing, Pool
 from rower.balancer.prefix_memory import DEFAULT_MAX_ENTRIES, Placement, PrefixMemory
+from rower.balancer.recent_conversations import RecentConversations
 from rower.balancer.request_needs import RequestNeeds
 from rower.balancer.upstream import BYTES_PER_TOKEN, SlotAccounting, Upstream, blend
 from rower.balancer.waiting_line import Waiter
@@ -205,6 +212,8 @@ class Fleet:
         prefix their server holds (seconds; 0: first come first served)."""
         self.prompt_cache_contexts = prompt_cache_contexts
         self.prefixes = PrefixMemory(max_entries=prefix_memory_entries)
+        self.conversations = RecentConversations()
+        """The conversations each server served lately (where new ones go)."""
         self.bytes_per_token = float(BYTES_PER_TOKEN)
         """Bytes of conversation head per prompt token, measured from answers (4 until then)."""
         self.max_agents = max_agents
@@ -820,6 +829,7 @@ class Fleet:
                 upstream,
                 lambda: (u for u in pool.members.values() if u.slots_free(now) > 0),
                 now,
+                lambda u: self.conversations.count(u.identity, now),
             )
             if may_wait:
                 until = self._worth_waiting(pool, choice, needs, now)
@@ -892,6 +902,7 @@ class Fleet:
                 needs.prefix,
                 capacity_blocks=self._capacity(upstream),
             )
+            self.conversations.saw(upstream.identity, conversation_of(needs), now)
         upstream.in_flight.add(request_id)
         upstream.sent_at[request_id] = now
         upstream.taken_since_report += 1

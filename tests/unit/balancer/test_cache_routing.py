@@ -524,3 +524,27 @@ def test_a_forgotten_conversation_spills_when_its_server_stays_busy() -> None:
     assert moved.request_id == 50
     assert moved.upstream != holder.upstream
     assert moved.affinity is Affinity.SPILL_AFTER_WAIT
+
+
+def test_a_new_conversation_goes_where_fewest_live_even_if_busier_within_the_guard() -> None:
+    # Least busy first placed 12 conversations 5/4/3 on real llama-servers: servers finish
+    # first turns at different times. Where a conversation will live counts more.
+    fleet = fleet_of(2, 2)
+    client = Client(fleet)
+    placed = []
+    for conversation in range(3):
+        sent = client.send(turn(conversation, 4))
+        placed.append(sent.upstream)
+        fleet.release(sent.request_id, 0.0)
+    fuller = max(set(placed), key=placed.count)
+    emptier = min(set(placed), key=placed.count)
+    assert (placed.count(fuller), placed.count(emptier)) == (2, 1)
+    busy = client.send(None)
+    while busy.upstream != emptier:
+        fleet.release(busy.request_id, 0.0)
+        busy = client.send(None)
+    # One of the emptier server's 2 slots is busy, the fuller one is idle.
+    sent = client.send(turn(9, 4))
+    assert (sent.upstream, sent.affinity) == (emptier, Affinity.MISS)
+    # Both of its slots busy now: the other one takes the next.
+    assert client.send(turn(10, 4)).upstream == fuller

@@ -1,0 +1,33 @@
+"""How many conversations each server served lately."""
+
+from __future__ import annotations
+
+from rower.balancer.recent_conversations import RecentConversations
+
+
+def test_a_conversation_counts_once_however_many_turns() -> None:
+    recent = RecentConversations(window=10.0)
+    for now in (0.0, 1.0, 2.0):
+        recent.saw("a", 1, now)
+    recent.saw("a", 2, 2.0)
+    recent.saw("b", 3, 2.0)
+    assert (recent.count("a", 2.0), recent.count("b", 2.0), recent.count("c", 2.0)) == (2, 1, 0)
+
+
+def test_a_conversation_without_a_turn_for_the_window_no_longer_counts() -> None:
+    recent = RecentConversations(window=10.0)
+    recent.saw("a", 1, 0.0)
+    recent.saw("a", 2, 5.0)
+    assert recent.count("a", 10.0) == 2
+    assert recent.count("a", 10.1) == 1
+    # A new turn makes it count again, from then.
+    recent.saw("a", 1, 12.0)
+    assert recent.count("a", 15.1) == 1
+    assert recent.count("a", 22.1) == 0
+
+
+def test_a_server_counts_at_most_its_bound() -> None:
+    recent = RecentConversations(window=10.0, max_per_server=3)
+    for conversation in range(5):
+        recent.saw("a", conversation, 0.0)
+    assert recent.count("a", 0.0) == 3
