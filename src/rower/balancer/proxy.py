@@ -136,15 +136,16 @@ class ReverseProxy:
         self.upstream = upstream
         self.settings = settings
         self.on_outcome = on_outcome
-        self.stream_pace = settings.stream_flush_interval
-        """Seconds a stream's reads from llama-server wait to be read together (0: each read
-        as it comes)."""
-        if self.stream_pace and not stream_pacing.reads_can_wait():
-            log.warning(
-                "--stream-flush-interval needs a Linux kernel that wakes a socket when its "
-                "SO_RCVLOWAT is lowered; this one does not: streams are relayed read by read"
-            )
-            self.stream_pace = 0.0
+        self.pacer: stream_pacing.Pacer | None = None
+        """What lets streams' tokens wait to be read together (None: each read as it comes)."""
+        if settings.stream_flush_interval:
+            if stream_pacing.reads_can_wait():
+                self.pacer = stream_pacing.Pacer(settings.stream_flush_interval)
+            else:
+                log.warning(
+                    "--stream-flush-interval needs a Linux kernel that wakes a socket when its "
+                    "SO_RCVLOWAT is lowered; this one does not: streams are relayed read by read"
+                )
 
     async def __call__(self, request: ClientRequest) -> None:
         """Relay one request."""
@@ -353,7 +354,7 @@ class ReverseProxy:
                     chunked=chunked,
                     # Only where the request asked for a stream: it went with `Connection: close`,
                     # and llama-server's close is what ends a paced stream without a wait.
-                    pace=self.stream_pace if exchange.streaming and streamed(exchange) else 0.0,
+                    pacer=self.pacer if exchange.streaming and streamed(exchange) else None,
                 )
             finally:
                 exchange.bytes_sent = connection.payload_bytes

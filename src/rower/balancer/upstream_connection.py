@@ -127,9 +127,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._paused = False
         self._done = False
         self._error: Exception | None = None
-        self._pace = 0.0
+        self._pacer: stream_pacing.Pacer | None = None
         self._socket: socket.socket | None = None
-        self._read_again: asyncio.TimerHandle | None = None
         self.payload_bytes = 0
         self.tail: deque[bytes] = deque(maxlen=STREAM_TAIL_READS)
 
@@ -193,21 +192,25 @@ class UpstreamConnection(asyncio.Protocol):
         return body
 
     async def relay(
-        self, client: asyncio.Transport, writer: Drainable, *, chunked: bool, pace: float = 0.0
+        self,
+        client: asyncio.Transport,
+        writer: Drainable,
+        *,
+        chunked: bool,
+        pacer: stream_pacing.Pacer | None = None,
     ) -> None:
         """Pass the body to `client` until the answer ends: as chunks when the client's answer
         is `chunked` (llama-server's own, when it sent chunks), else as bare data.
 
-        `pace` (seconds, 0: off): read from llama-server at most once per `pace`, so the tokens
-        that come meanwhile go to the client in one write (`stream_pacing`; the caller checks
-        `stream_pacing.reads_can_wait()`).
+        `pacer`: read from llama-server at most once per its interval, so the tokens that come
+        meanwhile go to the client in one write (`stream_pacing`; None: every read as it comes).
 
         `writer` is waited on when the client reads slower than llama-server writes (the
         client's request, `ClientRequest.drain`). Raises `UpstreamCut` or `ClientLeft`.
         """
         self._client, self._framed = client, chunked
-        if pace and self._transport is not None:
-            self._pace, self._socket = pace, self._transport.get_extra_info("socket")
+        if pacer is not None and self._transport is not None:
+            self._pacer, self._socket = pacer, self._transport.get_extra_info("socket")
         if self._answer is not None and self._answer.framing is Framing.CHUNKED:
             self._chunks = ChunkedBody(dechunk=not chunked)
         if self._pending:
@@ -265,6 +268,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._wake_handler()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._unpace()
         self._transport = None
         self._lost, self._lost_with = True, exc
         if not self._head.done():
@@ -337,26 +341,13 @@ class UpstreamConnection(asyncio.Protocol):
             self._transport.pause_reading()
             self._paused = True
             self._wake_handler()
-        if self._pace and self._read_again is None:
-            self._hold_reads()
-
-    def _hold_reads(self) -> None:
-        """Let the next tokens wait in the kernel until `_pace` from now (`stream_pacing`)."""
-        assert self._socket is not None
-        try:
-            stream_pacing.hold(self._socket)
-        except OSError:
-            self._pace = 0.0  # closing: read as it comes
-            return
-        self._read_again = self._loop.call_later(self._pace, self._let_go)
-
-    def _let_go(self) -> None:
-        self._read_again = None
-        if self._socket is not None and not self._done:
-            try:
-                stream_pacing.let_go(self._socket)
-            except OSError:
-                self._pace = 0.0
+        # Let the next tokens wait in the kernel until the pacer's next tick.
+        if (
+            self._pacer is not None
+            and self._socket is not None
+            and not self._pacer.hold(self._socket)
+        ):
+            self._pacer = None  # closing: read as it comes
 
     def _closed(self, exc: Exception | None) -> None:
         if self._done:
@@ -369,12 +360,15 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _finish(self) -> None:
         # A relayed answer's connection is never reused: close it now, not at the pool.
-        if self._read_again is not None:
-            self._read_again.cancel()
-            self._read_again = None
+        self._unpace()
         self._done = True
         self.close()
         self._wake_handler()
+
+    def _unpace(self) -> None:
+        if self._pacer is not None and self._socket is not None:
+            self._pacer.forget(self._socket)
+        self._pacer = self._socket = None
 
     def _fail(self, error: Exception) -> None:
         self._error = error
