@@ -169,7 +169,9 @@ class UpstreamConnection(asyncio.Protocol):
             NothingAnswered: the connection closed before any byte of the answer.
             ConnectionError: it closed in the middle of the head.
         """
-        return await asyncio.shield(self._head)
+        # Not shielded: a handler cancelled here cancels the future, and the protocol's side
+        # then leaves it alone (`_head_failed`, `_read_head`).
+        return await self._head
 
     async def whole(self) -> bytes:
         """The whole body of an answer framed by its length (or without a body).
@@ -282,6 +284,8 @@ class UpstreamConnection(asyncio.Protocol):
             self._wake_handler()
 
     def _head_failed(self, error: Exception) -> None:
+        if self._head.done():
+            return  # the handler was cancelled while it waited
         self._head.set_exception(error)
         self._head.exception()  # retrieved: the handler may have gone already
 
@@ -304,7 +308,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._answer = answer
         self._left = answer.length
         self._pending, self._buffer = self._buffer, bytearray()
-        self._head.set_result(answer)
+        if not self._head.done():
+            self._head.set_result(answer)
 
     def _forward(self, data: bytes) -> None:
         client = self._client

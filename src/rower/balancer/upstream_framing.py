@@ -32,7 +32,11 @@ MAX_SIZE_LINE = 1024
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-5][0-9][0-9])(?: ([\t\x20-\x7e\x80-\xff]*))?")
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _FIELD_VALUE = re.compile(rb"[^\x00-\x08\x0a-\x1f\x7f]*")
+_DIGITS = re.compile(r"[0-9]{1,15}")
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,15})[ \t]*(?:;[^\r\n]*)?")
+_FIELDS = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\x00-\x08\x0a-\x1f\x7f]*\r\n)*")
+"""Every field line of a head with its CRLF, checked whole by one expression (the per-line
+checks run only to say what is wrong with a bad one)."""
 
 
 class BadAnswer(Exception):
@@ -92,47 +96,58 @@ def head_end(buffer: bytes | bytearray) -> int:
 
 def parse_head(head: bytes) -> AnswerHead:
     """The status and headers of `head` (up to and with its empty line)."""
-    lines = head[:-4].split(b"\r\n")
-    status_line = _STATUS_LINE.fullmatch(lines[0])
+    line_end = head.find(b"\r\n")
+    status_line = _STATUS_LINE.fullmatch(head, 0, line_end)
     if status_line is None:
-        raise BadAnswer(f"not an HTTP/1.x status line: {lines[0][:80]!r}")
+        raise BadAnswer(f"not an HTTP/1.x status line: {head[:line_end][:80]!r}")
     status = int(status_line.group(2))
+    block = head[line_end + 2 : -2]
+    if _FIELDS.fullmatch(block) is None:
+        _refuse_fields(block)
     headers: list[tuple[str, str]] = []
-    lengths: list[bytes] = []
-    codings: list[bytes] = []
-    connection: list[bytes] = []
-    for line in lines[1:]:
-        name, colon, value = line.partition(b":")
-        if not colon or _TOKEN.fullmatch(name) is None:
-            raise BadAnswer(f"bad header line: {line[:80]!r}")
-        value = value.strip(b" \t")
-        if _FIELD_VALUE.fullmatch(value) is None:
-            raise BadAnswer(f"control characters in header {name[:40]!r}")
+    lengths: list[str] = []
+    codings: list[str] = []
+    connection: list[str] = []
+    # Checked: every line is `name:value` of allowed bytes, so a split is all the reading left.
+    for line in block[:-2].decode("latin-1").split("\r\n") if block else ():
+        name, _, value = line.partition(":")
+        value = value.strip(" \t")
         lowered = name.lower()
-        if lowered == b"content-length":
+        if lowered == "content-length":
             lengths.append(value)
-        elif lowered == b"transfer-encoding":
-            codings.extend(c.strip().lower() for c in value.split(b","))
-        elif lowered == b"connection":
-            connection.extend(c.strip().lower() for c in value.split(b","))
-        headers.append((name.decode("latin-1"), value.decode("latin-1")))
+        elif lowered == "transfer-encoding":
+            codings.extend(c.strip(" \t").lower() for c in value.split(","))
+        elif lowered == "connection":
+            connection.extend(c.strip(" \t").lower() for c in value.split(","))
+        headers.append((name, value))
     reason = (status_line.group(3) or b"").decode("latin-1")
-    closes = b"close" in connection or (
-        status_line.group(1) == b"0" and b"keep-alive" not in connection
+    closes = "close" in connection or (
+        status_line.group(1) == b"0" and "keep-alive" not in connection
     )
     if status < 200 or status in (204, 304):
         return AnswerHead(status, reason, headers, Framing.EMPTY, 0, closes)
     if codings:
         if lengths:
             raise BadAnswer("both Transfer-Encoding and Content-Length")
-        if codings != [b"chunked"]:
-            raise BadAnswer(f"transfer coding {b', '.join(codings)!r} is not chunked alone")
+        if codings != ["chunked"]:
+            raise BadAnswer(f"transfer coding {', '.join(codings)!r} is not chunked alone")
         return AnswerHead(status, reason, headers, Framing.CHUNKED, 0, closes)
     if lengths:
-        if len(lengths) > 1 or not lengths[0].isdigit() or len(lengths[0]) > 15:
-            raise BadAnswer(f"bad Content-Length {b', '.join(lengths)[:40]!r}")
+        if len(lengths) > 1 or not _DIGITS.fullmatch(lengths[0]):
+            raise BadAnswer(f"bad Content-Length {', '.join(lengths)[:40]!r}")
         return AnswerHead(status, reason, headers, Framing.LENGTH, int(lengths[0]), closes)
     return AnswerHead(status, reason, headers, Framing.CLOSE, 0, True)
+
+
+def _refuse_fields(block: bytes) -> None:
+    """Say what is wrong with a header block that `_FIELDS` refused."""
+    for line in block[:-2].split(b"\r\n"):
+        name, colon, value = line.partition(b":")
+        if not colon or _TOKEN.fullmatch(name) is None:
+            raise BadAnswer(f"bad header line: {line[:80]!r}")
+        if _FIELD_VALUE.fullmatch(value) is None:
+            raise BadAnswer(f"control characters in header {name[:40]!r}")
+    raise BadAnswer(f"bad header block: {block[:80]!r}")
 
 
 class ChunkedBody:
