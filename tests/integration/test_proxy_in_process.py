@@ -556,19 +556,24 @@ async def test_a_bad_answer_head_is_a_502(proxy: Proxy) -> None:
     assert proxy.lines()[-1]["failure"] == "upstream_failed"
 
 
-async def test_a_client_reading_slowly_gets_the_whole_stream(proxy: Proxy) -> None:
-    # Far more than the transports buffer: reading upstream pauses and resumes.
+@pytest.mark.parametrize("flush_interval", [0.0, 0.005], ids=["token by token", "in batches"])
+async def test_a_client_reading_slowly_gets_the_whole_stream(
+    tmp_path: Path, access_logger: None, flush_interval: float
+) -> None:
+    # Far more than the transports buffer: reading upstream pauses and resumes (and, in
+    # batches, is held and let go by the pacer's ticks meanwhile).
     events = [sse_chunk(f'{{"content":"{index:06d}{"x" * 200}"}}') for index in range(20_000)]
-    async with (
-        scripted_upstream(proxy, STREAM_HEAD + b"".join(events) + b"0\r\n\r\n"),
-        aiohttp.ClientSession() as session,
-        session.post(proxy.url + "/completion", json={"stream": True}) as answer,
-    ):
-        await asyncio.sleep(0.5)
-        body = await answer.read()
-    assert body.count(b"data: ") == 20_000
-    assert body.endswith(b'{"content":"019999' + b"x" * 200 + b'"}\n\n')
-    assert proxy.lines()[-1]["failure"] is None
+    async with running_proxy(tmp_path, stream_flush_interval=flush_interval) as proxy:
+        async with (
+            scripted_upstream(proxy, STREAM_HEAD + b"".join(events) + b"0\r\n\r\n"),
+            aiohttp.ClientSession() as session,
+            session.post(proxy.url + "/completion", json={"stream": True}) as answer,
+        ):
+            await asyncio.sleep(0.5)
+            body = await answer.read()
+        assert body.count(b"data: ") == 20_000
+        assert body.endswith(b'{"content":"019999' + b"x" * 200 + b'"}\n\n')
+        assert proxy.lines()[-1]["failure"] is None
 
 
 async def test_an_http_1_0_client_gets_the_stream_unchunked(proxy: Proxy) -> None:

@@ -15,15 +15,12 @@ import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import aiohttp
-
 from rower.balancer import stream_pacing
 from tests.integration.test_proxy_in_process import (
     STREAM_HEAD,
     Proxy,
     access_logger,
     running_proxy,
-    scripted_upstream,
     sse_chunk,
 )
 
@@ -155,21 +152,3 @@ async def test_a_token_after_a_quiet_interval_goes_out_at_once(
         await read_exactly(reader, END, "the end")
         writer.close()
     assert proxy.lines()[-1]["failure"] is None
-
-
-async def test_a_client_reading_slowly_gets_every_held_token(
-    tmp_path: Path, access_logger: None
-) -> None:
-    # Far more than the transports buffer, with writes held: reading upstream pauses and resumes.
-    events = [sse_chunk(f'{{"content":"{index:06d}{"x" * 200}"}}') for index in range(20_000)]
-    async with running_proxy(tmp_path, stream_flush_interval=0.005) as proxy:
-        async with (
-            scripted_upstream(proxy, STREAM_HEAD + b"".join(events) + END),
-            aiohttp.ClientSession() as session,
-            session.post(proxy.url + "/completion", json={"stream": True}) as answer,
-        ):
-            await asyncio.sleep(0.5)
-            body = await answer.read()
-        assert body.count(b"data: ") == 20_000
-        assert body.endswith(b'{"content":"019999' + b"x" * 200 + b'"}\n\n')
-        assert proxy.lines()[-1]["failure"] is None
