@@ -327,11 +327,7 @@ class ReverseProxy:
     ) -> None:
         """An answer relayed as it arrives (a stream, or a long or unframed body)."""
         request = exchange.request
-        headers = [
-            (name, value)
-            for name, value in end_to_end(CIMultiDict(answer.headers))
-            if name.lower() != "content-length"
-        ]
+        headers = end_to_end(answer.headers, without=CONTENT_LENGTH)
         headers.append((REQUEST_ID, exchange.request_id))
         # llama-server's chunks pass as they are to a client that takes chunks (HTTP/1.1).
         chunked = request.version >= (1, 1)
@@ -397,18 +393,14 @@ class ReverseProxy:
         except UpstreamCut as error:
             return self._upstream_failed(exchange, upstream, error)
         self._count_prompt(exchange, from_body(body))
-        headers = [
-            (name, value)
-            for name, value in end_to_end(CIMultiDict(answer.headers))
-            if name.lower() != "content-length"
-        ]
+        headers = end_to_end(answer.headers, without=CONTENT_LENGTH)
         exchange.bytes_sent = len(body)
         self._report(exchange, answer.status)
         return Answer(answer.status, headers, body, reason=answer.reason)
 
     def _relay_head(self, exchange: _Exchange, answer: AnswerHead) -> Answer:
         """The answer to a HEAD: the headers, `Content-Length` included, and no body."""
-        headers = end_to_end(CIMultiDict(answer.headers))
+        headers = end_to_end(answer.headers)
         length = None
         for name, value in headers:
             if name.lower() == "content-length" and value.isdigit():
@@ -573,18 +565,29 @@ def _query_model(query: str) -> str | None:
     return None
 
 
-def end_to_end(headers: MultiMapping[str]) -> list[tuple[str, str]]:
+CONTENT_LENGTH = frozenset({"content-length"})
+"""What an answer the proxy frames itself (`Answer`, or a relayed stream) does not pass on."""
+
+
+def end_to_end(
+    headers: MultiMapping[str] | list[tuple[str, str]], *, without: frozenset[str] = frozenset()
+) -> list[tuple[str, str]]:
     """The headers a proxy passes on: not the hop-by-hop ones, nor those the `Connection`
-    header names as hop-by-hop for this connection (RFC 9110, 7.6.1)."""
+    header names as hop-by-hop for this connection (RFC 9110, 7.6.1), nor those (lowercase)
+    in `without`."""
+    pairs = list(headers.items()) if not isinstance(headers, list) else headers
     named = {
         token.strip().lower()
-        for value in headers.getall("Connection", ())
+        for name, value in pairs
+        if name.lower() == "connection"
         for token in value.split(",")
     }
     return [
         (name, value)
-        for name, value in headers.items()
-        if (lowered := name.lower()) not in HOP_BY_HOP and lowered not in named
+        for name, value in pairs
+        if (lowered := name.lower()) not in HOP_BY_HOP
+        and lowered not in named
+        and lowered not in without
     ]
 
 
