@@ -26,8 +26,9 @@ the next run's placement (12 conversations went 4/4/4 in 1 of 5 runs). One that 
 counts as gone until its next turn: so the count follows how busy each server's cache is kept,
 the turns of the last seconds, more than how many users it has. A judgement."""
 
-MAX_PER_SERVER = 100_000
-"""Most conversations counted for one server (~100 bytes each)."""
+MAX_PER_SERVER = 1_000
+"""Most conversations counted for one server (~165 bytes each, measured: 165 KB at the bound).
+More than a llama-server serves in `WINDOW`: slots times the turns a slot ends in 10 s."""
 
 
 class RecentConversations:
