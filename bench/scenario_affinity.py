@@ -337,6 +337,8 @@ def run_one(
     spec_path.write_text(json.dumps(spec))
     out = spec_path.with_suffix(".out.json")
     served_before = [llama_servers.metrics(s.port) for s in rig.servers]
+    server_logs = [runner.log_dir / f"llama-server-{s.port}.log" for s in rig.servers]
+    logs_before = [path.stat().st_size if path.exists() else 0 for path in server_logs]
     log_offset = rig.access_log.stat().st_size if rig.access_log and rig.access_log.exists() else 0
     rower_before = rower_counters(fronts)
     groups = {
@@ -361,6 +363,9 @@ def run_one(
         for before, after in zip(served_before, served_after, strict=True)
     ]
     result["turns_per_server"] = turns
+    result["server_cache_drops"] = [
+        cache_drops(path, offset) for path, offset in zip(server_logs, logs_before, strict=True)
+    ]
     result["servers_prefill"] = [
         {
             "prompt_tokens": after[PROMPT_TOKENS] - before[PROMPT_TOKENS],
@@ -368,12 +373,14 @@ def run_one(
         }
         for before, after in zip(served_before, served_after, strict=True)
     ]
-    served_by = (
-        access_log_upstreams(rig.access_log, log_offset) if rig.access_log is not None else {}
-    )
+    traced = access_log_turns(rig.access_log, log_offset) if rig.access_log is not None else {}
     if policy.kind == ANCHOR:
-        served_by = {}
+        traced = {}
+    served_by = {request_id: turn.upstream for request_id, turn in traced.items()}
     result["breakdown"] = breakdown(records, served_by)
+    if traced:
+        result["outcomes"] = outcomes(records, traced)
+        result["conversations_per_server"] = conversations_per_server(records, traced)
     result["spread"] = max(turns) / statistics.fmean(turns) if sum(turns) else None
     rower_after = rower_counters(fronts)
     result["rower_counters"] = {
@@ -392,11 +399,36 @@ PROMPT_SECONDS = "llamacpp:prompt_seconds_total"
 """A server's prompt batches: tokens and wall time, each batch counted once (a request's
 `prompt_ms` also covers what its slot's batch-mates computed meanwhile)."""
 
-ACCESS_LINE = re.compile(r"upstream=(\S+).*request_id=(\S+)")
+ACCESS_LINE = re.compile(
+    r"upstream=(\S+).*request_id=(\S+)(?: affinity=(\S+) matched_blocks=(\d+))?"
+)
 
 
-def access_log_upstreams(path: Path, offset: int) -> dict[str, str]:
-    """request id -> the upstream a Rower front sent it to, from its access log past `offset`."""
+@dataclass(frozen=True)
+class TracedTurn:
+    """What a Rower front's access log says of one request."""
+
+    upstream: str
+    affinity: str | None = None
+    """The cache-aware pick's outcome (`affinity=`; None for least-busy routing)."""
+    matched_blocks: int = 0
+
+
+CACHE_DROP = b"removing oldest entry"
+"""What llama-server logs when its `--cache-ram` prompt cache drops a prompt's state for room."""
+
+
+def cache_drops(path: Path, offset: int) -> int:
+    """Prompt states a llama-server's prompt cache dropped for room (its log past `offset`)."""
+    if not path.exists():
+        return 0
+    with path.open("rb") as log:
+        log.seek(offset)
+        return log.read().count(CACHE_DROP)
+
+
+def access_log_turns(path: Path, offset: int) -> dict[str, TracedTurn]:
+    """request id -> where a Rower front sent it and why, from its access log past `offset`."""
     if not path.exists():
         return {}
     with path.open("rb") as log:
@@ -406,8 +438,37 @@ def access_log_upstreams(path: Path, offset: int) -> dict[str, str]:
     for line in text.splitlines():
         match = ACCESS_LINE.search(line)
         if match:
-            found[match.group(2)] = match.group(1)
+            upstream, request_id, affinity, blocks = match.groups()
+            found[request_id] = TracedTurn(upstream, affinity, int(blocks or 0))
     return found
+
+
+def outcomes(records: list[dict[str, Any]], traced: dict[str, TracedTurn]) -> dict[str, Any]:
+    """Later turns by the cache-aware pick's outcome, each split into those that found at least
+    half their prompt cached (`reused`) and those that did not (`recomputed`): a `hit` computed
+    again is a prefix the server dropped while the memory believed it held; a `return` that
+    reused is one the memory forgot while the server still held it."""
+    found: dict[str, dict[str, int]] = {}
+    for r in records:
+        turn = traced.get(r.get("request_id", ""))
+        if r["error"] is not None or r["turn"] == 0 or turn is None or turn.affinity is None:
+            continue
+        reused = r["cache_n"] >= (r["cache_n"] + r["prompt_n"]) / 2
+        counts = found.setdefault(turn.affinity, {"reused": 0, "recomputed": 0})
+        counts["reused" if reused else "recomputed"] += 1
+    return found
+
+
+def conversations_per_server(
+    records: list[dict[str, Any]], traced: dict[str, TracedTurn]
+) -> list[int]:
+    """How many conversations had a turn on each server in the run, most first."""
+    seen: dict[str, set[int]] = {}
+    for r in records:
+        turn = traced.get(r.get("request_id", ""))
+        if turn is not None:
+            seen.setdefault(turn.upstream, set()).add(r["conversation"])
+    return sorted((len(c) for c in seen.values()), reverse=True)
 
 
 def breakdown(records: list[dict[str, Any]], served_by: dict[str, str]) -> dict[str, Any]:
@@ -592,6 +653,13 @@ def _line(result: dict[str, Any]) -> str:
         f"{'-' if reuse is None else f'{reuse:.0%}'}, prefill {result['prefill_s']:.1f} s, "
         f"e2e p50 {ms(result['e2e_p50'])} p99 {ms(result['e2e_p99'])} ms, "
         f"turns/server {result['turns_per_server']}, errors {result['errors']}"
+        f", cache drops {result.get('server_cache_drops')}"
+        + (
+            f", conversations/server {result['conversations_per_server']}"
+            f", outcomes {result['outcomes']}"
+            if "outcomes" in result
+            else ""
+        )
     )
 
 

@@ -28,9 +28,21 @@ HEAD = ("method", "path", "status")
 
 ONLY_ON_FAILURE = ("failure", "error")
 
+ONLY_WHEN_SET = ("affinity", "matched_blocks", *ONLY_ON_FAILURE)
+"""Written in a text line only with a value: the cache-aware pick's fields, and why a request
+failed (so a grep for `failure=` finds every failed request)."""
+
 
 def access_fields(outcome: ProxyOutcome) -> dict[str, Any]:
-    """The line's fields, in the order they are written; times in milliseconds."""
+    """The line's fields, in the order they are written; times in milliseconds.
+
+    `affinity` and `matched_blocks`: what the cache-aware pick did with the request
+    (`cache_routing.Affinity`) and how many blocks of its prefix the balancer had sent that
+    server before; absent for least-busy routing and requests without a prefix.
+    """
+    dispatch = outcome.dispatch
+    affinity = None if dispatch is None else dispatch.affinity
+    matched = None if dispatch is None or affinity is None else dispatch.matched_blocks
     return {
         "client": outcome.client,
         "method": outcome.method,
@@ -44,6 +56,8 @@ def access_fields(outcome: ProxyOutcome) -> dict[str, Any]:
         "bytes_in": outcome.bytes_received,
         "bytes_out": outcome.bytes_sent,
         "request_id": outcome.request_id,
+        "affinity": None if affinity is None else affinity.value,
+        "matched_blocks": matched,
         "failure": None if outcome.failure is None else str(outcome.failure),
         "error": outcome.error,
     }
@@ -53,13 +67,14 @@ def text_line(fields: dict[str, Any]) -> str:
     """`POST /v1/completions 200 client=... model=... ...`; a missing value is `-`.
 
     `failure` and `error` are written only when the request failed, so a grep for
-    `failure=` finds every failed request.
+    `failure=` finds every failed request; `affinity` and `matched_blocks` only when the
+    cache-aware pick decided.
     """
     words = [_value(fields[key]) for key in HEAD]
     words.extend(
         f"{key}={_value(value)}"
         for key, value in fields.items()
-        if key not in HEAD and (value is not None or key not in ONLY_ON_FAILURE)
+        if key not in HEAD and (value is not None or key not in ONLY_WHEN_SET)
     )
     return " ".join(words)
 

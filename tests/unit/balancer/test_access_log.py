@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from rower.balancer.access_log import access_fields, open_access_log, text_line
+from rower.balancer.cache_routing import Affinity
+from rower.balancer.fleet import Dispatch
 from rower.balancer.outcome import Failure, ProxyOutcome, all_of
 from rower.balancer.request_needs import RequestNeeds
 
@@ -63,6 +65,18 @@ def test_a_served_request_is_one_line_with_every_field() -> None:
         "wait_ms=1.2 ttfb_ms=34.568 duration_ms=1500.0 bytes_in=412 bytes_out=9843 "
         "request_id=abc123"
     )
+
+
+def test_a_cache_aware_pick_says_what_it_did_and_what_it_matched() -> None:
+    dispatch = Dispatch(7, "agent-1", "127.0.0.1:8081", Affinity.RETURN, matched_blocks=0)
+    line = text_line(access_fields(replace(SERVED, dispatch=dispatch)))
+    assert line.endswith("request_id=abc123 affinity=return matched_blocks=0")
+    hit = replace(dispatch, affinity=Affinity.HIT, matched_blocks=12)
+    assert text_line(access_fields(replace(SERVED, dispatch=hit))).endswith(
+        "affinity=hit matched_blocks=12"
+    )
+    least_busy = replace(dispatch, affinity=None)
+    assert "affinity" not in text_line(access_fields(replace(SERVED, dispatch=least_busy)))
 
 
 def test_a_failed_request_says_why_and_missing_values_are_dashes() -> None:
