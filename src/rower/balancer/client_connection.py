@@ -65,6 +65,7 @@ class ClientConnection(asyncio.Protocol):
         "_head_timed",
         "_lingering",
         "_listener",
+        "_loop",
         "_remote",
         "_request",
         "_task",
@@ -76,6 +77,8 @@ class ClientConnection(asyncio.Protocol):
 
     def __init__(self, listener: ClientListener) -> None:
         self._listener = listener
+        # Looked up once: on Python 3.11 each `get_running_loop()` is a `getpid` system call.
+        self._loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.admitted = False
         self._buffer = bytearray()
@@ -163,7 +166,7 @@ class ClientConnection(asyncio.Protocol):
             raise ConnectionResetError("the client closed the connection")
         if not self._writing_paused:
             return
-        self._drain = asyncio.get_running_loop().create_future()
+        self._drain = self._loop.create_future()
         try:
             await self._drain
         finally:
@@ -213,7 +216,7 @@ class ClientConnection(asyncio.Protocol):
             pending, self._buffer = bytes(buffer), bytearray()
             rest = request.feed_body(pending, self._listener.max_body_bytes)
             self._buffer += rest
-        self._task = asyncio.get_running_loop().create_task(self._serve(request))
+        self._task = self._loop.create_task(self._serve(request))
 
     async def _serve(self, request: ClientRequest) -> None:
         try:
@@ -342,7 +345,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _set_timer(self, seconds: float, then: Callable[[], None]) -> None:
         self._cancel_timer()
-        self._timer = asyncio.get_running_loop().call_later(seconds, then)
+        self._timer = self._loop.call_later(seconds, then)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:

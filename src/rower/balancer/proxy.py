@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from urllib.parse import unquote_plus
 
 import msgspec
-from multidict import CIMultiDict, MultiMapping
+from multidict import MultiMapping
 
 from rower.balancer import stream_pacing
 from rower.balancer.answer_timings import (
@@ -62,12 +62,7 @@ from rower.balancer.request_needs import BadRequest, RequestNeeds, read_needs, w
 from rower.balancer.settings import BalancerSettings
 from rower.balancer.slot_gate import SlotGate, SlotUnavailable
 from rower.balancer.upstream_client import UpstreamClient
-from rower.balancer.upstream_connection import (
-    ClientLeft,
-    UpstreamConnection,
-    UpstreamCut,
-    request_head,
-)
+from rower.balancer.upstream_connection import ClientLeft, UpstreamConnection, UpstreamCut
 from rower.balancer.upstream_framing import AnswerHead, BadAnswer, Framing
 from rower.llamacpp import error_body
 from rower.logs import log_throttled
@@ -290,12 +285,8 @@ class ReverseProxy:
         request = exchange.request
         exchange.upstream = upstream
         streaming = streamed(exchange)
-        headers = self._upstream_headers(exchange, upstream)
-        self._body_headers(request, headers, body)
-        if streaming:
-            # llama-server closes the connection after a stream anyway (`upstream_client`).
-            headers["Connection"] = "close"
-        head = request_head(request.method, request.target, headers)
+        # llama-server closes the connection after a stream anyway (`upstream_client`).
+        head = self._upstream_head(exchange, upstream, body, closing=streaming)
         try:
             answer = await self.upstream.request(
                 upstream, head + body, head_request=request.method == "HEAD", closing=streaming
@@ -458,26 +449,38 @@ class ReverseProxy:
         # The rest of the body is not read: the connection cannot carry another request.
         return Answer(answer.status, answer.headers, answer.body, close=True)
 
-    def _upstream_headers(self, exchange: _Exchange, upstream: str) -> CIMultiDict[str]:
-        request = exchange.request
-        headers = CIMultiDict(end_to_end(request.headers))
-        if self.settings.rewrite_host_header or "Host" not in headers:
-            headers["Host"] = upstream
-        peer = request.remote
-        if peer:
-            previous = request.headers.get("X-Forwarded-For")
-            headers["X-Forwarded-For"] = f"{previous}, {peer}" if previous else peer
-        headers[REQUEST_ID] = exchange.request_id
-        return headers
+    def _upstream_head(
+        self, exchange: _Exchange, upstream: str, body: bytes, *, closing: bool
+    ) -> bytes:
+        """The request line and headers sent to `upstream`, as bytes: the client's end-to-end
+        headers (values as it sent them), with what the proxy sets itself (`SET_UPSTREAM`).
 
-    def _body_headers(self, request: ClientRequest, headers: CIMultiDict[str], body: bytes) -> None:
-        # The body was read whole (and a router's model may have been renamed in it:
-        # `Dispatch.rename_to`): it goes with its length, and needs no `100 Continue`.
-        headers.popall("Expect", None)
+        The body was read whole (and a router's model may have been renamed in it:
+        `Dispatch.rename_to`): it goes with its length, and needs no `100 Continue`.
+        `closing`: the request says `Connection: close`.
+        """
+        request = exchange.request
+        sent = request.headers
+        lines = [f"{request.method} {request.target} HTTP/1.1"]
+        lines.extend(f"{name}: {value}" for name, value in end_to_end(sent, without=SET_UPSTREAM))
+        host = sent.get("Host")
+        lines.append(
+            f"Host: {upstream if self.settings.rewrite_host_header or host is None else host}"
+        )
+        previous, peer = sent.get("X-Forwarded-For"), request.remote
+        if peer:
+            lines.append(
+                f"X-Forwarded-For: {previous}, {peer}" if previous else f"X-Forwarded-For: {peer}"
+            )
+        elif previous:
+            lines.append(f"X-Forwarded-For: {previous}")
+        lines.append(f"{REQUEST_ID}: {exchange.request_id}")
         if body or request.body_exists or request.method in ("POST", "PUT", "PATCH"):
-            headers["Content-Length"] = str(len(body))
-        else:
-            headers.popall("Content-Length", None)
+            lines.append(f"Content-Length: {len(body)}")
+        if closing:
+            lines.append("Connection: close")
+        lines += ("", "")
+        return "\r\n".join(lines).encode("utf-8", "surrogateescape")
 
     def _count_prompt(self, exchange: _Exchange, tokens: AnswerTimings | None) -> None:
         dispatch = exchange.dispatch
@@ -568,6 +571,13 @@ def _query_model(query: str) -> str | None:
 CONTENT_LENGTH = frozenset({"content-length"})
 """What an answer the proxy frames itself (`Answer`, or a relayed stream) does not pass on."""
 
+SET_UPSTREAM = frozenset(
+    {"host", "x-forwarded-for", REQUEST_ID.lower(), "content-length", "expect"}
+)
+"""Request headers the proxy sets itself on the way to llama-server (`Host` where it is
+rewritten or missing, `X-Forwarded-For` with the client's address, the request id, the body's
+length), or drops (`Expect`: the body is read already)."""
+
 
 def end_to_end(
     headers: MultiMapping[str] | list[tuple[str, str]], *, without: frozenset[str] = frozenset()
@@ -575,20 +585,20 @@ def end_to_end(
     """The headers a proxy passes on: not the hop-by-hop ones, nor those the `Connection`
     header names as hop-by-hop for this connection (RFC 9110, 7.6.1), nor those (lowercase)
     in `without`."""
-    pairs = list(headers.items()) if not isinstance(headers, list) else headers
-    named = {
-        token.strip().lower()
-        for name, value in pairs
-        if name.lower() == "connection"
-        for token in value.split(",")
-    }
-    return [
-        (name, value)
-        for name, value in pairs
-        if (lowered := name.lower()) not in HOP_BY_HOP
-        and lowered not in named
-        and lowered not in without
-    ]
+    kept: list[tuple[str, str]] = []
+    named: set[str] = set()
+    for name, value in headers if isinstance(headers, list) else headers.items():
+        lowered = name.lower()
+        if lowered in HOP_BY_HOP:
+            if lowered == "connection":
+                named.update(token.strip().lower() for token in value.split(","))
+        elif lowered not in without:
+            kept.append((name, value))
+    named -= HOP_BY_HOP
+    if named:
+        # Rare: a header named in `Connection` that is not hop-by-hop by itself.
+        kept = [(name, value) for name, value in kept if name.lower() not in named]
+    return kept
 
 
 @dataclass(slots=True)

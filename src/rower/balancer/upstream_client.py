@@ -59,6 +59,15 @@ class UpstreamClient:
     def __init__(self) -> None:
         self._idle: dict[str, deque[UpstreamConnection]] = {}
         self._sweep: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The running loop, looked up once (on Python 3.11 each `get_running_loop()` is a
+        `getpid` system call)."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
 
     async def request(
         self, upstream: str, request: bytes, *, head_request: bool, closing: bool
@@ -96,9 +105,7 @@ class UpstreamClient:
         if connection.reusable:
             self._idle.setdefault(upstream, deque()).append(connection)
             if self._sweep is None:
-                self._sweep = asyncio.get_running_loop().call_later(
-                    KEEPALIVE_SECONDS, self._sweep_idle
-                )
+                self._sweep = self.loop.call_later(KEEPALIVE_SECONDS, self._sweep_idle)
         else:
             connection.close()
 
@@ -107,7 +114,7 @@ class UpstreamClient:
         idle = self._idle.get(upstream)
         if not idle:
             return None
-        oldest = asyncio.get_running_loop().time() - KEEPALIVE_SECONDS
+        oldest = self.loop.time() - KEEPALIVE_SECONDS
         taken = None
         while idle and taken is None:
             connection = idle.pop()
@@ -130,7 +137,7 @@ class UpstreamClient:
     def _sweep_idle(self) -> None:
         """Close what expired or was closed, also to servers no request goes to any more."""
         self._sweep = None
-        oldest = asyncio.get_running_loop().time() - KEEPALIVE_SECONDS
+        oldest = self.loop.time() - KEEPALIVE_SECONDS
         for upstream, idle in list(self._idle.items()):
             for connection in [c for c in idle if not c.is_idle_and_open]:
                 idle.remove(connection)
@@ -140,7 +147,7 @@ class UpstreamClient:
             else:
                 del self._idle[upstream]
         if self._idle:
-            self._sweep = asyncio.get_running_loop().call_later(KEEPALIVE_SECONDS, self._sweep_idle)
+            self._sweep = self.loop.call_later(KEEPALIVE_SECONDS, self._sweep_idle)
 
     async def close(self) -> None:
         """Close every idle connection."""

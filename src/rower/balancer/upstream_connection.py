@@ -26,8 +26,6 @@ import socket
 from collections import deque
 from typing import Protocol, cast
 
-from multidict import CIMultiDict
-
 from rower.addresses import Address
 from rower.balancer import stream_pacing
 from rower.balancer.answer_timings import STREAM_TAIL_READS
@@ -65,12 +63,6 @@ class UpstreamCut(Exception):
 class NothingAnswered(ConnectionResetError):
     """The connection closed before any byte of the answer: the server never read the request
     if the connection was a kept-alive one it had closed (`upstream_client` retries then)."""
-
-
-def request_head(method: str, target: str, headers: CIMultiDict[str]) -> bytes:
-    """The request line and headers, as bytes (values as the client sent them)."""
-    lines = [f"{method} {target} HTTP/1.1", *(f"{k}: {v}" for k, v in headers.items()), "", ""]
-    return "\r\n".join(lines).encode("utf-8", "surrogateescape")
 
 
 async def connect(upstream: str) -> UpstreamConnection:

@@ -28,7 +28,14 @@ def test_anything_else_is_replaced_by_a_new_id(sent: str | None) -> None:
 
 
 def test_new_ids_differ() -> None:
-    assert request_id(None) != request_id(None)
+    ids = {request_id(None) for _ in range(1000)}
+    assert len(ids) == 1000
+
+
+def test_new_ids_of_one_balancer_share_its_random_half() -> None:
+    first, second = request_id(None), request_id(None)
+    assert first[:16] == second[:16]
+    assert int(second[16:], 16) == int(first[16:], 16) + 1
 
 
 @given(st.text(max_size=200))
