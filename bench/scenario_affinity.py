@@ -681,6 +681,9 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--trace", action="store_true", help="split recomputed turns (access log)")
+    parser.add_argument(
+        "--conversations", type=int, help="conversations of every chosen cell (default: its own)"
+    )
     parser.add_argument("--out", type=Path, default=Path("/tmp/affinity-subset"))
     parser.add_argument("--name", default="affinity", help="the result file's name (.json)")
     args = parser.parse_args()
@@ -688,6 +691,11 @@ def main() -> None:
     if args.cell:
         wanted = [tuple(c.split(",")) for c in args.cell]
         chosen = [c for c in chosen if (c.regime, c.api) in wanted and not c.variant]
+    if args.conversations:
+        chosen = [
+            replace(c, workload=replace(c.workload, conversations=args.conversations))
+            for c in chosen
+        ]
     args.out.mkdir(parents=True, exist_ok=True)
     results = run(
         args.out,

@@ -15,6 +15,12 @@ The rule (docs/routing.md says it for operators):
    new conversations go 3/3/3, where the hash alone gave 2/3/4. Least busy first, as it was,
    placed 12 conversations 5/4/3 in 4 of 5 runs on real llama-servers (the servers finish first
    turns at different times), and the server with 5 did most of the evicting (docs/routing.md).
+   When every server with the fewest conversations is busy, that server is the home the new
+   conversation may wait for (`Fleet`, as for a conversation's own server: while the wait is
+   shorter than what its prompt costs to compute, at most 2 s), and in the buffer a new
+   conversation lets a fuller server's freed slot go for a while (`waiting_line`): placed by
+   the free slot alone, 12 conversations went 5/4/3 in 2 of 5 runs, where each server keeps
+   about 4, and a fifth conversation on a server makes them evict each other.
    One whose home cannot take it (a spill) goes where the load says: to a candidate with as
    few busy slots as the least-busy pick; among those, the one with the fewest conversations.
    A/B in one run (5 interleaved repeats, 12 chat conversations that fit the caches): reuse
@@ -164,7 +170,21 @@ def pick_cached(
             key=lambda u: (-conversations(u), -u.slots_processing, rank(u)),
             default=least_busy,
         )
-        return CachePick(placed, Affinity.MISS)
+        # When every server with the fewest conversations is busy, the one of them it ranks
+        # first is the home it may wait for (`Fleet`): placed on a fuller server, it and the
+        # conversations there evict each other at their next turns.
+        emptiest = fewest_conversations(members.values(), now, conversations)
+        if emptiest is None or conversations(placed) <= conversations(emptiest):
+            return CachePick(placed, Affinity.MISS)
+        emptier = max(
+            (
+                u
+                for u in members.values()
+                if u.is_usable(now) and conversations(u) == conversations(emptiest)
+            ),
+            key=rank,
+        )
+        return CachePick(placed, Affinity.MISS, 0, emptier, len(needs.prefix))
     # A spill goes where the load says: a server with as few busy slots as the least busy
     # pick's, the one with the fewest conversations lately, then by rendezvous rank.
     fewest = least_busy.slots_processing
@@ -174,6 +194,14 @@ def pick_cached(
         default=least_busy,
     )
     return CachePick(elsewhere, longest, 0, home, home_blocks)
+
+
+def fewest_conversations(
+    members: Iterable[Upstream], now: float, conversations: Callable[[Upstream], int]
+) -> Upstream | None:
+    """A usable member with the fewest conversations lately, free slot or not (None when no
+    member is usable)."""
+    return min((u for u in members if u.is_usable(now)), key=conversations, default=None)
 
 
 def home_of(

@@ -60,6 +60,7 @@ from rower.balancer.cache_routing import (
     Affinity,
     CachePick,
     conversation_of,
+    fewest_conversations,
     home_of,
     pick_cached,
 )
@@ -433,7 +434,9 @@ class Fleet:
         self._wait(pool, request_id, needs, now, first=retry, home=home)
         # A waiter with a home may make freed slots wait for it (`waiting_line`): the caller
         # calls `expire_waits` when its patience ends, and a held slot goes to whoever is due.
-        until = now + self.buffer_patience if home is not None else None
+        # So does a new conversation: it lets the slots of fuller servers go for a while.
+        waits_for_some = home is not None or self._routes_by_cache(needs)
+        until = now + self.buffer_patience if waits_for_some else None
         return Buffered(request_id, until, model=resolved)
 
     def release(self, request_id: int, now: float, *, abandoned: bool = False) -> list[Dispatch]:
@@ -718,6 +721,12 @@ class Fleet:
             upstream.quarantined_until_wall = None
         dispatched = self._drain_buffer(now, upstream)
         self._reindex(upstream, now)
+        if pool.held and pool.waiting.has_newcomers:
+            # A report can change which servers serve the fewest conversations (this one may
+            # have become unusable): a slot held from a new conversation is looked at again.
+            for other in list(pool.held.values()):
+                dispatched.extend(self._drain_buffer(now, other))
+                self._reindex(other, now)
         return dispatched
 
     def _remove_unit(self, key: str) -> None:
@@ -770,7 +779,8 @@ class Fleet:
         home: str | None,
     ) -> None:
         """`request_id` waits in the pool's buffer, in the line of `home` (`_home`) if any."""
-        pool.waiting.add(request_id, Waiter(needs, now, home), first=first)
+        new_conversation = home is None and self._routes_by_cache(needs)
+        pool.waiting.add(request_id, Waiter(needs, now, home, new_conversation), first=first)
         self._waiting_in[request_id] = pool
         self.revision += 1
 
@@ -794,6 +804,9 @@ class Fleet:
         free = [u for u in pool.held.values() if u.slots_free(now) > 0]
         if home is not None:
             free = [u for u in free if u.identity == home]
+        elif self._routes_by_cache(needs):
+            # A new conversation takes a held slot only where it would have been placed.
+            free = [u for u in free if not self._crowded(pool, u, now)]
         if not free:
             return None
         upstream = min(free, key=lambda u: (u.slots_processing, -u.slots_free(now)))
@@ -994,13 +1007,20 @@ class Fleet:
             home = pool.homing.pop(request_id)
             del self._waiting_in[request_id]
             blocks = self.prefixes.matched(touched.identity, home.needs.prefix)
-            # Nothing matched: it waited for where its forgotten conversation lived.
-            waited = Affinity.HIT_AFTER_WAIT if blocks else Affinity.RETURN
+            # Nothing matched: it waited for where its forgotten conversation lived, or (a new
+            # conversation) for a server with the fewest conversations.
+            waited = Affinity.HIT_AFTER_WAIT if blocks else self._unmatched(home.needs, touched)
             dispatched.append(self._assign(request_id, now, touched, home.needs, waited, blocks))
         while pool.waiting and touched.slots_free(now) > 0:
-            taken = pool.waiting.next_for(touched.identity, now, self.buffer_patience)
+            taken = pool.waiting.next_for(
+                touched.identity,
+                now,
+                self.buffer_patience,
+                lambda: self._crowded(pool, touched, now),
+            )
             if taken is None:
-                # Everyone waiting belongs to another server: keep the slot for a while.
+                # Everyone waiting belongs to another server, or is a new conversation and
+                # `touched` serves more conversations than another: keep the slot a while.
                 pool.held[touched.key] = touched
                 break
             request_id = taken
@@ -1015,12 +1035,24 @@ class Fleet:
             dispatched.append(self._assign(request_id, now, touched, needs, affinity, blocks))
         return dispatched
 
+    def _unmatched(self, needs: RequestNeeds, taker: Upstream) -> Affinity:
+        """A request none of whose blocks `taker` was sent: back where its forgotten
+        conversation lived, or a new conversation."""
+        returned = self.prefixes.last_server(needs.prefix) == taker.identity
+        return Affinity.RETURN if returned else Affinity.MISS
+
+    def _crowded(self, pool: Pool, upstream: Upstream, now: float) -> bool:
+        """Whether `upstream` served more conversations lately than a usable member with the
+        fewest (`recent_conversations`): a new conversation there evicts more."""
+        count = self.conversations.count
+        fewest = fewest_conversations(pool.members.values(), now, lambda u: count(u.identity, now))
+        return fewest is not None and count(upstream.identity, now) > count(fewest.identity, now)
+
     def _affinity_of_buffered(self, needs: RequestNeeds, taker: Upstream) -> tuple[Affinity, int]:
         """What sending a buffered request to the first upstream that freed a slot amounts to."""
         best = next(self.prefixes.matches(needs.prefix), None)
         if best is None:
-            returned = self.prefixes.last_server(needs.prefix) == taker.identity
-            return (Affinity.RETURN if returned else Affinity.MISS), 0
+            return self._unmatched(needs, taker), 0
         if best[0] == taker.identity:
             return Affinity.HIT, best[1]
         return Affinity.SPILL_BUSY, self.prefixes.matched(taker.identity, needs.prefix)

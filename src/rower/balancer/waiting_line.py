@@ -24,13 +24,19 @@ each: reuse 0.69 -> 0.88 (the anchor: 0.77), e2e p50 1.90 -> 1.32 s, p99 unchang
 4.52 s), 19% more turns served (311 -> 371: the prefill it saves is the servers' time); 12
 conversations: 0.89 -> 0.97 (the anchor 0.95).
 
-Every operation is O(1) (a dict per line), so a buffer of 10,000 costs no scan.
+A new conversation (a request with a prompt prefix that no server holds) has no home: any server
+takes it, except that a server that served more conversations lately than another lets it go
+(`next_for(crowded=)`), until its patience ends: a server's cache keeps a handful of
+conversations, and one more than it keeps makes them evict each other at every turn.
+
+Every operation is O(1) (a dict per line), so a buffer of 10,000 costs no scan; the fleet's
+`crowded` test looks at the pool's servers, and only when a new conversation could take a slot.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from rower.balancer.request_needs import RequestNeeds
@@ -43,6 +49,9 @@ class Waiter:
     needs: RequestNeeds | None
     since: float
     home: str | None = None
+    new_conversation: bool = False
+    """No home, and a prompt prefix: a new conversation, which a server that serves more
+    conversations than another lets go for a while (`next_for`)."""
 
 
 class WaitingLine:
@@ -52,6 +61,8 @@ class WaitingLine:
         self._all: OrderedDict[int, Waiter] = OrderedDict()
         self._by_home: dict[str, OrderedDict[int, None]] = {}
         self._homeless: OrderedDict[int, None] = OrderedDict()
+        self._newcomers: OrderedDict[int, None] = OrderedDict()
+        """Waiters without a home that are new conversations."""
 
     def __len__(self) -> int:
         return len(self._all)
@@ -66,16 +77,17 @@ class WaitingLine:
         """The waiting requests, oldest first."""
         return iter(self._all.items())
 
+    @property
+    def has_newcomers(self) -> bool:
+        """Whether a new conversation waits (without a home)."""
+        return bool(self._newcomers)
+
     def add(self, request_id: int, waiter: Waiter, *, first: bool = False) -> None:
         """`request_id` waits; `first` puts it before everyone (it has waited longest)."""
         self._all[request_id] = waiter
         if first:
             self._all.move_to_end(request_id, last=False)
-        line = (
-            self._homeless
-            if waiter.home is None
-            else self._by_home.setdefault(waiter.home, OrderedDict())
-        )
+        line = self._line_of(waiter, create=True)
         line[request_id] = None
         if first:
             line.move_to_end(request_id, last=False)
@@ -85,28 +97,45 @@ class WaitingLine:
         waiter = self._all.pop(request_id, None)
         if waiter is None:
             return None
-        if waiter.home is None:
-            del self._homeless[request_id]
-        else:
-            line = self._by_home[waiter.home]
-            del line[request_id]
-            if not line:
-                del self._by_home[waiter.home]
+        line = self._line_of(waiter, create=False)
+        del line[request_id]
+        if not line and waiter.home is not None:
+            del self._by_home[waiter.home]
         return waiter
 
-    def next_for(self, home: str, now: float, patience: float) -> int | None:
+    def next_for(
+        self, home: str, now: float, patience: float, crowded: Callable[[], bool] = lambda: False
+    ) -> int | None:
         """Whom a slot freed on `home` goes to: the line's oldest once it has waited `patience`
-        seconds; before, `home`'s own oldest waiter, else the oldest without a home; None
-        when every waiter belongs to another server (the slot is held for a while)."""
+        seconds; before, `home`'s own oldest waiter, else the oldest without a home, except a
+        new conversation when `crowded()` says `home` serves more conversations than another
+        server; None when nobody is left (the slot is held for a while)."""
         if not self._all:
             return None
         oldest, waiter = next(iter(self._all.items()))
         if now - waiter.since >= patience:
             return oldest
-        line = self._by_home.get(home) or self._homeless
-        return next(iter(line)) if line else None
+        line = self._by_home.get(home)
+        if line:
+            return next(iter(line))
+        homeless = next(iter(self._homeless), None)
+        newcomer = next(iter(self._newcomers), None)
+        if newcomer is not None and (
+            (homeless is not None and self._all[homeless].since <= self._all[newcomer].since)
+            or crowded()
+        ):
+            newcomer = None
+        return newcomer if newcomer is not None else homeless
+
+    def _line_of(self, waiter: Waiter, *, create: bool) -> OrderedDict[int, None]:
+        if waiter.home is not None:
+            if create:
+                return self._by_home.setdefault(waiter.home, OrderedDict())
+            return self._by_home[waiter.home]
+        return self._newcomers if waiter.new_conversation else self._homeless
 
     def clear(self) -> None:
         self._all.clear()
         self._by_home.clear()
         self._homeless.clear()
+        self._newcomers.clear()

@@ -6,11 +6,13 @@ from dataclasses import replace
 
 import pytest
 
+from rower.balancer.affinity import BLOCK_BYTES
 from rower.balancer.answer_timings import AnswerTimings
 from rower.balancer.cache_routing import Affinity
 from rower.balancer.fleet import (
     BUFFER_PATIENCE,
     MAX_AFFINITY_WAIT,
+    SPILL_COST,
     Buffered,
     Dispatch,
     Fleet,
@@ -548,3 +550,102 @@ def test_a_new_conversation_goes_where_fewest_live_even_if_busier_within_the_gua
     assert (sent.upstream, sent.affinity) == (emptier, Affinity.MISS)
     # Both of its slots busy now: the other one takes the next.
     assert client.send(turn(10, 4)).upstream == fuller
+
+
+def uneven(prefill_s: float = 1.0) -> tuple[Fleet, Client, str, str]:
+    """Two 1-slot servers, idle: the fuller one served 2 conversations lately, the emptier 1.
+    Prefill takes `prefill_s` per 100 tokens there."""
+    fleet = fleet_of(1, 1)
+    for agent in fleet.upstreams:
+        fleet.answered(agent, AnswerTimings(100, 0, prefill_s, 100, 0.1))
+    client = Client(fleet)
+    placed = []
+    for conversation in range(3):
+        sent = client.send(turn(conversation, 8))
+        placed.append(sent.upstream)
+        fleet.release(sent.request_id, 0.0)
+    fuller = max(set(placed), key=placed.count)
+    emptier = min(set(placed), key=placed.count)
+    assert (placed.count(fuller), placed.count(emptier)) == (2, 1)
+    return fleet, client, fuller, emptier
+
+
+def busy_on(fleet: Fleet, client: Client, address: str) -> Dispatch:
+    """A request without a prefix that holds the slot of the server at `address`."""
+    while True:
+        sent = client.send(None)
+        if sent.upstream == address:
+            return sent
+        fleet.release(sent.request_id, 0.0)
+
+
+def test_a_new_conversation_waits_briefly_for_the_busy_server_where_fewest_live() -> None:
+    # Placed at once on the free server, it would be that server's third conversation: on
+    # real llama-servers a fifth conversation on a server that keeps four made them evict
+    # each other at every turn.
+    fleet, client, _, emptier = uneven()
+    holder = busy_on(fleet, client, emptier)
+    waiting = fleet.request_slot(50, 0.0, needs=turn(9, 8))
+    assert isinstance(waiting, Buffered)
+    assert fleet.is_homing(50)
+    assert waiting.until is not None
+    assert 0 < waiting.until <= MAX_AFFINITY_WAIT
+    (sent,) = fleet.release(holder.request_id, 0.1)
+    assert (sent.request_id, sent.upstream, sent.affinity) == (50, emptier, Affinity.MISS)
+
+
+def test_a_new_conversation_goes_to_the_fuller_server_when_the_emptier_stays_busy() -> None:
+    fleet, client, fuller, emptier = uneven()
+    busy_on(fleet, client, emptier)
+    waiting = fleet.request_slot(50, 0.0, needs=turn(9, 8))
+    assert isinstance(waiting, Buffered)
+    assert waiting.until is not None
+    (moved,) = fleet.expire_waits(waiting.until)
+    assert (moved.request_id, moved.upstream, moved.affinity) == (50, fuller, Affinity.MISS)
+
+
+def test_a_new_conversation_waits_no_longer_than_its_prefill_would_cost() -> None:
+    fleet, client, _, emptier = uneven(prefill_s=0.0001)  # 1,000,000 tokens/s
+    busy_on(fleet, client, emptier)
+    waiting = fleet.request_slot(50, 0.0, needs=turn(9, 8))
+    assert isinstance(waiting, Buffered)
+    tokens = 8 * BLOCK_BYTES / fleet.bytes_per_token
+    assert waiting.until == pytest.approx(SPILL_COST * tokens / 1_000_000)
+
+
+def test_a_buffered_new_conversation_lets_a_fuller_servers_slot_go_for_a_while() -> None:
+    fleet, client, fuller, emptier = uneven()
+    on_fuller, on_emptier = busy_on(fleet, client, fuller), busy_on(fleet, client, emptier)
+    waiting = fleet.request_slot(50, 0.0, needs=turn(9, 8))
+    assert isinstance(waiting, Buffered)
+    assert not fleet.is_homing(50)
+    # Its patience ends like a homed request's: the caller sets a timer for it.
+    assert waiting.until == BUFFER_PATIENCE
+    # The fuller server's slot frees first: held, not given to the new conversation.
+    assert fleet.release(on_fuller.request_id, 0.1) == []
+    assert fleet.is_waiting(50)
+    (sent,) = fleet.release(on_emptier.request_id, 0.2)
+    assert (sent.request_id, sent.upstream, sent.affinity) == (50, emptier, Affinity.MISS)
+
+
+def test_a_buffered_new_conversation_takes_a_fuller_server_once_its_patience_ends() -> None:
+    fleet, client, fuller, emptier = uneven()
+    on_fuller = busy_on(fleet, client, fuller)
+    busy_on(fleet, client, emptier)
+    waiting = fleet.request_slot(50, 0.0, needs=turn(9, 8))
+    assert isinstance(waiting, Buffered)
+    assert waiting.until is not None
+    assert fleet.release(on_fuller.request_id, 0.1) == []
+    (sent,) = fleet.expire_waits(waiting.until)
+    assert (sent.request_id, sent.upstream) == (50, fuller)
+
+
+def test_a_held_slot_still_goes_to_a_request_without_a_prefix_or_home() -> None:
+    fleet, client, fuller, emptier = uneven()
+    on_fuller = busy_on(fleet, client, fuller)
+    busy_on(fleet, client, emptier)
+    assert isinstance(fleet.request_slot(50, 0.0, needs=turn(9, 8)), Buffered)
+    assert isinstance(fleet.request_slot(51, 0.05, needs=None), Buffered)
+    (sent,) = fleet.release(on_fuller.request_id, 0.1)
+    assert (sent.request_id, sent.upstream) == (51, fuller)
+    assert fleet.is_waiting(50)

@@ -391,7 +391,9 @@ class FleetMachine(RuleBasedStateMachine):
 
     def _held_for_others(self, model: str) -> bool:
         """Whether every free slot of `model` is held: each waiting request has a home that is
-        not a server with a free slot, and the oldest has waited less than its patience."""
+        not a server with a free slot, or is a new conversation (which lets the slots of
+        servers with more conversations go, until its patience ends); and the oldest has
+        waited less than its patience."""
         waiters = [waiter for _, waiter in self.fleet.pools[model].waiting.items()]
         if not waiters:
             return True
@@ -401,7 +403,8 @@ class FleetMachine(RuleBasedStateMachine):
             if u.model == model and u.slots_free(self.now) > 0
         }
         return self.now - waiters[0].since < BUFFER_PATIENCE and all(
-            waiter.home is not None and waiter.home not in free for waiter in waiters
+            (waiter.home is not None and waiter.home not in free) or waiter.new_conversation
+            for waiter in waiters
         )
 
     @invariant()
