@@ -9,8 +9,6 @@ prompt-cache reuse that cache-aware routing is for. Pure: bytes in, numbers out.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import msgspec
 
 STREAM_TAIL_READS = 4
@@ -36,8 +34,7 @@ class _Answer(msgspec.Struct):
 _decode = msgspec.json.Decoder(_Answer).decode
 
 
-@dataclass(frozen=True, slots=True)
-class AnswerTimings:
+class AnswerTimings(msgspec.Struct, frozen=True):
     """What one answer's `timings` say.
 
     Attributes:

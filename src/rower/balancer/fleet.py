@@ -50,7 +50,7 @@ from __future__ import annotations
 import enum
 import itertools
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import msgspec
 
@@ -102,8 +102,7 @@ class Routing(enum.Enum):
     """Fewest busy slots, most free, least recently used (`upstream_index`)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Dispatch:
+class Dispatch(msgspec.Struct, frozen=True):
     """Send `request_id` to the llama-server at `upstream` (host:port), reported by `agent_id`."""
 
     request_id: int
@@ -590,7 +589,9 @@ class Fleet:
                 else:
                     assert isinstance(decision, Dispatch)
                     if decision.affinity is Affinity.SPILL_BUSY:
-                        decision = replace(decision, affinity=Affinity.SPILL_AFTER_WAIT)
+                        decision = msgspec.structs.replace(
+                            decision, affinity=Affinity.SPILL_AFTER_WAIT
+                        )
                     dispatched.append(decision)
             if due:
                 self.revision += 1

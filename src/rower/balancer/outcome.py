@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+import msgspec
 
 if TYPE_CHECKING:
     from rower.balancer.fleet import Dispatch
@@ -54,8 +55,7 @@ CLIENT_CLOSED_REQUEST = 499
 """The status logged for a client that left before any answer was sent (nginx's convention)."""
 
 
-@dataclass(frozen=True, slots=True)
-class ProxyOutcome:
+class ProxyOutcome(msgspec.Struct, frozen=True):
     """One proxied request, from its arrival to the end of its answer.
 
     Attributes:

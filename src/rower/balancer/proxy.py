@@ -103,8 +103,7 @@ _UNAVAILABLE = {
 """The slot gate's refusals, by the status it chose."""
 
 
-@dataclass(frozen=True, slots=True)
-class Answer:
+class Answer(msgspec.Struct, frozen=True):
     """A whole answer to send: status, headers (without framing), body; `close`: the
     connection closes after it; `length`: the `Content-Length` of a HEAD's answer."""
 

@@ -25,8 +25,8 @@ a pipelined request after it is kept.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
+import msgspec
 from multidict import CIMultiDict
 
 MAX_HEADERS = 128
@@ -77,8 +77,7 @@ class HeadRefused(Exception):
         self.reason = reason
 
 
-@dataclass(frozen=True, slots=True)
-class RequestHead:
+class RequestHead(msgspec.Struct, frozen=True):
     """A request line and its headers, as parsed.
 
     Attributes:

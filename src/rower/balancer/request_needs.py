@@ -8,7 +8,6 @@ client. The body itself goes upstream unchanged.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -19,8 +18,7 @@ from rower.balancer.paths import INFERENCE_PATHS, is_slots_endpoint, normalize
 _decode = msgspec.json.decode
 
 
-@dataclass(frozen=True, slots=True)
-class RequestNeeds:
+class RequestNeeds(msgspec.Struct, frozen=True):
     """What routing knows about one request.
 
     Attributes:

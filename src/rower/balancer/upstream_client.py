@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from dataclasses import dataclass
+
+import msgspec
 
 from rower.balancer.upstream_connection import NothingAnswered, UpstreamConnection, connect
 from rower.balancer.upstream_framing import AnswerHead
@@ -35,8 +36,7 @@ KEEPALIVE_SECONDS = 2.0
 expired here 3 s early cannot race with the server's close."""
 
 
-@dataclass(frozen=True, slots=True)
-class UpstreamAnswer:
+class UpstreamAnswer(msgspec.Struct, frozen=True):
     """An upstream's answer (head read), and how the connection for it was got.
 
     Attributes:

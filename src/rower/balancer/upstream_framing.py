@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import enum
 import re
-from dataclasses import dataclass
+
+import msgspec
 
 MAX_HEAD = 64 * 1024
 """Largest answer head accepted: llama-server's are a few hundred bytes."""
@@ -56,8 +57,7 @@ class Framing(enum.Enum):
     """Neither: when the server closes the connection."""
 
 
-@dataclass(frozen=True, slots=True)
-class AnswerHead:
+class AnswerHead(msgspec.Struct, frozen=True):
     """An answer's status line and headers.
 
     Attributes:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from msgspec.structs import replace
 
 from rower.balancer.access_log import access_fields, open_access_log, text_line
 from rower.balancer.cache_routing import Affinity

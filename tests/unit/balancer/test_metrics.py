@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
+from msgspec.structs import replace
 from prometheus_client.parser import text_string_to_metric_families
 
 from rower.balancer.fleet import Decision, Dispatch, Fleet
