@@ -38,6 +38,34 @@ def test_llama_servers_stream_head() -> None:
     assert ("Content-Type", "text/event-stream") in head.headers
 
 
+_NAMES = st.text(
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-!#$%&'*+.^_`|~",
+    min_size=1,
+    max_size=12,
+).filter(lambda name: name.lower() not in ("content-length", "transfer-encoding", "connection"))
+_VALUES = st.binary(max_size=20).map(
+    lambda raw: bytes(b for b in raw if b == 0x09 or 0x20 <= b != 0x7F).decode("latin-1")
+)
+_BLANKS = st.sampled_from(["", " ", "\t", " \t "])
+
+
+@given(st.lists(st.tuples(_NAMES, _BLANKS, _VALUES, _BLANKS), max_size=8), st.integers(0, 99))
+def test_every_field_is_read_in_order_with_its_blanks_trimmed(
+    fields: list[tuple[str, str, str, str]], length: int
+) -> None:
+    lines = [f"{name}:{before}{value}{after}" for name, before, value, after in fields]
+    lines.insert(len(lines) // 2, f"content-LENGTH: {length} ")
+    head = parse_head(
+        ("HTTP/1.1 200 OK\r\n" + "".join(f"{line}\r\n" for line in lines) + "\r\n").encode(
+            "latin-1"
+        )
+    )
+    expected = [(name, value.strip(" \t")) for name, _, value, _ in fields]
+    expected.insert(len(fields) // 2, ("content-LENGTH", str(length)))
+    assert head.headers == expected
+    assert (head.framing, head.length, head.closes) == (Framing.LENGTH, length, False)
+
+
 def test_framings() -> None:
     def framing(*lines: bytes) -> tuple[Framing, int]:
         head = parse_head(b"\r\n".join(lines) + b"\r\n\r\n")
