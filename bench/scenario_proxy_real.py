@@ -8,7 +8,8 @@ the tiny model), in interleaved rounds (direct, Rower, nginx, direct, ...); medi
 - time to first byte at concurrency 1 of a one-token streamed completion (added = minus direct);
 - `streams` concurrent streamed completions of `events` tokens each: tokens/s through the front
   (ratio to direct) and the front's CPU per 1,000 relayed events;
-- `GET /health` with wrk at 64 connections: requests/s (ratio to nginx).
+- `GET /health` with wrk at 64 connections: requests/s (ratio to nginx), and the front's CPU
+  per request.
 
     python -m bench.scenario_proxy_real OUT_DIR [--quick] [--rounds N] [--profile SECONDS]
 
@@ -120,7 +121,11 @@ def measure(
     wall = time.monotonic() - started
     row["health_rps"] = rps
     row["health_errors"] = errors
-    row["health_front_cpu"] = (sum(procs.cpu_seconds(p) for p in front.pids) - cpu0) / wall
+    cpu = sum(procs.cpu_seconds(p) for p in front.pids) - cpu0
+    row["health_front_cpu"] = cpu / wall
+    # The stable figure: requests/s move with what saturates first on 2 cores (the front, wrk
+    # or llama-server), the front's CPU per request with the front's own code.
+    row["health_front_cpu_us_per_request"] = 1e6 * cpu / (rps * wall) if rps else None
     return row
 
 
