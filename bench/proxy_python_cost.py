@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import os
 import statistics
 import time
 from typing import Any
@@ -132,7 +133,7 @@ async def _measure(requests: int, rounds: int, profile: str | None) -> list[floa
     settings = BalancerSettings(
         management_addr=Address.parse("127.0.0.1:9"),
         reverseproxy_addr=Address.parse("127.0.0.1:9"),
-        access_log="off",
+        access_log=os.environ.get("ROWER_BENCH_ACCESS_LOG", "off"),
     )
     balancer = Balancer(settings)
     balancer.gate.report(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import logging.handlers
+import re
 from typing import Any
 
 from rower.balancer.outcome import ProxyOutcome
@@ -86,10 +87,17 @@ def _ms(seconds: float | None) -> float | None:
 def _value(value: object) -> str:
     if value is None:
         return "-"
+    if type(value) is int or type(value) is float:
+        return str(value)
     text = str(value)
-    if text and text.isascii() and text.isprintable() and not any(c in text for c in ' "='):
+    if text and _BARE.fullmatch(text):
         return text
     return json.dumps(text)
+
+
+_BARE = re.compile(r"[!#-<>-~]+")
+"""A value written as it is: printable ASCII without a space, a quote or `=` (anything else is
+quoted and escaped, so that a client cannot forge a line)."""
 
 
 class AccessLog:
