@@ -32,6 +32,7 @@ from rower.balancer.service import Balancer, listener_limits
 from rower.balancer.settings import BalancerSettings
 from rower.balancer.upstream_client import UpstreamClient
 from rower.balancer.upstream_connection import UpstreamConnection
+from rower.logs import configure_logging
 from rower.status import StatusUpdate
 
 UPSTREAM = "127.0.0.1:9"
@@ -168,6 +169,9 @@ async def _measure(requests: int, rounds: int, profile: str | None) -> list[floa
 
 
 def main() -> None:
+    # The balancer's own logging (`rower balancer` sets it up so): what the access log costs,
+    # with ROWER_BENCH_ACCESS_LOG=stderr, includes formatting and writing each line.
+    configure_logging("warning", "text")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=5)
