@@ -16,15 +16,13 @@ from pathlib import Path
 import pytest
 
 from tests.chaos.raw_http import Answer, read_answer
-from tests.integration.test_proxy_in_process import Proxy, access_logger, running_proxy
-
-__all__ = ["access_logger"]
+from tests.integration.test_proxy_in_process import Proxy, running_proxy
 
 COMPLETION = b'{"prompt": "x"}'
 
 
 @pytest.fixture
-async def proxy(tmp_path: Path, access_logger: None) -> AsyncIterator[Proxy]:
+async def proxy(tmp_path: Path) -> AsyncIterator[Proxy]:
     async with running_proxy(tmp_path) as started:
         started.register(started.upstream.addr)
         yield started

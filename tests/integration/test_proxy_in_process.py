@@ -12,9 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,19 +107,7 @@ class Proxy:
 
 
 @pytest.fixture
-def access_logger() -> Iterator[None]:
-    """Leave the `rower.access` logger as it was found."""
-    logger = logging.getLogger("rower.access")
-    handlers, propagate, level = list(logger.handlers), logger.propagate, logger.level
-    yield
-    for handler in logger.handlers:
-        handler.close()
-    logger.handlers[:] = handlers
-    logger.propagate, logger.level = propagate, level
-
-
-@pytest.fixture
-async def proxy(tmp_path: Path, access_logger: None) -> AsyncIterator[Proxy]:
+async def proxy(tmp_path: Path) -> AsyncIterator[Proxy]:
     """A balancer and a fake llama-server, with the default settings."""
     async with running_proxy(tmp_path) as started:
         yield started
@@ -236,9 +223,7 @@ async def test_a_served_request_is_one_access_log_line_with_every_field(proxy: P
     assert line["failure"] is None
 
 
-async def test_429_carries_the_request_id_and_is_logged_as_buffer_full(
-    tmp_path: Path, access_logger: None
-) -> None:
+async def test_429_carries_the_request_id_and_is_logged_as_buffer_full(tmp_path: Path) -> None:
     async with running_proxy(tmp_path, max_buffered_requests=0) as proxy:
         status, headers, _ = await post(proxy, {"prompt": "x"}, {"X-Request-Id": "busy"})
         assert status == 429
@@ -248,9 +233,7 @@ async def test_429_carries_the_request_id_and_is_logged_as_buffer_full(
         assert line["upstream"] is None
 
 
-async def test_504_carries_the_request_id_and_is_logged_as_buffer_timeout(
-    tmp_path: Path, access_logger: None
-) -> None:
+async def test_504_carries_the_request_id_and_is_logged_as_buffer_timeout(tmp_path: Path) -> None:
     async with running_proxy(tmp_path, buffered_request_timeout=0.2) as proxy:
         status, headers, _ = await post(proxy, {"prompt": "x"})
         assert status == 504
@@ -273,9 +256,7 @@ async def test_502_carries_the_request_id_and_is_logged_as_refused(proxy: Proxy)
     assert await proxy.metric("rower_upstream_errors_total") == 1
 
 
-async def test_413_carries_the_request_id_and_is_logged(
-    tmp_path: Path, access_logger: None
-) -> None:
+async def test_413_carries_the_request_id_and_is_logged(tmp_path: Path) -> None:
     async with running_proxy(tmp_path, max_request_body_bytes=100) as proxy:
         proxy.register(proxy.upstream.addr)
         status, headers, _ = await post(proxy, {"prompt": "x" * 200}, {"X-Request-Id": "big"})
@@ -310,9 +291,7 @@ async def test_a_client_leaving_mid_stream_is_a_client_disconnect(proxy: Proxy) 
     await until(lambda: proxy.balancer.fleet.requests_in_flight == 0, what="slot given back")
 
 
-async def test_a_client_leaving_the_buffer_is_logged_as_499(
-    tmp_path: Path, access_logger: None
-) -> None:
+async def test_a_client_leaving_the_buffer_is_logged_as_499(tmp_path: Path) -> None:
     async with running_proxy(tmp_path, buffered_request_timeout=30.0) as proxy:
         async with aiohttp.ClientSession() as session:
             waiting = asyncio.create_task(session.post(proxy.url + "/completion", json={"p": 1}))
@@ -558,7 +537,7 @@ async def test_a_bad_answer_head_is_a_502(proxy: Proxy) -> None:
 
 @pytest.mark.parametrize("flush_interval", [0.0, 0.005], ids=["token by token", "in batches"])
 async def test_a_client_reading_slowly_gets_the_whole_stream(
-    tmp_path: Path, access_logger: None, flush_interval: float
+    tmp_path: Path, flush_interval: float
 ) -> None:
     # Far more than the transports buffer: reading upstream pauses and resumes (and, in
     # batches, is held and let go by the pacer's ticks meanwhile).

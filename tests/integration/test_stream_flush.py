@@ -19,12 +19,9 @@ from rower.balancer import stream_pacing
 from tests.integration.test_proxy_in_process import (
     STREAM_HEAD,
     Proxy,
-    access_logger,
     running_proxy,
     sse_chunk,
 )
-
-__all__ = ["access_logger"]  # the fixture, used by name
 
 EVENTS = [sse_chunk(f'{{"content":"t{index}","stop":false}}') for index in range(4)]
 END = b"0\r\n\r\n"
@@ -112,9 +109,7 @@ def test_this_kernel_lets_reads_wait() -> None:
     assert stream_pacing.reads_can_wait(), "SO_RCVLOWAT is not woken by lowering it here"
 
 
-async def test_tokens_close_together_wait_and_go_out_with_the_end(
-    tmp_path: Path, access_logger: None
-) -> None:
+async def test_tokens_close_together_wait_and_go_out_with_the_end(tmp_path: Path) -> None:
     async with stepped(tmp_path, flush_ms=60_000) as (proxy, upstream):
         reader, writer = await open_stream(proxy)
         await start_answer(upstream, reader, EVENTS[0])
@@ -132,9 +127,7 @@ async def test_tokens_close_together_wait_and_go_out_with_the_end(
     assert proxy.lines()[-1]["failure"] is None
 
 
-async def test_a_token_after_a_quiet_interval_goes_out_at_once(
-    tmp_path: Path, access_logger: None
-) -> None:
+async def test_a_token_after_a_quiet_interval_goes_out_at_once(tmp_path: Path) -> None:
     async with stepped(tmp_path, flush_ms=50) as (proxy, upstream):
         reader, writer = await open_stream(proxy)
         await start_answer(upstream, reader, EVENTS[0])

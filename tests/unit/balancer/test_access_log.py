@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from msgspec.structs import replace
 
-from rower.balancer.access_log import access_fields, open_access_log, text_line
+from rower.balancer.access_log import AccessLog, access_fields, open_access_log, text_line
 from rower.balancer.cache_routing import Affinity
 from rower.balancer.fleet import Dispatch
 from rower.balancer.outcome import Failure, ProxyOutcome, all_of
 from rower.balancer.request_needs import RequestNeeds
+from rower.logs import formatter
 
 SERVED = ProxyOutcome(
     request_id="abc123",
@@ -44,18 +44,6 @@ REFUSED = ProxyOutcome(
     failure=Failure.BUFFER_FULL,
     error="All llama.cpp slots are busy and the request buffer is full; retry later",
 )
-
-
-@pytest.fixture
-def access_logger() -> Iterator[None]:
-    """Leave the `rower.access` logger as it was found."""
-    logger = logging.getLogger("rower.access")
-    handlers, propagate, level = list(logger.handlers), logger.propagate, logger.level
-    yield
-    for handler in logger.handlers:
-        handler.close()
-    logger.handlers[:] = handlers
-    logger.propagate, logger.level = propagate, level
 
 
 def test_a_served_request_is_one_line_with_every_field() -> None:
@@ -101,7 +89,43 @@ def test_a_value_that_could_break_the_line_is_quoted_and_escaped(path: str) -> N
     assert json.loads(quoted) == path
 
 
-def test_text_lines_go_to_the_file_in_the_text_format(tmp_path: Path, access_logger: None) -> None:
+@pytest.mark.parametrize("log_format", ["text", "json"])
+@pytest.mark.parametrize("now", [1764682644.385, 1764682644.0, 1764682699.9996])
+def test_a_line_is_what_the_logger_would_have_written(log_format: str, now: float) -> None:
+    lines: list[str] = []
+    AccessLog(log_format, lines.append, clock=lambda: now).observe(SERVED)
+    fields = access_fields(SERVED)
+    message = "POST /v1/chat/completions 200" if log_format == "json" else text_line(fields)
+    record = logging.LogRecord("rower.access", logging.INFO, __file__, 0, message, None, None)
+    record.created, record.msecs = now, int((now - int(now)) * 1000) + 0.0
+    if log_format == "json":
+        record.fields = fields
+    expected = formatter(log_format).format(record) + "\n"
+    if log_format == "json":
+        assert json.loads(lines[0]) == json.loads(expected)
+    else:
+        assert lines == [expected]
+
+
+def test_lines_go_to_stderr_by_default(capsys: pytest.CaptureFixture[str]) -> None:
+    access_log = open_access_log("stderr", "text")
+    assert access_log is not None
+    access_log.observe(SERVED)
+    assert " INFO    rower.access: POST /v1/chat/completions 200 " in capsys.readouterr().err
+
+
+def test_a_moved_file_is_reopened(tmp_path: Path) -> None:
+    path = tmp_path / "access.log"
+    access_log = open_access_log(str(path), "text")
+    assert access_log is not None
+    access_log.observe(SERVED)
+    path.rename(tmp_path / "access.log.1")  # what logrotate does
+    access_log.observe(REFUSED)
+    assert "failure=buffer_full" in path.read_text()
+    assert "failure" not in (tmp_path / "access.log.1").read_text()
+
+
+def test_text_lines_go_to_the_file_in_the_text_format(tmp_path: Path) -> None:
     path = tmp_path / "access.log"
     access_log = open_access_log(str(path), "text")
     assert access_log is not None
@@ -113,7 +137,7 @@ def test_text_lines_go_to_the_file_in_the_text_format(tmp_path: Path, access_log
     assert "failure=buffer_full" in lines[1]
 
 
-def test_json_lines_carry_the_fields_as_keys(tmp_path: Path, access_logger: None) -> None:
+def test_json_lines_carry_the_fields_as_keys(tmp_path: Path) -> None:
     path = tmp_path / "access.log"
     access_log = open_access_log(str(path), "json")
     assert access_log is not None
@@ -136,7 +160,7 @@ def test_json_lines_carry_the_fields_as_keys(tmp_path: Path, access_logger: None
     assert refused["upstream"] is None
 
 
-def test_lines_are_written_whatever_the_log_level(tmp_path: Path, access_logger: None) -> None:
+def test_lines_are_written_whatever_the_log_level(tmp_path: Path) -> None:
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)
