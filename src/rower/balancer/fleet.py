@@ -433,9 +433,12 @@ class Fleet:
         self._wait(pool, request_id, needs, now, first=retry, home=home)
         # A waiter with a home may make freed slots wait for it (`waiting_line`): the caller
         # calls `expire_waits` when its patience ends, and a held slot goes to whoever is due.
-        # So does a new conversation: it lets the slots of fuller servers go for a while.
-        waits_for_some = home is not None or self._routes_by_cache(needs)
-        until = now + self.buffer_patience if waits_for_some else None
+        if home is not None:
+            until: float | None = now + self.buffer_patience
+        else:
+            # A new conversation lets the slots of fuller servers go, until then.
+            waiter = pool.waiting.get(request_id)
+            until = waiter.emptier_until if waiter is not None else None
         return Buffered(request_id, until, model=resolved)
 
     def release(self, request_id: int, now: float, *, abandoned: bool = False) -> list[Dispatch]:
@@ -780,8 +783,11 @@ class Fleet:
         home: str | None,
     ) -> None:
         """`request_id` waits in the pool's buffer, in the line of `home` (`_home`) if any."""
-        new_conversation = home is None and self._routes_by_cache(needs)
-        pool.waiting.add(request_id, Waiter(needs, now, home, new_conversation), first=first)
+        emptier_until = None
+        if home is None and self._routes_by_cache(needs):
+            assert needs is not None
+            emptier_until = self._newcomer_until(pool, needs, now)
+        pool.waiting.add(request_id, Waiter(needs, now, home, emptier_until), first=first)
         self._waiting_in[request_id] = pool
         self.revision += 1
 
@@ -1041,6 +1047,17 @@ class Fleet:
         conversation lived, or a new conversation."""
         returned = self.prefixes.last_server(needs.prefix) == taker.identity
         return Affinity.RETURN if returned else Affinity.MISS
+
+    def _newcomer_until(self, pool: Pool, needs: RequestNeeds, now: float) -> float:
+        """Until when a buffered new conversation lets fuller servers' slots go: as long as a
+        wait for its busy home is worth (`_worth_waiting`), what its prompt costs to compute
+        SPILL_COST times at the pool's fastest prefill, within the buffer's patience (all of
+        it while no prefill speed is known)."""
+        rate = max((u.prefill_rate for u in pool.members.values()), default=0.0)
+        if rate <= 0:
+            return now + self.buffer_patience
+        tokens = len(needs.prefix) * BLOCK_BYTES / self.bytes_per_token
+        return now + min(self.buffer_patience, SPILL_COST * tokens / rate)
 
     def _crowded(self, pool: Pool, upstream: Upstream, now: float) -> bool:
         """Whether `upstream` served more conversations lately than a usable member with the

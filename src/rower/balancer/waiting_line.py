@@ -26,7 +26,8 @@ conversations: 0.89 -> 0.97 (the anchor 0.95).
 
 A new conversation (a request with a prompt prefix that no server holds) has no home: any server
 takes it, except that a server that served more conversations lately than another lets it go
-(`next_for(crowded=)`), until its patience ends: a server's cache keeps a handful of
+(`next_for(crowded=)`) for as long as waiting costs less than computing its prompt (the fleet
+says until when, `Waiter.emptier_until`): a server's cache keeps a handful of
 conversations, and one more than it keeps makes them evict each other at every turn.
 
 Every operation is O(1) (a dict per line), so a buffer of 10,000 costs no scan; the fleet's
@@ -49,9 +50,14 @@ class Waiter:
     needs: RequestNeeds | None
     since: float
     home: str | None = None
-    new_conversation: bool = False
-    """No home, and a prompt prefix: a new conversation, which a server that serves more
-    conversations than another lets go for a while (`next_for`)."""
+    emptier_until: float | None = None
+    """For a new conversation (no home, a prompt prefix): until when a server that served more
+    conversations lately than another lets it go (`next_for`)."""
+
+    @property
+    def new_conversation(self) -> bool:
+        """Whether it is a new conversation (`emptier_until`)."""
+        return self.emptier_until is not None
 
 
 class WaitingLine:
@@ -76,6 +82,10 @@ class WaitingLine:
     def items(self) -> Iterator[tuple[int, Waiter]]:
         """The waiting requests, oldest first."""
         return iter(self._all.items())
+
+    def get(self, request_id: int) -> Waiter | None:
+        """`request_id`'s place in the buffer, or None if it does not wait."""
+        return self._all.get(request_id)
 
     @property
     def has_newcomers(self) -> bool:
@@ -109,7 +119,8 @@ class WaitingLine:
         """Whom a slot freed on `home` goes to: the line's oldest once it has waited `patience`
         seconds; before, `home`'s own oldest waiter, else the oldest without a home, except a
         new conversation when `crowded()` says `home` serves more conversations than another
-        server; None when nobody is left (the slot is held for a while)."""
+        server (until its `emptier_until`); None when nobody is left (the slot is held for a
+        while)."""
         if not self._all:
             return None
         oldest, waiter = next(iter(self._all.items()))
@@ -120,11 +131,12 @@ class WaitingLine:
             return next(iter(line))
         homeless = next(iter(self._homeless), None)
         newcomer = next(iter(self._newcomers), None)
-        if newcomer is not None and (
-            (homeless is not None and self._all[homeless].since <= self._all[newcomer].since)
-            or crowded()
-        ):
-            newcomer = None
+        if newcomer is not None:
+            waiter = self._all[newcomer]
+            older = homeless is not None and self._all[homeless].since <= waiter.since
+            fussy = waiter.emptier_until is not None and now < waiter.emptier_until
+            if older or (fussy and crowded()):
+                newcomer = None
         return newcomer if newcomer is not None else homeless
 
     def _line_of(self, waiter: Waiter, *, create: bool) -> OrderedDict[int, None]:

@@ -649,3 +649,18 @@ def test_a_held_slot_still_goes_to_a_request_without_a_prefix_or_home() -> None:
     (sent,) = fleet.release(on_fuller.request_id, 0.1)
     assert (sent.request_id, sent.upstream) == (51, fuller)
     assert fleet.is_waiting(50)
+
+
+def test_a_buffered_new_conversation_lets_slots_go_no_longer_than_its_prefill_would_cost() -> None:
+    # In a saturated fleet every slot held from a new conversation is a slot idle: at most as
+    # long as computing its prompt SPILL_COST times takes.
+    fleet, client, fuller, emptier = uneven(prefill_s=0.01)  # 10,000 tokens/s
+    on_fuller = busy_on(fleet, client, fuller)
+    busy_on(fleet, client, emptier)
+    waiting = fleet.request_slot(50, 0.0, needs=turn(9, 8))
+    assert isinstance(waiting, Buffered)
+    tokens = 8 * BLOCK_BYTES / fleet.bytes_per_token
+    assert waiting.until == pytest.approx(SPILL_COST * tokens / 10_000)
+    assert fleet.release(on_fuller.request_id, 0.1) == []
+    (sent,) = fleet.expire_waits(waiting.until)
+    assert (sent.request_id, sent.upstream) == (50, fuller)

@@ -65,13 +65,13 @@ def test_removal_leaves_no_trace() -> None:
 
 def test_a_crowded_server_lets_a_new_conversation_go_but_not_others() -> None:
     line = WaitingLine()
-    line.add(1, Waiter(None, 0.0, None, new_conversation=True))
+    line.add(1, Waiter(None, 0.0, None, emptier_until=1.0))
     assert line.has_newcomers
     assert line.next_for("a", 0.5, 2.0, lambda: True) is None
     assert line.next_for("a", 0.5, 2.0, lambda: False) == 1
     assert line.next_for("a", 0.5, 2.0) == 1
-    # Until its patience ends.
-    assert line.next_for("a", 2.0, 2.0, lambda: True) == 1
+    # For as long as it said, within its patience.
+    assert line.next_for("a", 1.0, 2.0, lambda: True) == 1
     line.add(2, Waiter(None, 0.1, None))
     assert line.next_for("a", 0.5, 2.0, lambda: True) == 2
     # The oldest of the two lines without a home goes first where it may.
