@@ -232,11 +232,12 @@ def affinity_section(data: dict[str, Any], out: Path) -> list[str]:
         return [*lines, f"Skipped: {data['skipped']}.", ""]
     lines += [
         f"{data['servers']} llama-servers x {data['slots']} slots, tiny model, `--cache-ram "
-        f"{data['cache_ram_mib']}` MiB (each server keeps about 5 conversations of ~3,000 "
-        "tokens: 2 in its slots, 3 in host RAM). Multi-turn conversations, each a closed loop "
-        "with think time, a new connection per request; reuse = Σ `cache_n` / Σ prompt tokens "
-        "and prefill = Σ `prompt_ms`, from llama-server's own answers. *Bound*: the reuse if "
-        "every turn found its conversation's previous turn cached. Ratios are to the anchor "
+        f"{data['cache_ram_mib']}` MiB (each server keeps 4 conversations of ~3,000 "
+        "tokens: 2 in its slots, 2 in host RAM; fewer under load, docs/routing.md). "
+        "Multi-turn conversations, each a closed loop with think time, a new connection per "
+        "request; reuse = Σ `cache_n` / Σ prompt tokens and prefill = Σ `prompt_ms`, from "
+        "llama-server's own answers. *Bound*: the reuse if every turn found its "
+        "conversation's previous turn cached. Ratios are to the anchor "
         "(HAProxy hashing the `X-Session-Id` header the client sends; no other front gets "
         "it) of the same repeat. Medians of "
         f"{data['repeats']} interleaved repeats (front order rotated); {data['seconds'] / 60:.1f}"
