@@ -11,6 +11,8 @@ compare two versions by (interleave them, as usual).
     python -m bench.proxy_python_cost [--requests N] [--rounds R] [--profile FILE]
 
 `--profile` writes cProfile's stats of one more round to FILE (`python -m pstats FILE`).
+`ROWER_BENCH_ACCESS_LOG=stderr` runs it with the default access log (off otherwise, as in the
+other proxy scenarios) to measure what a line costs.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import gc
 import os
 import statistics
 import time
@@ -28,7 +31,7 @@ import uvloop
 from rower.addresses import Address
 from rower.balancer.client_connection import ClientConnection, ClientListener
 from rower.balancer.proxy import ReverseProxy
-from rower.balancer.service import Balancer, listener_limits
+from rower.balancer.service import Balancer, listener_limits, tune_garbage_collector
 from rower.balancer.settings import BalancerSettings
 from rower.balancer.upstream_client import UpstreamClient
 from rower.balancer.upstream_connection import UpstreamConnection
@@ -128,7 +131,9 @@ async def _round(listener: ClientListener, requests: int) -> float:
     return (time.process_time() - started) / requests
 
 
-async def _measure(requests: int, rounds: int, profile: str | None) -> list[float]:
+async def measure(requests: int, rounds: int, profile: str | None = None) -> list[float]:
+    """CPU seconds per request of `rounds` rounds of `requests` (every answer checked to be
+    llama-server's, passed on); `profile`: cProfile's stats of one more round to that file."""
     # As the balancer runs by default (no metrics endpoint), with the access log off as in the
     # other proxy scenarios (nginx's `access_log off`). Never listened on.
     settings = BalancerSettings(
@@ -157,14 +162,21 @@ async def _measure(requests: int, rounds: int, profile: str | None) -> list[floa
     )
     # One connection, pooled: every request reuses it, as kept-alive connections are reused.
     pool.release(UPSTREAM, await _pooled_connection())
-    await _round(listener, 1000)  # warm
-    costs = [await _round(listener, requests) for _ in range(rounds)]
-    if profile:
-        profiler = cProfile.Profile(time.process_time)
-        profiler.enable()
-        await _round(listener, requests)
-        profiler.disable()
-        profiler.dump_stats(profile)
+    thresholds = gc.get_threshold()
+    tune_garbage_collector()  # as `rower balancer` does once started
+    try:
+        await _round(listener, 1000)  # warm
+        costs = [await _round(listener, requests) for _ in range(rounds)]
+        if profile:
+            profiler = cProfile.Profile(time.process_time)
+            profiler.enable()
+            await _round(listener, requests)
+            profiler.disable()
+            profiler.dump_stats(profile)
+    finally:
+        # Left as found, for a caller that goes on (the bench's smoke test).
+        gc.unfreeze()
+        gc.set_threshold(*thresholds)
     return costs
 
 
@@ -177,7 +189,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--profile", metavar="FILE")
     args = parser.parse_args()
-    costs = uvloop.run(_measure(args.requests, args.rounds, args.profile))
+    costs = uvloop.run(measure(args.requests, args.rounds, args.profile))
     print(
         f"GET /health, Python and event loop only: {1e6 * statistics.median(costs):.1f} µs "
         f"per request (median of {args.rounds} rounds of {args.requests}; "

@@ -10,11 +10,13 @@ import os
 from pathlib import Path
 
 import pytest
+import uvloop
 from bench.scheduling import Lengths
 
 from bench import (
     experiment_routing_model,
     llama_servers,
+    proxy_python_cost,
     report,
     report_unequal,
     scenario_affinity,
@@ -116,6 +118,12 @@ def test_proxy_cost(tmp_path: Path) -> None:
     rows = {row["target"]: row for row in results["rows"]}
     assert rows["Rower"]["ttfb_c1_p50"] is not None
     assert rows["Rower"]["sse_events"] > 0
+
+
+def test_proxy_python_cost() -> None:
+    costs = uvloop.run(proxy_python_cost.measure(300, 2))
+    assert len(costs) == 2
+    assert all(0 < cost < 0.01 for cost in costs)
 
 
 def test_scale_and_report(tmp_path: Path) -> None:
