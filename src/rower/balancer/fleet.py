@@ -20,7 +20,8 @@ corrected with what the balancer knows for certain:
   run them (it keeps generating a non-streamed answer whose client is gone). Each one counts
   until a report shows it cannot be running any more: at most `processing - old` of them can
   be, where `old` are our requests in flight since before the previous report, which the poll
-  surely saw.
+  surely saw, plus those abandoned that were sent since (the poll may have missed them while
+  they were in transit, and they still run).
 - free slots = `total - in_flight - max(foreign, abandoned)`, never below 0.
 
 A finished request frees its slot at once (no waiting for the next poll, which is what makes
@@ -461,12 +462,14 @@ class Fleet:
         if upstream is None:
             return []
         upstream.in_flight.discard(request_id)
+        unseen = request_id in upstream.recent
         upstream.recent.discard(request_id)
         upstream.finished(request_id, now, abandoned=abandoned)
         if abandoned:
             # No longer ours, still busy: in this report's foreign work and in the bound.
             upstream.foreign += 1
             upstream.abandoned += 1
+            upstream.abandoned_unseen += unseen
         if (
             not upstream.in_flight
             and not upstream.abandoned
@@ -718,7 +721,10 @@ class Fleet:
                 upstream.forget_ends(now)
                 ours = upstream.busy_at_poll(now - status.poll_age_ms / 1000)
             upstream.foreign = max(0, processing - ours)
-            upstream.abandoned = min(upstream.abandoned, max(0, processing - old))
+            # The poll surely saw those of them sent before the previous report, not the others.
+            seen_at_most = max(0, processing - old) + upstream.abandoned_unseen
+            upstream.abandoned = min(upstream.abandoned, seen_at_most)
+            upstream.abandoned_unseen = 0
             upstream.recent.clear()
         if upstream.quarantined and not status.has_issue:
             upstream.quarantined = False
@@ -992,6 +998,7 @@ class Fleet:
         upstream.recent |= previous.recent
         upstream.sent_at.update(previous.sent_at)
         upstream.abandoned = max(upstream.abandoned, previous.abandoned)
+        upstream.abandoned_unseen = max(upstream.abandoned_unseen, previous.abandoned_unseen)
         for request_id in previous.in_flight:
             self._assigned[request_id] = upstream
 

@@ -62,6 +62,9 @@ class Upstream:
     """Requests in flight that were sent since the last report (its poll may not have seen them)."""
     foreign: int = 0
     abandoned: int = 0
+    abandoned_unseen: int = 0
+    """Of `abandoned`, those that were sent since the last report (in `recent`) when their
+    client left: the next report's poll may not have seen them, though they still run."""
     taken_since_report: int = 0
     quarantined: bool = False
     quarantined_until_wall: float | None = None

@@ -94,6 +94,25 @@ def test_a_request_whose_client_left_may_still_run() -> None:
     assert fleet.upstreams["a"].slots_free(2.0) == 1
 
 
+def test_abandoned_requests_the_poll_may_have_missed_still_count_busy() -> None:
+    # Found by the state machine: requests 1 and 2 sent after the last report, a poll that
+    # saw only one of them (the other still in transit), both clients gone. Bounding what may
+    # still run by what the poll saw (1) sent two more to a server running two.
+    fleet = Fleet(max_buffered=0)
+    fleet.report("a", status(3, 0), 0.0, 0.0)
+    assert isinstance(fleet.request_slot(1, 0.5), Dispatch)
+    assert isinstance(fleet.request_slot(2, 0.5), Dispatch)
+    fleet.release(1, 0.6, abandoned=True)
+    # Polled at 0.7: one slot busy (request 1; request 2 not yet seen).
+    fleet.release(2, 0.8, abandoned=True)
+    fleet.report("a", status(3, 1, poll_age_ms=300.0), 1.0, 1.0)
+    upstream = fleet.upstreams["a"]
+    assert upstream.slots_free(1.0) == 1
+    # The next poll sees both of them if they still run: the bound is the poll's again.
+    fleet.report("a", status(3, 1, poll_age_ms=50.0), 2.0, 2.0)
+    assert upstream.slots_free(2.0) == 2
+
+
 def test_a_refused_request_was_never_in_a_poll() -> None:
     fleet = fleet_with_one_request()
     assert fleet.upstreams["a"].foreign == 0
