@@ -255,7 +255,7 @@ class ReverseProxy:
             except asyncio.CancelledError:
                 # The client left. A stream already flowing stops at llama-server's next write;
                 # anything else may run on there, so the slot is not trusted to be free.
-                self.gate.release(slot_request, abandoned=not exchange.streaming)
+                self.gate.release(slot_request, abandoned=not exchange.event_stream)
                 raise
             finally:
                 self.gate.release(slot_request)
@@ -283,7 +283,7 @@ class ReverseProxy:
     async def _forward(self, exchange: _Exchange, body: bytes, upstream: str) -> Answer | None:
         request = exchange.request
         exchange.upstream = upstream
-        streaming = streamed(exchange)
+        streaming = exchange.asked_for_stream
         # llama-server closes the connection after a stream anyway (`upstream_client`).
         head = self._upstream_head(exchange, upstream, body, closing=streaming)
         try:
@@ -322,7 +322,7 @@ class ReverseProxy:
         # llama-server's chunks pass as they are to a client that takes chunks (HTTP/1.1).
         chunked = request.version >= (1, 1)
         exchange.status = answer.status
-        exchange.streaming = any(
+        exchange.event_stream = any(
             name.lower() == "content-type" and value.startswith("text/event-stream")
             for name, value in headers
         )
@@ -340,7 +340,9 @@ class ReverseProxy:
                     chunked=chunked,
                     # Only where the request asked for a stream: it went with `Connection: close`,
                     # and llama-server's close is what ends a paced stream without a wait.
-                    pacer=self.pacer if exchange.streaming and streamed(exchange) else None,
+                    pacer=(
+                        self.pacer if exchange.event_stream and exchange.asked_for_stream else None
+                    ),
                 )
             finally:
                 exchange.bytes_sent = connection.payload_bytes
@@ -617,7 +619,8 @@ class _Exchange:
         first_byte: seconds from arrival to the upstream's response headers.
         status: the status sent to the client, once the headers are gone.
         bytes_sent: response body bytes written to the client.
-        streaming: whether an event stream is flowing to the client.
+        event_stream: whether the answer is an event stream (its content type says so), once
+            its head is in: what flows to the client token by token.
         connection_reused: whether the upstream answered on a kept-alive connection.
         retried: whether a kept-alive connection failed first and it was sent again.
         reported: whether its outcome was reported (it is, exactly once).
@@ -634,16 +637,17 @@ class _Exchange:
     first_byte: float | None = None
     status: int | None = None
     bytes_sent: int = 0
-    streaming: bool = False
+    event_stream: bool = False
     connection_reused: bool = False
     retried: bool = False
     reported: bool = False
 
+    @property
+    def asked_for_stream(self) -> bool:
+        """Whether the request asked for a stream (`"stream": true`): it goes upstream with
+        `Connection: close`. Whether one came back is `event_stream`."""
+        return self.needs is not None and self.needs.streaming
+
 
 class UpstreamRefused(Exception):
     """The upstream refused the TCP connection: nothing was sent, so trying elsewhere is safe."""
-
-
-def streamed(exchange: _Exchange) -> bool:
-    """Whether the request asked for a stream (and went upstream with `Connection: close`)."""
-    return exchange.needs is not None and exchange.needs.streaming
