@@ -19,7 +19,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from bench import report_unequal
+from bench import report_proxy_real, report_unequal
 
 ROWER_KINDS = ("rower",)
 
@@ -487,6 +487,7 @@ def write(out: Path, notes: str = "") -> Path:
     models = load(out, "models")
     key = load(out, "key")
     unequal = load(out, "unequal")
+    proxy_real = load(out, "proxy-real")
     meta = load(out, "meta") or {}
     lines = [
         "# Rower benchmark report",
@@ -502,7 +503,8 @@ def write(out: Path, notes: str = "") -> Path:
         *(
             f"| {t} | {m} | {'n/a' if ok is None else ('yes' if ok else '**no**')} |"
             for t, m, ok in (
-                report_unequal.targets(unequal) if unequal and "skipped" not in unequal else []
+                (report_proxy_real.targets(proxy_real) if proxy_real else [])
+                + (report_unequal.targets(unequal) if unequal and "skipped" not in unequal else [])
             )
         ),
         "",
@@ -581,6 +583,8 @@ def write(out: Path, notes: str = "") -> Path:
         fig.savefig(out / "proxy.png", dpi=90)
         plt.close(fig)
         lines += ["", "![proxy](proxy.png)", ""]
+    if proxy_real:
+        lines += report_proxy_real.section(proxy_real, out)
     if scale:
         lines += [
             "## 4. Scale",

@@ -1,11 +1,12 @@
 """`python -m bench.run [--quick] [--scenario NAME] [--out DIR]`: run the benchmark suite.
 
 Scenarios: sim (scheduling on simulated servers), real (on llama-servers), proxy (what the
-proxy costs), scale (1,000 agents, 10,000 buffered requests), affinity (multi-turn chat on
-llama-servers: prompt-cache reuse), models (a burst for one model and another model's TTFT on
-simulated servers), unequal (llama-servers of 1, 2 and 3 slots: Rower before and after its pick
-changed, against HAProxy). Results, plots and REPORT.md go to bench/results/ (or --out). The
-full run takes about 41 minutes on 2 cores.
+proxy costs, on a fast upstream), proxy-real (what it costs in front of a real llama-server),
+scale (1,000 agents, 10,000 buffered requests), affinity (multi-turn chat on llama-servers:
+prompt-cache reuse), models (a burst for one model and another model's TTFT on simulated
+servers), unequal (llama-servers of 1, 2 and 3 slots: Rower before and after its pick changed,
+against HAProxy). Results, plots and REPORT.md go to bench/results/ (or --out). The
+full run takes about 45 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from bench import (
     scenario_key,
     scenario_models,
     scenario_proxy,
+    scenario_proxy_real,
     scenario_real,
     scenario_scale,
     scenario_sim,
@@ -33,6 +35,7 @@ SCENARIOS = {
     "sim": scenario_sim.run,
     "real": scenario_real.run,
     "proxy": scenario_proxy.run,
+    "proxy-real": scenario_proxy_real.run,
     "scale": scenario_scale.run,
     "affinity": scenario_affinity.run,
     "models": scenario_models.run,

@@ -234,6 +234,7 @@ def run(
     out: Path,
     *,
     quick: bool = False,
+    smoke: bool = False,
     rounds: int = 3,
     profile_seconds: int = 0,
     flush_intervals: tuple[int, ...] = (),
@@ -244,7 +245,8 @@ def run(
     if found is None:
         raise SystemExit("no llama-server: run scripts/build_llama_server.py first")
     server, model = found
-    n1, events, wrk_seconds = (100, 200, 2) if quick else (300, 400, 4)
+    n1, events, wrk_seconds = (20, 30, 1) if smoke else (100, 200, 2) if quick else (300, 400, 4)
+    rounds = 1 if smoke else rounds
     streams = SLOTS
     measured: list[dict[str, dict[str, Any]]] = []
     with procs.Procs(work / "logs") as runner:

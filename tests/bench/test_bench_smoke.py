@@ -18,11 +18,13 @@ from bench import (
     llama_servers,
     proxy_python_cost,
     report,
+    report_proxy_real,
     report_unequal,
     scenario_affinity,
     scenario_key,
     scenario_models,
     scenario_proxy,
+    scenario_proxy_real,
     scenario_real,
     scenario_scale,
     scenario_sim,
@@ -118,6 +120,20 @@ def test_proxy_cost(tmp_path: Path) -> None:
     rows = {row["target"]: row for row in results["rows"]}
     assert rows["Rower"]["ttfb_c1_p50"] is not None
     assert rows["Rower"]["sse_events"] > 0
+
+
+def test_proxy_on_a_real_llama_server_and_report(tmp_path: Path) -> None:
+    require_llama_server()
+    results = scenario_proxy_real.run(tmp_path, smoke=True)
+    rower = results["summary"]["Rower"]
+    assert rower["sse_events"] > 0
+    assert rower["health_rps"]
+    assert rower["health_front_cpu_us_per_request"] > 0
+    assert [name for name, _, _ in report_proxy_real.targets(results)]
+    text = report.write(tmp_path).read_text()
+    assert report_proxy_real.TITLE in text
+    assert "`GET /health` req/s ≥ 1/4 of nginx's" in text
+    assert (tmp_path / "proxy-real.png").exists()
 
 
 def test_proxy_python_cost() -> None:
