@@ -19,9 +19,9 @@ The rule (docs/routing.md says it for operators):
    conversation may wait for (`Fleet`, as for a conversation's own server: while the wait is
    shorter than what its prompt costs to compute, at most 2 s), and in the buffer a new
    conversation lets a fuller server's freed slot go for as long (`waiting_line`): placed by
-   the free slot alone, 12 conversations went other than 4/4/4 in 9 of 20 runs, where each
+   the free slot alone, 12 conversations went other than 4/4/4 in 11 of 25 runs, where each
    server keeps 4, and a fifth conversation on a server makes them evict each other (with the
-   wait: 1 of 20, docs/routing.md).
+   wait: 2 of 25, docs/routing.md).
    One whose home cannot take it (a spill) goes where the load says: to a candidate with as
    few busy slots as the least-busy pick; among those, the one with the fewest conversations.
    A/B in one run (5 interleaved repeats, 12 chat conversations that fit the caches): reuse
