@@ -11,7 +11,10 @@ conversations placed by fewest busy slots first went 5/4/3 in 4 of 5 runs, and t
 5 did most of the evicting (docs/routing.md).
 
 A conversation is named by its first own block (after any shared system prompt: the same in
-every turn). Bounded: at most `max_per_server` conversations a server, the oldest dropped.
+every turn). Bounded: at most `max_per_server` conversations a server, the oldest dropped; a
+server none of whose conversations had a turn in the window is forgotten at the next sweep (one
+per window), so servers that left or were replaced (new addresses as a fleet scales) keep
+nothing.
 """
 
 from __future__ import annotations
@@ -38,9 +41,16 @@ class RecentConversations:
         self.window = window
         self.max_per_server = max_per_server
         self._servers: dict[str, OrderedDict[int, float]] = {}
+        self._swept = 0.0
+
+    def __len__(self) -> int:
+        """The servers with conversations kept (some may have expired since the last sweep)."""
+        return len(self._servers)
 
     def saw(self, server: str, conversation: int, now: float) -> None:
         """A turn of `conversation` went to `server` at `now`."""
+        if now - self._swept > self.window:
+            self._sweep(now)
         seen = self._servers.setdefault(server, OrderedDict())
         seen[conversation] = now
         seen.move_to_end(conversation)
@@ -55,6 +65,15 @@ class RecentConversations:
             return 0
         self._expire(seen, now)
         return len(seen)
+
+    def _sweep(self, now: float) -> None:
+        """Forget the servers whose newest turn is older than the window."""
+        self._swept = now
+        oldest = now - self.window
+        for server in [
+            s for s, seen in self._servers.items() if next(reversed(seen.values())) < oldest
+        ]:
+            del self._servers[server]
 
     def _expire(self, seen: OrderedDict[int, float], now: float) -> None:
         oldest = now - self.window

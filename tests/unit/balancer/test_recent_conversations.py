@@ -31,3 +31,14 @@ def test_a_server_counts_at_most_its_bound() -> None:
     for conversation in range(5):
         recent.saw("a", conversation, 0.0)
     assert recent.count("a", 0.0) == 3
+
+
+def test_a_server_without_a_turn_for_the_window_is_forgotten() -> None:
+    recent = RecentConversations(window=10.0)
+    recent.saw("gone", 1, 0.0)
+    recent.saw("here", 2, 5.0)
+    recent.saw("here", 2, 10.5)  # the first sweep: "gone" had its last turn 10.5 s ago
+    assert len(recent) == 1
+    assert recent.count("gone", 10.5) == 0
+    recent.saw("gone", 3, 12.0)  # it came back: counted again
+    assert (len(recent), recent.count("gone", 12.0)) == (2, 1)
