@@ -67,11 +67,14 @@ class RecentConversations:
         return len(seen)
 
     def _sweep(self, now: float) -> None:
-        """Forget the servers whose newest turn is older than the window."""
+        """Forget the servers whose newest turn is older than the window (or that have none
+        left: `count` expires them one by one)."""
         self._swept = now
         oldest = now - self.window
         for server in [
-            s for s, seen in self._servers.items() if next(reversed(seen.values())) < oldest
+            s
+            for s, seen in self._servers.items()
+            if not seen or next(reversed(seen.values())) < oldest
         ]:
             del self._servers[server]
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from rower.balancer.recent_conversations import RecentConversations
 
 
@@ -42,3 +45,38 @@ def test_a_server_without_a_turn_for_the_window_is_forgotten() -> None:
     assert recent.count("gone", 10.5) == 0
     recent.saw("gone", 3, 12.0)  # it came back: counted again
     assert (len(recent), recent.count("gone", 12.0)) == (2, 1)
+
+
+def test_a_server_whose_conversations_all_expired_on_a_count_is_forgotten_too() -> None:
+    recent = RecentConversations(window=10.0)
+    recent.saw("a", 1, 0.0)
+    assert recent.count("a", 10.5) == 0  # expires its one conversation: nothing kept for "a"
+    recent.saw("b", 2, 11.0)  # the sweep meets "a" with nothing kept
+    assert (len(recent), recent.count("b", 11.0)) == (1, 1)
+
+
+_STEPS = st.lists(
+    st.tuples(st.booleans(), st.sampled_from("abc"), st.integers(0, 5), st.floats(0, 6)),
+    max_size=60,
+)
+
+
+@given(_STEPS)
+def test_counts_match_a_model_whatever_the_order_of_turns_and_counts(
+    steps: list[tuple[bool, str, int, float]],
+) -> None:
+    recent = RecentConversations(window=10.0, max_per_server=4)
+    model: dict[str, dict[int, float]] = {}
+    now = 0.0
+    for is_turn, server, conversation, elapsed in steps:
+        now += elapsed
+        if is_turn:
+            recent.saw(server, conversation, now)
+            seen = model.setdefault(server, {})
+            seen.pop(conversation, None)
+            seen[conversation] = now
+            while len(seen) > 4:
+                del seen[next(iter(seen))]
+        else:
+            living = [c for c, last in model.get(server, {}).items() if last >= now - 10.0]
+            assert recent.count(server, now) == len(living)
