@@ -9,6 +9,13 @@ import sys
 import time
 from collections.abc import Callable
 
+TEXT_TIME = "%Y-%m-%d %H:%M:%S"
+"""The text format's time before its milliseconds (`logging.Formatter`'s `asctime`, whose
+default layout this is; the access log writes the same, `access_log`)."""
+
+JSON_TIME = "%Y-%m-%dT%H:%M:%S"
+"""The JSON format's `time` before its milliseconds (UTC)."""
+
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per record: time, level, logger, message, any exception, and the
@@ -17,7 +24,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            "time": time.strftime(JSON_TIME, time.gmtime(record.created))
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 from rower.balancer.outcome import ProxyOutcome
+from rower.logs import JSON_TIME, TEXT_TIME
 
 LOGGER = "rower.access"
 
@@ -152,13 +153,6 @@ class AccessLog:
         if second != self._second:
             self._second, self._stamp = second, time.strftime(layout, convert(second))
         return self._stamp
-
-
-TEXT_TIME = "%Y-%m-%d %H:%M:%S"
-"""`logging.Formatter`'s `asctime`, before its milliseconds (`rower.logs`' text format)."""
-
-JSON_TIME = "%Y-%m-%dT%H:%M:%S"
-"""`rower.logs.JsonFormatter`'s `time`, before its milliseconds."""
 
 
 def _millis(now: float) -> int:
